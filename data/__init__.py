@@ -1,0 +1,1 @@
+"""Tokenizing, corpus recipes, sharding and loading (installed as `gpt.data`)."""
