@@ -1,0 +1,141 @@
+"""Attention backends: a registry from a name to one function.
+
+Every backend has the same signature::
+
+    fn(q, k, v, causal: bool, scale: float) -> out
+
+with q of shape (B, H, T, D) and k, v of shape (B, H_kv, S, D), where H is a multiple of
+H_kv (grouped-query attention, Ainslie et al. 2023: query head h reads key/value head
+h // (H // H_kv)). The output has q's shape. When ``causal`` is true, T must equal S and
+query i attends to keys 0..i. Attention-weight dropout is not part of the contract (the
+FlashAttention kernel has none); the model applies dropout to residual branches instead.
+
+Adding a backend is one call to ``register_attention`` with a loader that returns the
+function, or raises ``BackendUnavailable`` saying why it cannot run here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
+
+
+class BackendUnavailable(Exception):
+    """Raised by a loader when its backend cannot run on this machine; the message says why."""
+
+
+_LOADERS: dict[str, Callable[[], AttentionFn]] = {}
+
+
+def register_attention(name: str, loader: Callable[[], AttentionFn]) -> None:
+    """Register ``loader`` under ``name``; it is called on first use and returns the backend."""
+    _LOADERS[name] = loader
+
+
+def attention_names() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def attention_status() -> dict[str, str | None]:
+    """Each registered name mapped to None if it runs here, else the reason it does not."""
+    status = {}
+    for name in attention_names():
+        try:
+            _LOADERS[name]()
+            status[name] = None
+        except BackendUnavailable as err:
+            status[name] = str(err)
+    return status
+
+
+def get_attention(name: str) -> AttentionFn:
+    """Resolve a backend by name; ValueError if it is unknown or cannot run here."""
+    if name not in _LOADERS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; valid names: {', '.join(attention_names())}"
+        )
+    try:
+        return _LOADERS[name]()
+    except BackendUnavailable as err:
+        usable = [n for n, why in attention_status().items() if why is None]
+        raise ValueError(
+            f"attention backend {name!r} is unavailable here: {err}. "
+            f"Usable here: {', '.join(usable)}"
+        ) from None
+
+
+def check_shapes(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
+    """Validate the registry contract; backends call this once per call, outside hot loops."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D (B, H, T, D); got {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention needs T == S; got T={q.shape[2]}, S={k.shape[2]}")
+
+
+def repeat_kv(x: Tensor, groups: int) -> Tensor:
+    """(B, H_kv, S, D) -> (B, H_kv * groups, S, D), each kv head repeated for its query group."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def naive_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q kᵀ · scale + mask) v with the full (T, S) score matrix materialised.
+
+    The reference every other backend is tested against; with ``return_weights`` it also
+    returns the attention weights (B, H, T, S), for visualisation.
+    """
+    check_shapes(q, k, v, causal)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if causal:
+        T = q.shape[2]
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    # softmax in float32 at least, as fused kernels do, then back to the input dtype
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    out = weights @ v  # (B, H, T, D)
+    return (out, weights) if return_weights else out
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale=None) -> Tensor:
+    """PyTorch's fused scaled_dot_product_attention (flash / efficient / cuDNN / math)."""
+    check_shapes(q, k, v, causal)
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+def _load_triton() -> AttentionFn:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendUnavailable(
+            "it needs an NVIDIA GPU, or TRITON_INTERPRET=1 set before start-up to run in "
+            "Triton's interpreter on the CPU (slow; for correctness checks)"
+        )
+    try:
+        from gpt.kernels.flash_attention import flash_attention
+    except ImportError as err:
+        raise BackendUnavailable(f"cannot import gpt.kernels.flash_attention ({err})") from None
+    return flash_attention
+
+
+register_attention("naive", lambda: naive_attention)
+register_attention("sdpa", lambda: sdpa_attention)
+register_attention("triton", _load_triton)
