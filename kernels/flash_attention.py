@@ -1,0 +1,565 @@
+"""FlashAttention-2 in Triton: exact attention, forward and backward, in O(T) memory.
+
+Implements Algorithms 1 (forward) and 2 (backward) of
+
+    Tri Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+    Partitioning", 2023 (arXiv:2307.08691),
+
+which refines FlashAttention (Dao et al. 2022, arXiv:2205.14135). The (T, S) score matrix
+is never written to memory. Each program keeps one tile of rows on chip (registers and
+shared memory, "SRAM" below) and streams the tiles of the other operand through it:
+
+* forward: a (BLOCK_M, D) tile of Q stays in SRAM while (BLOCK_N, D) tiles of K and V stream
+  past; an *online softmax* keeps, per query row, the running maximum m and running
+  denominator l, and rescales the output accumulator whenever m grows. Besides O we store
+  one float per row, the log-sum-exp L = m + log(l), which is all the backward needs.
+* backward: scores are *recomputed* from Q, K and L (P = exp(S - L) is already
+  normalised), never loaded. Three kernels, none with atomics:
+    1. delta = rowsum(dO * O)                       (one value per query row)
+    2. dK, dV: a K/V tile stays in SRAM, Q/dO tiles stream past;
+       with grouped-query attention the program also loops over the query heads that
+       share its K/V head, so the reduction over the group happens in SRAM.
+    3. dQ: a Q/dO tile stays in SRAM, K/V tiles stream past.
+  Splitting dQ from dK/dV costs one extra recomputation of P but avoids the atomic adds
+  of the paper's single-pass variant, which keeps results deterministic.
+
+Conventions. Scores are kept in base 2: we fold log2(e) into the softmax scale once, so
+the inner loops call exp2 (one hardware instruction) instead of exp, and the saved
+log-sum-exp L is in base-2 units too. All accumulators are float32 whatever the input
+dtype; P and dS are cast back to the input dtype before they feed a matrix product, as in
+the paper. Tiles are padded to powers of two: rows past T, keys past S and head-dim
+columns past D are loaded as zeros and masked, so any T >= 1 and any D <= 256 work.
+
+Masking. A score s[m, n] is kept when key n exists (n < S) and, if causal, n <= m.
+Masked scores are set to -inf before the softmax, so their weight is exactly 0. The
+running maximum starts at a large *finite* negative number (not -inf) so that a row whose
+first tiles are entirely masked computes exp2(-inf - finite) = 0 rather than
+exp2(-inf + inf) = NaN; a row with no visible key at all (never the case for T == S)
+would end with l = 0, which we also guard.
+
+Block sizes are autotuned on a GPU (key: sequence lengths, head dim, causality and,
+automatically, the tensors' dtypes). Under the Triton interpreter (TRITON_INTERPRET=1,
+CPU, for correctness only) autotuning cannot time anything, so one fixed configuration
+is used: BLOCK_M = 32 query rows by BLOCK_N = 16 keys in the forward and dQ kernels and
+the mirror image in the dK/dV kernel. Unequal blocks make tiles straddle the causal
+diagonal in every way, and small blocks make short test sequences span several tiles.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from gpt.attention import check_shapes
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
+# Finite stand-in for -inf as the initial running max (see "Masking" above).
+_MIN_INIT = tl.constexpr(-1.0e30)
+
+
+# --------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _flash_attention_fwd_kernel(
+    Q, K, V, O, LSE,  # inputs (B, H, T, D), (B, H_kv, S, D) x2; outputs (B, H, T, D), (B*H, T)
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    H, T, S, D, GROUP,  # GROUP = H // H_kv query heads share one K/V head
+    qk_scale,  # softmax scale * log2(e)
+    IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program = one (BLOCK_M, D) tile of queries of one (batch, head).
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    h_kv = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query rows
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,) key columns, relative to the K/V tile
+    offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,) head-dim columns
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+
+    # --- Stays in SRAM for the whole program --------------------------------------
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    m_i = tl.full([BLOCK_M], _MIN_INIT, dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
+
+    # Causal: keys past the last row of this tile are invisible to all of its rows.
+    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        # --- Streamed through SRAM, one tile per iteration --------------------------
+        k = tl.load(
+            k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        keep = col_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        s = tl.where(keep, s, float("-inf"))
+
+        # Online softmax (Algorithm 1, lines 8-10): raise the max, rescale what we have.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_M,)
+        alpha = tl.exp2(m_i - m_new)  # (BLOCK_M,) <= 1; factor for the old sum and output
+        p = tl.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N); masked entries are exactly 0
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Normalise once at the end (FlashAttention-2's change from v1: fewer divisions).
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
+    acc = acc / l_safe[:, None]
+    o_ptrs = O + b * stride_ob + h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)  # base-2 log-sum-exp
+
+
+# --------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _flash_attention_bwd_delta_kernel(
+    O, DO, DELTA,  # (B, H, T, D) x2 -> (B*H, T)
+    stride_ob, stride_oh, stride_ot, stride_od,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    H, T, D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i: the softmax-backward term that would
+    # otherwise need the whole row of P (Algorithm 2, line 4).
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(
+        O
+        + b * stride_ob
+        + h * stride_oh
+        + offs_m[:, None] * stride_ot
+        + offs_d[None, :] * stride_od,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(
+        DO
+        + b * stride_dob
+        + h * stride_doh
+        + offs_m[:, None] * stride_dot
+        + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
+
+
+@triton.jit
+def _flash_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # DK and DV share one layout
+    H, H_KV, T, S, D, GROUP,
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale
+    IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program = one (BLOCK_N, D) tile of keys of one (batch, kv head). We work with the
+    # transposed score tile sT = K Qᵀ (BLOCK_N, BLOCK_M) so that dK and dV come out
+    # row-major without transposing the accumulators.
+    start_n = tl.program_id(0) * BLOCK_N
+    bh_kv = tl.program_id(1)
+    b = bh_kv // H_KV
+    h_kv = bh_kv % H_KV
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key rows of this tile
+    offs_m = tl.arange(0, BLOCK_M)  # (BLOCK_M,) query columns, relative to the Q tile
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_n < S
+    d_ok = offs_d < D
+    kv_mask = key_ok[:, None] & d_ok[None, :]
+
+    # --- Stays in SRAM: this tile of K and V and its two gradient accumulators ---------
+    k = tl.load(
+        K
+        + b * stride_kb
+        + h_kv * stride_kh
+        + offs_n[:, None] * stride_kt
+        + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    v = tl.load(
+        V
+        + b * stride_vb
+        + h_kv * stride_vh
+        + offs_n[:, None] * stride_vt
+        + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )  # (BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Causal: queries before this key tile cannot see it; start at the Q tile holding row
+    # start_n (rounded down to a tile boundary, so the diagonal tile is masked below).
+    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    # Grouped-query attention: every query head of the group read this K/V head, so its
+    # gradient is the sum over the group; accumulate it here, in SRAM.
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        for start_m in range(lo, T, BLOCK_M):
+            rows = start_m + offs_m
+            row_ok = rows < T
+            qd_mask = row_ok[:, None] & d_ok[None, :]
+            # --- Streamed: Q and dO tiles (BLOCK_M, BLOCK_D), their L and delta --------
+            q = tl.load(
+                q_base + rows[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=qd_mask,
+                other=0.0,
+            )
+            do = tl.load(
+                do_base + rows[:, None] * stride_dot + offs_d[None, :] * stride_dod,
+                mask=qd_mask,
+                other=0.0,
+            )
+            lse = tl.load(LSE + (b * H + h) * T + rows, mask=row_ok, other=0.0)  # (BLOCK_M,)
+            delta = tl.load(DELTA + (b * H + h) * T + rows, mask=row_ok, other=0.0)
+
+            # Recompute the probabilities, transposed: pT[n, m] = P[m, n].
+            sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            keep = key_ok[:, None] & row_ok[None, :]  # (BLOCK_N, BLOCK_M)
+            if IS_CAUSAL:
+                keep = keep & (offs_n[:, None] <= rows[None, :])
+            pT = tl.where(keep, tl.exp2(sT - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+
+            # dV += Pᵀ dO
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            # dP = dO Vᵀ, so dPᵀ = V dOᵀ; dS = P * (dP - delta)   (softmax backward)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M)
+            dsT = pT * (dpT - delta[None, :])
+            # dK += dSᵀ Q (the softmax scale is applied once, after the loop)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk_off = b * stride_dkb + h_kv * stride_dkh
+    dk_off += offs_n[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _flash_attention_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    H, T, S, D, GROUP,
+    qk_scale,  # softmax scale * log2(e)
+    sm_scale,  # softmax scale
+    IS_CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # One program = one (BLOCK_M, D) tile of queries of one (batch, head); same tiling and
+    # masking as the forward kernel.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    h_kv = h // GROUP
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < T
+    d_ok = offs_d < D
+    qd_mask = row_ok[:, None] & d_ok[None, :]
+
+    # --- Stays in SRAM: Q and dO tiles (BLOCK_M, BLOCK_D), L and delta, the dQ accumulator
+    q = tl.load(
+        Q
+        + b * stride_qb
+        + h * stride_qh
+        + offs_m[:, None] * stride_qt
+        + offs_d[None, :] * stride_qd,
+        mask=qd_mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO
+        + b * stride_dob
+        + h * stride_doh
+        + offs_m[:, None] * stride_dot
+        + offs_d[None, :] * stride_dod,
+        mask=qd_mask,
+        other=0.0,
+    )
+    lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        kv_mask = col_ok[:, None] & d_ok[None, :]
+        # --- Streamed: K and V tiles (BLOCK_N, BLOCK_D) ----------------------------------
+        k = tl.load(
+            k_base + cols[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        v = tl.load(
+            v_base + cols[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+            mask=kv_mask,
+            other=0.0,
+        )
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        keep = row_ok[:, None] & col_ok[None, :]
+        if IS_CAUSAL:
+            keep = keep & (offs_m[:, None] >= cols[None, :])
+        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        # dQ += dS K (scale applied after the loop)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh
+    dq_ptrs += offs_m[:, None] * stride_dqt + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launch configuration: autotuned on a GPU, fixed in the interpreter
+# --------------------------------------------------------------------------------------
+
+# (BLOCK_M, BLOCK_N) for the interpreter. The dK/dV kernel uses them swapped, so that in
+# every kernel the tile held in SRAM is the 32-row one.
+_INTERPRET_BLOCKS = (32, 16)
+_AUTOTUNE_KEY = ["T", "S", "BLOCK_D", "IS_CAUSAL"]  # Triton appends the tensors' dtypes
+
+
+def _gpu_configs(kernel_holds_queries: bool) -> list[triton.Config]:
+    configs = []
+    for big, small in [(128, 64), (128, 32), (64, 64), (64, 32), (32, 32)]:
+        for warps in (4, 8):
+            for stages in (2, 3):
+                m, n = (big, small) if kernel_holds_queries else (small, big)
+                configs.append(
+                    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+                )
+    return configs
+
+
+def _autotuned(kernel, kernel_holds_queries: bool):
+    """The kernel wrapped in triton.autotune on a GPU; as is in the interpreter."""
+    if _INTERPRET:
+        return kernel
+    configs = _gpu_configs(kernel_holds_queries)
+    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
+
+
+_fwd_kernel = _autotuned(_flash_attention_fwd_kernel, kernel_holds_queries=True)
+_dq_kernel = _autotuned(_flash_attention_bwd_dq_kernel, kernel_holds_queries=True)
+_dkdv_kernel = _autotuned(_flash_attention_bwd_dkdv_kernel, kernel_holds_queries=False)
+
+
+def _blocks(kernel_holds_queries: bool) -> dict[str, int]:
+    """Block-size kwargs for a launch: fixed in the interpreter, chosen by autotune on GPU."""
+    if not _INTERPRET:
+        return {}
+    m, n = _INTERPRET_BLOCKS
+    return {"BLOCK_M": m, "BLOCK_N": n} if kernel_holds_queries else {"BLOCK_M": n, "BLOCK_N": m}
+
+
+def _grid(length: int, block: str, programs: int):
+    return lambda meta: (triton.cdiv(length, meta[block]), programs)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get exact fp32 products (a GPU would otherwise round them to TF32);
+    # for fp16/bf16 the option is ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile side >= 16
+
+
+# --------------------------------------------------------------------------------------
+# PyTorch custom ops (torch.library), so torch.compile treats the kernels as opaque calls
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gpt::flash_attention_fwd", mutates_args=())
+def _flash_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Returns O (B, H, T, D), contiguous, and the base-2 log-sum-exp (B, H, T), float32."""
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    _fwd_kernel[_grid(T, "BLOCK_M", B * H)](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, T, S, D, H // k.shape[1],
+        scale * _LOG2E,
+        IS_CAUSAL=causal,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=_block_d(D),
+        **_blocks(kernel_holds_queries=True),
+    )  # fmt: skip
+    return o, lse
+
+
+@_flash_attention_fwd.register_fake
+def _(q, k, v, causal, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt::flash_attention_bwd", mutates_args=())
+def _flash_attention_bwd(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns dQ, dK, dV, contiguous, in the dtypes of q, k, v."""
+    B, H, T, D = q.shape
+    H_kv, S = k.shape[1], k.shape[2]
+    group = H // H_kv
+    block_d = _block_d(D)
+    precision = _dot_precision(q.dtype)
+    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H_kv, S, D), dtype=k.dtype, device=k.device)
+    dv = torch.empty((B, H_kv, S, D), dtype=v.dtype, device=v.device)
+    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+
+    delta_block = 64 if not _INTERPRET else _INTERPRET_BLOCKS[0]
+    _flash_attention_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, T, D,
+        BLOCK_M=delta_block, BLOCK_D=block_d,
+    )  # fmt: skip
+    _dkdv_kernel[_grid(S, "BLOCK_N", B * H_kv)](
+        q, k, v, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
+        H, H_kv, T, S, D, group,
+        scale * _LOG2E, scale,
+        IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+        **_blocks(kernel_holds_queries=False),
+    )  # fmt: skip
+    _dq_kernel[_grid(T, "BLOCK_M", B * H)](
+        q, k, v, do, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, T, S, D, group,
+        scale * _LOG2E, scale,
+        IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+        **_blocks(kernel_holds_queries=True),
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@_flash_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do: Tensor, _dlse: Tensor | None):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+) -> Tensor:
+    """Exact softmax(q kᵀ · scale) v without materialising the scores; differentiable.
+
+    q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h reads
+    K/V head h // (H // H_kv)). ``causal`` needs T == S. ``scale`` defaults to 1/sqrt(D).
+    Inputs may be float32, float16 or bfloat16 (not in the interpreter) and need not be
+    contiguous; the output is a contiguous (B, H, T, D) tensor of q's dtype.
+    """
+    check_shapes(q, k, v, causal)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {q.dtype} unsupported; use float16, bfloat16 or float32")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head dim {q.shape[-1]} unsupported; at most 256")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"empty sequence: T={q.shape[2]}, S={k.shape[2]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    out, _ = _flash_attention_fwd(q, k, v, causal, scale)
+    return out
