@@ -70,7 +70,7 @@ _MIN_INIT = tl.constexpr(-1.0e30)
 
 @triton.jit
 def _flash_attention_fwd_kernel(
-    Q, K, V, O, LSE,  # inputs (B, H, T, D), (B, H_kv, S, D) x2; outputs (B, H, T, D), (B*H, T)
+    Q, K, V, OUT, LSE,  # inputs (B, H, T, D), (B, H_kv, S, D) x2; outputs (B, H, T, D), (B*H, T)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
     stride_vb, stride_vh, stride_vt, stride_vd,
@@ -143,9 +143,9 @@ def _flash_attention_fwd_kernel(
     # Normalise once at the end (FlashAttention-2's change from v1: fewer divisions).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
     acc = acc / l_safe[:, None]
-    o_ptrs = O + b * stride_ob + h * stride_oh
+    o_ptrs = OUT + b * stride_ob + h * stride_oh
     o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh * T + offs_m, m_i + tl.log2(l_safe), mask=row_ok)  # base-2 log-sum-exp
 
 
@@ -156,7 +156,7 @@ def _flash_attention_fwd_kernel(
 
 @triton.jit
 def _flash_attention_bwd_delta_kernel(
-    O, DO, DELTA,  # (B, H, T, D) x2 -> (B*H, T)
+    OUT, DO, DELTA,  # (B, H, T, D) x2 -> (B*H, T)
     stride_ob, stride_oh, stride_ot, stride_od,
     stride_dob, stride_doh, stride_dot, stride_dod,
     H, T, D,
@@ -172,24 +172,12 @@ def _flash_attention_bwd_delta_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
-    o = tl.load(
-        O
-        + b * stride_ob
-        + h * stride_oh
-        + offs_m[:, None] * stride_ot
-        + offs_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(
-        DO
-        + b * stride_dob
-        + h * stride_doh
-        + offs_m[:, None] * stride_dot
-        + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    o_ptrs = OUT + b * stride_ob + h * stride_oh
+    o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
+    do_ptrs = DO + b * stride_dob + h * stride_doh
+    do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
 
 
@@ -226,24 +214,12 @@ def _flash_attention_bwd_dkdv_kernel(
     kv_mask = key_ok[:, None] & d_ok[None, :]
 
     # --- Stays in SRAM: this tile of K and V and its two gradient accumulators ---------
-    k = tl.load(
-        K
-        + b * stride_kb
-        + h_kv * stride_kh
-        + offs_n[:, None] * stride_kt
-        + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_D)
-    v = tl.load(
-        V
-        + b * stride_vb
-        + h_kv * stride_vh
-        + offs_n[:, None] * stride_vt
-        + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )  # (BLOCK_N, BLOCK_D)
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh
+    k_ptrs += offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh
+    v_ptrs += offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -328,24 +304,12 @@ def _flash_attention_bwd_dq_kernel(
     qd_mask = row_ok[:, None] & d_ok[None, :]
 
     # --- Stays in SRAM: Q and dO tiles (BLOCK_M, BLOCK_D), L and delta, the dQ accumulator
-    q = tl.load(
-        Q
-        + b * stride_qb
-        + h * stride_qh
-        + offs_m[:, None] * stride_qt
-        + offs_d[None, :] * stride_qd,
-        mask=qd_mask,
-        other=0.0,
-    )
-    do = tl.load(
-        DO
-        + b * stride_dob
-        + h * stride_doh
-        + offs_m[:, None] * stride_dot
-        + offs_d[None, :] * stride_dod,
-        mask=qd_mask,
-        other=0.0,
-    )
+    q_ptrs = Q + b * stride_qb + h * stride_qh
+    q_ptrs += offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
+    do_ptrs = DO + b * stride_dob + h * stride_doh
+    do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
+    q = tl.load(q_ptrs, mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(do_ptrs, mask=qd_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     lse = tl.load(LSE + bh * T + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
     delta = tl.load(DELTA + bh * T + offs_m, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
