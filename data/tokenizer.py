@@ -19,7 +19,6 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
-
 from gpt.data.assets import cache_dir, pip_download_sdist, sha256_file, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
