@@ -78,7 +78,9 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"incompatible q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})")
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})"
+        )
     if causal and q.shape[2] != k.shape[2]:
         raise ValueError(f"causal attention needs T == S; got T={q.shape[2]}, S={k.shape[2]}")
 

@@ -1,0 +1,330 @@
+"""Typed configuration: one dataclass per section, loaded from TOML with command-line overrides.
+
+Precedence is defaults < TOML file < command line (``--section.key=value``). Every field
+carries a one-line help text (shown by ``--help``). An unknown section or key, or a value of
+the wrong type, raises ``ConfigError`` naming the key and listing what is valid. The
+``deepspeed`` section is passed through untouched to the DeepSpeed engine's config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message says what is valid."""
+
+
+def option(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+CHOICES = {
+    "norm_position": ("pre", "post"),
+    "position_encoding": ("learned", "sinusoidal", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "relu", "swiglu"),
+}
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = option(50257, "Vocabulary size (50257 for the GPT-2 tokenizer).")
+    block_size: int = option(1024, "Context length in tokens (also the number of positions).")
+    n_layer: int = option(12, "Number of Transformer blocks.")
+    n_head: int = option(12, "Number of query heads per attention layer.")
+    n_embd: int = option(768, "Width of the residual stream.")
+    dropout: float = option(0.0, "Dropout on embeddings and residual branches.")
+    bias: bool = option(True, "Biases in linear layers and LayerNorms (GPT-2: true).")
+    attention: str = option("sdpa", "Attention backend: naive | sdpa | triton.")
+    n_kv_head: int | None = option(
+        None, "Key/value heads (grouped-query attention); default n_head."
+    )
+    norm_position: str = option("pre", "Where blocks normalise: pre (GPT-2) | post (Transformer).")
+    position_encoding: str = option("learned", "Positions: learned | sinusoidal | rope.")
+    norm: str = option("layernorm", "Normalisation: layernorm | rmsnorm.")
+    mlp: str = option("gelu", "MLP: gelu (tanh approximation) | relu | swiglu.")
+    mlp_hidden_dim: int | None = option(
+        None, "MLP hidden width; default 4*n_embd, or ceil8(8/3*n_embd) for swiglu."
+    )
+    norm_eps: float = option(1e-5, "Epsilon of LayerNorm / RMSNorm.")
+    rope_theta: float = option(10000.0, "Base of the rotary frequencies.")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_head if self.n_kv_head is None else self.n_kv_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        if self.mlp_hidden_dim is not None:
+            return self.mlp_hidden_dim
+        if self.mlp == "swiglu":  # same parameter count as a 4x MLP (Shazeer 2020)
+            return 8 * -(-self.n_embd // 3)  # 8/3 * n_embd rounded up to a multiple of 8
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        """Raise ConfigError for inconsistent values; called when a model is built."""
+        for key, valid in CHOICES.items():
+            if getattr(self, key) not in valid:
+                raise ConfigError(
+                    f"model.{key} = {getattr(self, key)!r} is not valid; choose one of "
+                    f"{', '.join(valid)}"
+                )
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ConfigError(
+                    f"model.{key} must be a positive integer, got {getattr(self, key)}"
+                )
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
+            )
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"model.n_kv_head ({self.n_kv_head}) must be a positive divisor of "
+                f"model.n_head ({self.n_head})"
+            )
+        if self.position_encoding == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ConfigError(
+                f"model.position_encoding = 'rope' needs an even head dimension; "
+                f"n_embd / n_head = {self.n_embd // self.n_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_hidden_dim must be positive, got {self.mlp_hidden_dim}")
+
+
+@dataclass
+class DataConfig:
+    dir: str = option("out/data/shakespeare", "Directory written by `python -m data.prepare`.")
+    mode: str = option("random", "Batches: random windows | sequential (each token once/epoch).")
+    extra_val: dict[str, str] = option(
+        {}, "Extra validation sets, name = prepared dir; logged as val_loss/<name>."
+    )
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = option("out/run", "Run directory: metrics, checkpoints, resolved config.")
+    max_steps: int = option(1000, "Optimizer steps to train for.")
+    micro_batch_size: int = option(8, "Sequences per rank per forward/backward.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    eval_interval: int = option(100, "Evaluate every this many steps (0: never).")
+    eval_steps: int = option(20, "Validation batches per evaluation.")
+    ckpt_interval: int = option(500, "Checkpoint every this many steps (and at the end).")
+    log_interval: int = option(10, "Log a metrics line every this many steps.")
+    seed: int = option(1337, "Seed of the model init, the data order and dropout.")
+    init_from: str = option(
+        "scratch", "scratch, or a model directory (exported or Hugging Face GPT-2) to start from."
+    )
+    dtype: str = option("fp32", "Precision: fp32 | bf16 | fp16.")
+    compile: bool = option(False, "Compile the model with torch.compile.")
+    wandb: bool = option(True, "Log to Weights & Biases (offline unless configured).")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(6e-4, "Peak learning rate.")
+    min_lr: float = option(6e-5, "Floor of the cosine decay.")
+    warmup_steps: int = option(100, "Linear warmup steps.")
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).")
+    beta1: float = option(0.9, "AdamW beta1.")
+    beta2: float = option(0.95, "AdamW beta2.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0: off).")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: dict = field(default_factory=dict)  # passed through to DeepSpeed untouched
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "optim": OptimConfig,
+}
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "none"
+    return getattr(tp, "__name__", str(tp)) if not typing.get_args(tp) else str(tp)
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if isinstance(tp, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:  # an integer literal is a fine float; a bool is not
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(tp)
+    if origin is dict:
+        kt, vt = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _matches(k, kt) and _matches(v, vt) for k, v in value.items()
+        )
+    if origin is list:
+        (et,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, et) for v in value)
+    return isinstance(value, tp)
+
+
+def _section_fields(section: str) -> dict[str, tuple[Any, str]]:
+    cls = SECTION_TYPES[section]
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
+
+
+def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
+    if section == "deepspeed":
+        node = cfg.deepspeed
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+        return
+    fields = _section_fields(section)
+    if key not in fields:
+        raise ConfigError(
+            f"{origin}: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(fields)}"
+        )
+    tp = fields[key][0]
+    if not _matches(value, tp):
+        raise ConfigError(
+            f"{origin}: {section}.{key} must be {_type_name(tp)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if tp is float or (isinstance(tp, types.UnionType) and float in typing.get_args(tp)):
+        value = float(value) if isinstance(value, int) else value
+    setattr(getattr(cfg, section), key, value)
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value is read as a TOML value (42, 3e-4, true, "x", [1, 2]); anything
+    that is not valid TOML is taken as a bare string, and none/null mean None."""
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file at ``path``, then ``--section.key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(
+                    f"{path}: top-level key {section!r} must be a [section]; valid sections: "
+                    f"{', '.join(SECTIONS)}"
+                )
+            for key, value in table.items():
+                _set(cfg, section, key, value, str(path))
+    for arg in overrides:
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"command line: expected --section.key=value, got {arg!r}")
+        name, sep, text = arg[2:].partition("=")
+        if not sep:
+            raise ConfigError(f"command line: {arg!r} has no value; write --{name}=VALUE")
+        section, _, key = name.partition(".")
+        _set(cfg, section, key, _parse_value(text), "command line")
+    return cfg
+
+
+def config_help() -> str:
+    """Every key with its type, default and one-line description."""
+    lines = []
+    defaults = Config()
+    for section in SECTION_TYPES:
+        lines.append(f"[{section}]")
+        for key, (tp, help) in _section_fields(section).items():
+            default = getattr(getattr(defaults, section), key)
+            lines.append(f"  --{section}.{key}=<{_type_name(tp)}>  {help} (default: {default!r})")
+    lines.append("[deepspeed]")
+    lines.append("  --deepspeed.<key>[.<key>...]=<value>  passed through to the DeepSpeed config")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that ``load_config`` reads back to an equal Config.
+    None values are left out: every optional field defaults to None."""
+    out = []
+    for section in SECTIONS:
+        table = (
+            dataclasses.asdict(getattr(cfg, section)) if section != "deepspeed" else cfg.deepspeed
+        )
+        out.append(f"[{section}]")
+        out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
+        out.append("")
+    return "\n".join(out)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg))
+
+
+def config_from_argv(argv: list[str], prog: str = "train.py") -> tuple[Path | None, Config]:
+    """``prog [CONFIG.toml] [--section.key=value ...]`` with ``--help``; a bad config exits
+    with status 2 and the message on stderr, as argparse does."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(f"usage: {prog} [CONFIG.toml] [--section.key=value ...]\n\n{config_help()}")
+        raise SystemExit(0)
+    path = Path(argv[0]) if argv and not argv[0].startswith("--") else None
+    try:
+        cfg = load_config(path, argv[1:] if path else argv)
+        cfg.model.validate()
+    except ConfigError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return path, cfg

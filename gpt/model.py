@@ -1,0 +1,217 @@
+"""A decoder-only GPT, GPT-2 by default (Radford et al. 2019).
+
+Defaults reproduce GPT-2 exactly: token + learned position embeddings, pre-LayerNorm blocks,
+causal multi-head self-attention, a 4x MLP with tanh-approximated GELU, a final LayerNorm and
+an LM head tied to the token embedding. Switches in ``ModelConfig`` swap in the variants the
+Transformer literature compares: post-norm (Vaswani et al. 2017), sinusoidal positions
+(Vaswani et al. 2017), rotary positions (Su et al. 2021), RMSNorm (Zhang & Sennrich 2019),
+SwiGLU (Shazeer 2020) and grouped-query attention (Ainslie et al. 2023).
+
+Parameter names follow Hugging Face's GPT-2 (``transformer.h.N.attn.c_attn`` ...) so that
+weight conversion in ``gpt/huggingface.py`` is a rename plus a transpose.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from gpt.attention import get_attention
+from gpt.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def sinusoidal_table(length: int, dim: int) -> Tensor:
+    """Fixed positions of "Attention Is All You Need": PE[p, 2i] = sin(p / 10000^(2i/dim)),
+    PE[p, 2i+1] = cos(same). Returns (length, dim) float32."""
+    f64 = dict(dtype=torch.float64, device="cpu")  # real tensors even under a meta device
+    pos = torch.arange(length, **f64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, **f64) / dim)
+    table = torch.zeros(length, dim, **f64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
+    return table.float()
+
+
+def rope_tables(length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotary angles, each (length, head_dim // 2) float32."""
+    f64 = dict(dtype=torch.float64, device="cpu")  # real tensors even under a meta device
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, **f64) / head_dim)
+    angles = torch.arange(length, **f64)[:, None] * inv_freq  # (L, D/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles (the GPT-NeoX /
+    LLaMA "rotate half" layout). x: (B, H, T, D); cos, sin: (T, D/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head = cfg.n_head, cfg.kv_heads
+        self.head_dim = cfg.n_embd // cfg.n_head
+        # one fused projection for q, k, v (Hugging Face's c_attn); with GQA k and v are narrower
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.attend = get_attention(cfg.attention)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        B, T, C = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        y = self.attend(q, k, v, True, 1.0 / math.sqrt(self.head_dim))  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = cfg.mlp_hidden
+        # SwiGLU's c_fc produces the gate and the value side by side: (.., 2 * hidden)
+        self.c_fc = nn.Linear(
+            cfg.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias
+        )
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")
+        elif self.kind == "relu":
+            h = F.relu(h)
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.norm_position == "pre"
+        self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
+        self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        if self.pre_norm:  # x + f(norm(x)): GPT-2
+            x = x + self.attn(self.ln_1(x), rope)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, rope))  # norm(x + f(x)): the original Transformer
+        return self.ln_2(x + self.mlp(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        t = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                "drop": nn.Dropout(cfg.dropout),
+                "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
+                # post-norm blocks already end in a norm, so only pre-norm needs a final one
+                "ln_f": make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity(),
+            }
+        )
+        if cfg.position_encoding == "learned":
+            t["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.transformer = t
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = t.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        # fixed tables are buffers, not parameters, and are not saved (persistent=False)
+        if cfg.position_encoding == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), False)
+        if cfg.position_encoding == "rope":
+            cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, False)
+            self.register_buffer("rope_sin", sin, False)
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters counted once (the tied LM head is the token embedding). With
+        ``non_embedding`` the position embedding is left out, as in Kaplan et al. 2020."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def set_attention(self, name: str) -> None:
+        """Switch every layer to backend ``name``; weights are untouched."""
+        attend = get_attention(name)
+        for block in self.transformer.h:
+            block.attn.attend = attend
+        self.cfg.attention = name
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None):
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean
+        cross-entropy over the positions whose target is not -1."""
+        B, T = idx.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.position_encoding == "learned":
+            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        elif self.cfg.position_encoding == "sinusoidal":
+            x = x + self.pos_table[:T].to(x.dtype)
+        else:
+            rope = (self.rope_cos[:T], self.rope_sin[:T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+        )
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
+        """Load a Hugging Face GPT-2 directory or a model exported by this project."""
+        from gpt.huggingface import load_pretrained
+
+        return load_pretrained(path, **overrides)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` in Hugging Face GPT-2 layout."""
+        from gpt.huggingface import save_pretrained
+
+        save_pretrained(self, path)

@@ -1,0 +1,99 @@
+"""Attention registry and the naive / sdpa backends against a float64 reference."""
+
+import math
+
+import pytest
+import torch
+
+from gpt.attention import (
+    BackendUnavailable,
+    attention_status,
+    get_attention,
+    naive_attention,
+    register_attention,
+    sdpa_attention,
+)
+
+
+def reference(q, k, v, causal, scale):
+    """Float64 attention written out loop by loop over heads: a different computation path."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, T, D = q.shape
+    groups = H // k.shape[1]
+    out = torch.empty_like(q)
+    for h in range(H):
+        s = q[:, h] @ k[:, h // groups].transpose(-1, -2) * scale  # (B, T, S)
+        if causal:
+            s = s + torch.full((T, T), float("-inf"), dtype=s.dtype).triu(1)
+        out[:, h] = torch.softmax(s, -1) @ v[:, h // groups]
+    return out
+
+
+@pytest.mark.parametrize("fn", [naive_attention, sdpa_attention], ids=["naive", "sdpa"])
+@pytest.mark.parametrize("T", [1, 7, 64])
+@pytest.mark.parametrize("D", [16, 24, 13])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_backend_matches_float64(fn, T, D, causal, kv_heads):
+    torch.manual_seed(T * 100 + D)
+    q = torch.randn(2, 4, T, D)
+    k, v = torch.randn(2, kv_heads, T, D), torch.randn(2, kv_heads, T, D)
+    scale = 1 / math.sqrt(D)
+    out = fn(q, k, v, causal, scale)
+    assert out.shape == q.shape
+    torch.testing.assert_close(
+        out.double(), reference(q, k, v, causal, scale), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_non_causal_with_different_key_length():
+    q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    for fn in (naive_attention, sdpa_attention):
+        torch.testing.assert_close(fn(q, k, v, False, 0.3).double(), reference(q, k, v, False, 0.3))
+
+
+def test_naive_returns_weights_that_are_causal_and_normalised():
+    q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    out, w = naive_attention(q, k, v, True, 0.5, return_weights=True)
+    assert w.shape == (1, 2, 6, 6)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 2, 6))
+    assert torch.all(w.triu(1) == 0)
+    torch.testing.assert_close(out, w @ v)
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(
+        ValueError, match=r"unknown attention backend 'flash3'.*naive.*sdpa.*triton"
+    ):
+        get_attention("flash3")
+
+
+def test_unavailable_backend_says_why():
+    def loader():
+        raise BackendUnavailable("it needs a quantum computer")
+
+    register_attention("test-unavailable", loader)
+    try:
+        assert attention_status()["test-unavailable"] == "it needs a quantum computer"
+        with pytest.raises(ValueError, match=r"'test-unavailable' is unavailable.*quantum.*naive"):
+            get_attention("test-unavailable")
+    finally:
+        from gpt.attention import _LOADERS
+
+        del _LOADERS["test-unavailable"]
+
+
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((2, 4, 5, 8), (2, 3, 5, 8), (2, 3, 5, 8)), "multiple of kv heads"),
+        (((2, 4, 5, 8), (2, 4, 6, 8), (2, 4, 6, 8)), "causal attention needs T == S"),
+        (((2, 4, 5, 8), (2, 4, 5, 7), (2, 4, 5, 7)), "incompatible"),
+        (((4, 5, 8), (4, 5, 8), (4, 5, 8)), "4-D"),
+    ],
+)
+def test_bad_shapes_are_rejected(shapes, match):
+    q, k, v = (torch.randn(s) for s in shapes)
+    for fn in (naive_attention, sdpa_attention):
+        with pytest.raises(ValueError, match=match):
+            fn(q, k, v, True, 1.0)

@@ -1,0 +1,164 @@
+"""Typed configuration: precedence, every shipped config, round trip, and every error path."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import GPT
+from gpt.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_help,
+    load_config,
+    save_config,
+    to_toml,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_file_command_line(tmp_path):
+    path = write(tmp_path, "[model]\nn_layer = 3\nn_head = 2\n[optim]\nlr = 1\n")
+    cfg = load_config(path, ["--model.n_head=4", "--train.dtype=bf16"])
+    assert cfg.model.n_layer == 3  # file
+    assert cfg.model.n_head == 4  # command line beats file
+    assert cfg.train.dtype == "bf16"  # command line beats default
+    assert cfg.model.n_embd == ModelConfig().n_embd  # default
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # int literal for a float
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_builds(path):
+    cfg = load_config(path)
+    with torch.device("meta"):  # shapes only: no memory or time spent on 1.5B weights
+        model = GPT(cfg.model)
+    assert model.num_params() > 0
+
+
+def test_gpt2_124m_has_exactly_124439808_parameters():
+    with torch.device("meta"):
+        model = GPT(load_config(ROOT / "configs" / "gpt2-124m.toml").model)
+    assert model.num_params() == 124_439_808
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [("gpt2-350m", 354_823_168), ("gpt2-774m", 774_030_080), ("gpt2-1.5b", 1_557_611_200)],
+)
+def test_gpt2_sizes_match_hugging_face_counts(name, params):
+    with torch.device("meta"):
+        model = GPT(load_config(ROOT / "configs" / f"{name}.toml").model)
+    assert model.num_params() == params
+
+
+def test_round_trip_through_toml(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            "--model.n_kv_head=4",
+            '--train.out_dir=some where/with "quotes"',
+            '--data.extra_val={law = "out/law", "med-x" = "out/med"}',
+            "--deepspeed.zero_optimization.stage=2",
+            "--train.compile=true",
+        ],
+    )
+    save_config(cfg, tmp_path / "resolved.toml")
+    assert load_config(tmp_path / "resolved.toml") == cfg
+    assert cfg.deepspeed == {"zero_optimization": {"stage": 2}}
+    assert cfg.data.extra_val == {"law": "out/law", "med-x": "out/med"}
+    assert load_config(None) == Config() and "[deepspeed]" in to_toml(Config())
+
+
+def test_none_resets_an_optional_value():
+    assert (
+        load_config(None, ["--model.n_kv_head=2", "--model.n_kv_head=none"]).model.n_kv_head is None
+    )
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "[model]\nn_layers = 3\n",
+            r"c.toml: unknown key model.n_layers; valid keys of \[model\]: vocab_size, .*n_layer",
+        ),
+        (
+            "[modle]\nn_layer = 3\n",
+            r"c.toml: unknown section \[modle\]; valid: model, data, train, optim, deepspeed",
+        ),
+        ('[model]\nn_layer = "3"\n', r"c.toml: model.n_layer must be int, got '3' \(str\)"),
+        ("[model]\nn_layer = 3.0\n", r"model.n_layer must be int, got 3.0 \(float\)"),
+        ("[model]\nbias = 1\n", r"model.bias must be bool, got 1 \(int\)"),
+        ("[optim]\nlr = true\n", r"optim.lr must be float, got True \(bool\)"),
+        ("[data]\nextra_val = {law = 3}\n", r"data.extra_val must be dict\[str, str\]"),
+        ("n_layer = 3\n", r"top-level key 'n_layer' must be a \[section\]; valid sections: model"),
+        ("[model\n", r"c.toml: not valid TOML"),
+    ],
+)
+def test_bad_file_names_the_key_and_what_is_valid(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    "arg, match",
+    [
+        (
+            "--train.max_step=3",
+            r"command line: unknown key train.max_step; valid keys of \[train\]: out_dir, max_ste",
+        ),
+        (
+            "--train.max_steps=many",
+            r"command line: train.max_steps must be int, got 'many' \(str\)",
+        ),
+        ("--train.max_steps", r"has no value; write --train.max_steps=VALUE"),
+        ("--max_steps=3", r"expected --section.key=value"),
+        ("train.max_steps=3", r"expected --section.key=value"),
+        ("--model.n_kv_head=two", r"model.n_kv_head must be int or none, got 'two'"),
+    ],
+)
+def test_bad_override_names_the_key_and_what_is_valid(arg, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [arg])
+
+
+def test_missing_file_is_named():
+    with pytest.raises(ConfigError, match="config file nowhere.toml does not exist"):
+        load_config("nowhere.toml")
+
+
+def test_help_lists_every_key_with_its_description():
+    text = config_help()
+    for section in ("model", "data", "train", "optim"):
+        cls = type(getattr(Config(), section))
+        for f in dataclasses.fields(cls):
+            line = next(x for x in text.splitlines() if f"--{section}.{f.name}=" in x)
+            assert f.metadata["help"] in line
+
+
+def run_train(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_train_help_and_config_errors_exit_non_zero():
+    helped = run_train("--help")
+    assert helped.returncode == 0 and "--train.micro_batch_size=<int>" in helped.stdout
+    bad = run_train("configs/tiny.toml", "--model.n_layers=2")
+    assert bad.returncode == 2
+    assert "unknown key model.n_layers; valid keys of [model]" in bad.stderr
+    bad = run_train("configs/tiny.toml", "--model.norm=batchnorm")
+    assert bad.returncode == 2 and "model.norm = 'batchnorm' is not valid" in bad.stderr
