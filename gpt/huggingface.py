@@ -140,6 +140,11 @@ def _from_hf_state(state: dict, model: GPT, file: Path) -> dict:
     return out
 
 
+def tokenizer_name(path: str | Path) -> str | None:
+    """The encoding recorded by ``save_pretrained(..., tokenizer=...)``, or None."""
+    return json.loads((Path(path) / "config.json").read_text()).get("gpt_tokenizer")
+
+
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json contents: GPT-2's keys plus our full ModelConfig under gpt_config."""
     return {
@@ -164,9 +169,10 @@ def hf_config(cfg: ModelConfig) -> dict:
     }
 
 
-def save_pretrained(model: GPT, path: str | Path) -> None:
+def save_pretrained(model: GPT, path: str | Path, tokenizer: str | None = None) -> None:
     """Write config.json + model.safetensors; each is written to a temporary name and renamed,
-    so an interrupted save never leaves a half-written file under the final name."""
+    so an interrupted save never leaves a half-written file under the final name.
+    ``tokenizer`` (an encoding name of gpt.data.tokenizer) is recorded as ``gpt_tokenizer``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {}
@@ -179,5 +185,8 @@ def save_pretrained(model: GPT, path: str | Path) -> None:
     save_file(state, tmp, metadata={"format": "pt"})
     tmp.replace(path / "model.safetensors")
     tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_config(model.cfg), indent=2) + "\n")
+    config = hf_config(model.cfg)
+    if tokenizer is not None:
+        config["gpt_tokenizer"] = tokenizer
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
     tmp.replace(path / "config.json")

@@ -210,8 +210,8 @@ class GPT(nn.Module):
 
         return load_pretrained(path, **overrides)
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, tokenizer: str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in Hugging Face GPT-2 layout."""
         from gpt.huggingface import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, tokenizer)
