@@ -255,7 +255,10 @@ def _flash_attention_bwd_dkdv_kernel(
             keep = key_ok[:, None] & row_ok[None, :]  # (BLOCK_N, BLOCK_M)
             if IS_CAUSAL:
                 keep = keep & (offs_n[:, None] <= rows[None, :])
-            pT = tl.where(keep, tl.exp2(sT - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+            # masking the scores (not the exponentials) keeps exp2 from overflowing on
+            # large masked scores: exp2(-inf) is exactly 0
+            sT = tl.where(keep, sT, float("-inf"))
+            pT = tl.exp2(sT - lse[None, :])  # (BLOCK_N, BLOCK_M)
 
             # dV += Pᵀ dO
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -336,7 +339,8 @@ def _flash_attention_bwd_dq_kernel(
         keep = row_ok[:, None] & col_ok[None, :]
         if IS_CAUSAL:
             keep = keep & (offs_m[:, None] >= cols[None, :])
-        p = tl.where(keep, tl.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        s = tl.where(keep, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N), exactly 0 where masked
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         # dQ += dS K (scale applied after the loop)
@@ -485,7 +489,8 @@ def _flash_attention_bwd(
 
 @_flash_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # contiguous, like the real outputs (empty_like would copy a transposed input's strides)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:

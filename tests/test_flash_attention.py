@@ -1,0 +1,350 @@
+"""Tests for the Triton FlashAttention-2 kernel (gpt.kernels.flash_attention).
+
+Without a GPU these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
+which is slow, so the shape grid is a covering design rather than a Cartesian product: every
+value of every axis appears, every (T, D) pair appears once, and the expensive cases are few.
+The reference is naive attention in float64 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from gpt.kernels.flash_attention import flash_attention
+
+from gpt.attention import naive_attention
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+SEQ_LENS = [1, 17, 64, 127, 128, 129, 300]
+HEAD_DIMS = [16, 32, 64, 128]
+GROUPS = [1, 2, 4]
+DTYPES = [torch.float32, torch.float16]
+
+
+def _covering_cases() -> list[tuple]:
+    """One case per (T, D) pair (28 cases); causal, GQA group and dtype are rotated so that
+    every pair of axes meets in all combinations (checked below). Every fourth case uses a
+    transposed (non-contiguous) layout, some use batch 2, two K/V heads or a given scale."""
+    cases = []
+    for i, T in enumerate(SEQ_LENS):
+        for j, D in enumerate(HEAD_DIMS):
+            causal = (i + j) % 2 == 0
+            group = GROUPS[(i + 2 * j) % 3]
+            dtype = DTYPES[(i // 2 + j) % 2]
+            n = len(cases)
+            batch = 2 if T * D <= 64 * 64 and n % 3 == 0 else 1
+            kv_heads = 2 if group == 1 and T <= 128 else 1
+            layout = "bthd" if n % 4 == 1 else "bhtd"
+            scale = 0.3 if n % 5 == 2 else None
+            cases.append((T, D, causal, group, dtype, batch, kv_heads, layout, scale))
+    return cases
+
+
+CASES = _covering_cases()
+
+
+def _case_id(case) -> str:
+    T, D, causal, group, dtype, batch, kv_heads, layout, scale = case
+    kind = "causal" if causal else "full"
+    s = "" if scale is None else f"-scale{scale}"
+    return f"T{T}-D{D}-{kind}-g{group}-{str(dtype)[6:]}-B{batch}-Hkv{kv_heads}-{layout}{s}"
+
+
+def _inputs(B, H, H_kv, T, S, D, dtype, layout="bhtd", seed=0):
+    """q (B, H, T, D), k, v (B, H_kv, S, D) and a gradient dO for the output.
+
+    With layout "bthd" the tensors are views of (B, T, H, D) storage, as the model's
+    (B, T, H, D) -> (B, H, T, D) transpose produces them: not contiguous.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(heads, length):
+        if layout == "bthd":
+            x = torch.randn(B, length, heads, D, generator=gen).transpose(1, 2)
+        else:
+            x = torch.randn(B, heads, length, D, generator=gen)
+        return x.to(device=DEVICE, dtype=dtype)
+
+    q, k, v = make(H, T), make(H_kv, S), make(H_kv, S)
+    do = torch.randn(B, H, T, D, generator=gen).to(device=DEVICE, dtype=dtype)
+    return q, k, v, do
+
+
+def _forward_backward(fn, q, k, v, do, causal, scale):
+    """(O, dQ, dK, dV) of ``fn`` at (q, k, v) with output gradient ``do``."""
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v, causal=causal, scale=scale)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+def _reference(q, k, v, do, causal, scale):
+    as64 = [x.double() for x in (q, k, v, do)]
+    return _forward_backward(naive_attention, *as64[:3], as64[3], causal, scale)
+
+
+def _max_err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+NAMES = ("O", "dQ", "dK", "dV")
+
+
+def _check_against_reference(q, k, v, do, causal, scale):
+    ours = _forward_backward(flash_attention, q, k, v, do, causal, scale)
+    ref = _reference(q, k, v, do, causal, scale)
+    for name, a, r in zip(NAMES, ours, ref, strict=True):
+        assert a.shape == r.shape and a.dtype == q.dtype, name
+        assert torch.isfinite(a).all(), f"{name} has NaN/inf"
+    if q.dtype == torch.float32:
+        for name, a, r in zip(NAMES, ours, ref, strict=True):
+            # relative to the largest reference entry; the floor covers T = 1, where dQ and
+            # dK are identically zero (softmax over a single key has zero gradient)
+            rel = _max_err(a, r) / max(r.abs().max().item(), 1e-2)
+            assert rel <= 1e-4, f"{name}: relative error {rel:.2e} > 1e-4"
+    else:
+        # flash-attn's rule: at most twice the error of PyTorch's own computation in the same
+        # dtype, both measured against the float64 reference. The 1e-5 floor is for entries
+        # that PyTorch gets exactly right (the zero gradients at T = 1).
+        torch_low = _forward_backward(naive_attention, q, k, v, do, causal, scale)
+        for name, a, t, r in zip(NAMES, ours, torch_low, ref, strict=True):
+            err, torch_err = _max_err(a, r), _max_err(t, r)
+            assert err <= 2 * torch_err + 1e-5, (
+                f"{name}: error {err:.2e}, PyTorch's {torch_err:.2e}"
+            )
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_matches_float64_reference(case):
+    T, D, causal, group, dtype, B, H_kv, layout, scale = case
+    q, k, v, do = _inputs(B, H_kv * group, H_kv, T, T, D, dtype, layout)
+    _check_against_reference(q, k, v, do, causal, scale)
+
+
+def test_covering_design_is_pairwise_complete():
+    """Every pair of axes (T, D, causal, GQA group, dtype) meets in every combination of
+    values somewhere in the grid above, and the expensive cases stay few."""
+    axes = [SEQ_LENS, HEAD_DIMS, [True, False], GROUPS, DTYPES]
+    for a, b in itertools.combinations(range(len(axes)), 2):
+        have = {(c[a], c[b]) for c in CASES}
+        assert have == set(itertools.product(axes[a], axes[b])), (a, b)
+    assert len([c for c in CASES if c[0] >= 127 and c[1] == 128]) <= 4
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cross_attention_lengths_differ(causal):
+    """Non-causal attention with S != T (and S not a multiple of any block size)."""
+    if causal:
+        q, k, v, _ = _inputs(1, 2, 1, 17, 33, 32, torch.float32)
+        with pytest.raises(ValueError, match="T == S"):
+            flash_attention(q, k, v, causal=True)
+        return
+    q, k, v, do = _inputs(1, 2, 1, 17, 33, 32, torch.float32)
+    _check_against_reference(q, k, v, do, causal=False, scale=None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("T", [1, 17])
+def test_no_nan_in_single_token_and_padded_tail(T, dtype):
+    """T = 1 (one visible key per row) and a tail tile that is mostly padding; large scores
+    (|s| ~ 1e3) check that the online softmax never overflows."""
+    for causal in (True, False):
+        q, k, v, do = _inputs(1, 2, 1, T, T, 16, dtype)
+        outs = _forward_backward(flash_attention, q * 8, k * 8, v, do, causal, None)
+        for name, x in zip(NAMES, outs, strict=True):
+            assert torch.isfinite(x).all(), f"{name} has NaN/inf (T={T}, causal={causal})"
+
+
+def test_head_dim_not_power_of_two():
+    """D = 40 is padded to a 64-wide tile and masked."""
+    q, k, v, do = _inputs(1, 2, 2, 20, 20, 40, torch.float32)
+    _check_against_reference(q, k, v, do, causal=True, scale=None)
+
+
+def test_gqa_gradient_is_sum_over_group():
+    """dK for one shared K/V head equals the sum of dK over repeated, independent heads."""
+    q, k, v, do = _inputs(1, 4, 1, 17, 17, 16, torch.float32)
+    _, _, dk, dv = _forward_backward(flash_attention, q, k, v, do, True, None)
+    k4, v4 = k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1)
+    _, _, dk4, dv4 = _forward_backward(flash_attention, q, k4, v4, do, True, None)
+    torch.testing.assert_close(dk, dk4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dv, dv4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: _inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3], None),
+        (lambda: [x.double() for x in _inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3]], "dtype"),
+        (lambda: _inputs(1, 2, 1, 8, 8, 512, torch.float32)[:3], "head dim"),
+        (lambda: _inputs(1, 3, 2, 8, 8, 16, torch.float32)[:3], "multiple"),
+        (lambda: _inputs(1, 2, 1, 8, 9, 16, torch.float32)[:3], "T == S"),
+    ],
+    ids=["ok", "float64", "D512", "heads", "causal-lengths"],
+)
+def test_bad_input_raises_value_error(make, match):
+    q, k, v = make()
+    if match is None:
+        flash_attention(q, k, v)  # the valid baseline of this table
+        return
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+def test_mixed_dtypes_raise_value_error():
+    q, k, v, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    with pytest.raises(ValueError, match="share a dtype"):
+        flash_attention(q, k.half(), v)
+
+
+def test_custom_op_passes_opcheck():
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch."""
+    q, k, v, do = _inputs(1, 2, 1, 17, 17, 16, torch.float32, layout="bthd")
+    fwd = torch.ops.gpt.flash_attention_fwd.default
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    torch.library.opcheck(fwd, (q, k, v, True, 0.25))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), True, 0.25)
+    bwd = torch.ops.gpt.flash_attention_bwd.default
+    torch.library.opcheck(bwd, (do, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
+
+
+def test_torch_compile_fullgraph_runs_kernel():
+    """torch.compile (Inductor, no graph breaks) treats the op as an opaque call, and the
+    compiled forward and backward match eager."""
+    q, k, v, do = _inputs(1, 4, 2, 17, 17, 16, torch.float32)
+
+    def attend(q, k, v, causal=True, scale=None):
+        return flash_attention(torch.tanh(q), k, v, causal=causal, scale=scale) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True)
+    ours = _forward_backward(compiled, q, k, v, do, True, None)
+    eager = _forward_backward(attend, q, k, v, do, True, None)
+    for name, a, b in zip(NAMES, ours, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------
+# The whole model
+# --------------------------------------------------------------------------------------
+
+
+def _tiny_model(attention: str):
+    from gpt import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+        dropout=0.0, bias=True, attention=attention,
+    )  # fmt: skip
+    return GPT(cfg).to(DEVICE)
+
+
+def _logits_and_grads(model, idx, targets):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_model_with_triton_matches_naive():
+    """A 2-layer GQA model: logits and every parameter's gradient agree across backends."""
+    model = _tiny_model("naive")
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 64, (2, 24), generator=gen).to(DEVICE)
+    targets = torch.randint(0, 64, (2, 24), generator=gen).to(DEVICE)
+    logits_ref, grads_ref = _logits_and_grads(model, idx, targets)
+    model.set_attention("triton")
+    logits, grads = _logits_and_grads(model, idx, targets)
+    torch.testing.assert_close(logits, logits_ref, rtol=1e-4, atol=1e-5)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_compiled_model_with_triton_runs():
+    """torch.compile'd model using the kernel (Inductor on the CPU): a training step runs
+    without graph breaks around the op and matches the eager model."""
+    model = _tiny_model("triton")
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 64, (1, 16), generator=gen).to(DEVICE)
+    logits_eager, grads_eager = _logits_and_grads(model, idx, idx)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    logits, grads = _logits_and_grads(compiled, idx, idx)
+    torch.testing.assert_close(logits, logits_eager, rtol=1e-4, atol=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_eager[name.removeprefix("_orig_mod.")], rtol=1e-4,
+                                   atol=1e-5, msg=name)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# GPU only: bfloat16 (broken in the interpreter), long sequences, autotuning
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_low_precision_long_sequence(dtype, D, causal):
+    q, k, v, do = _inputs(2, 8, 2, 2048, 2048, D, dtype, layout="bthd")
+    _check_against_reference(q, k, v, do, causal, None)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("T", [1, 129, 1000, 4096])
+def test_gpu_bf16_ragged_and_long(T):
+    q, k, v, do = _inputs(1, 4, 1, T, T, 128, torch.bfloat16)
+    _check_against_reference(q, k, v, do, True, None)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_float32_within_1e4():
+    """float32 uses IEEE products (not TF32), so the 1e-4 bound holds on hardware too."""
+    q, k, v, do = _inputs(1, 4, 2, 1024, 1024, 64, torch.float32)
+    _check_against_reference(q, k, v, do, True, None)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_autotune_keys_on_length_dim_dtype_causal():
+    """Each (T, D, dtype, causal) gets its own tuned configuration."""
+    from gpt.kernels import flash_attention as fa
+
+    before = len(fa._fwd_kernel.cache)
+    seen = set()
+    for T, D, dtype, causal in [
+        (512, 64, torch.float16, True),
+        (512, 64, torch.float16, False),
+        (512, 128, torch.float16, True),
+        (1024, 64, torch.float16, True),
+        (512, 64, torch.bfloat16, True),
+    ]:
+        q, k, v, _ = _inputs(1, 2, 1, T, T, D, dtype, seed=T + D)
+        flash_attention(q, k, v, causal=causal)
+        seen.add((T, D, dtype, causal))
+    assert len(fa._fwd_kernel.cache) - before == len(seen)
+    for config in fa._fwd_kernel.cache.values():
+        assert config.kwargs["BLOCK_M"] >= 32 and config.kwargs["BLOCK_N"] >= 32
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_gpu_model_bf16_matches_sdpa():
+    model = _tiny_model("sdpa").to(torch.bfloat16)
+    idx = torch.randint(0, 64, (4, 32), device=DEVICE)
+    logits_ref, _ = _logits_and_grads(model, idx, idx)
+    model.set_attention("triton")
+    logits, _ = _logits_and_grads(model, idx, idx)
+    scale = logits_ref.float().abs().max().item()
+    assert (logits.float() - logits_ref.float()).abs().max().item() <= 0.02 * max(scale, 1.0)
+    assert math.isfinite(scale)
