@@ -1,0 +1,188 @@
+"""Tests for gpt.data.prepare and gpt.data.recipes: round trip, parallel == serial, errors."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gpt.data import prepare as prepare_module
+from gpt.data.prepare import _is_val, prepare
+from gpt.data.recipes import iter_documents
+from gpt.data.shards import open_split, read_manifest
+from gpt.data.tokenizer import get_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(root: Path, n_docs: int = 40) -> list[str]:
+    """Text files, a folder and a JSONL file; returns the documents in their stream order."""
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "naïve", "☃", "\n", "zebra", "  ", "🦙", "end.", "\t"]
+    docs = [" ".join(rng.choice(words, size=int(rng.integers(1, 60)))) for _ in range(n_docs)]
+    (root / "a.txt").write_text(docs[0], encoding="utf-8")
+    (root / "folder" / "sub").mkdir(parents=True)
+    for i in range(1, 10):
+        (root / "folder" / "sub" / f"{i:02d}.md").write_text(docs[i], encoding="utf-8")
+    (root / "folder" / "ignored.bin").write_bytes(b"\xff\xfe")
+    with open(root / "rest.jsonl", "w", encoding="utf-8") as f:
+        for doc in docs[10:]:
+            f.write(json.dumps({"body": doc, "id": 1}) + "\n")
+    return docs
+
+
+def sources(root: Path) -> list[str]:
+    return [str(root / "a.txt"), str(root / "folder"), str(root / "*.jsonl")]
+
+
+def decode_split(out: Path, split: str) -> list[str]:
+    enc = get_tokenizer(read_manifest(out)["encoding"])
+    tokens = np.concatenate([np.asarray(a) for a in open_split(out, split)] or [[]])
+    text = enc.decode(tokens.astype(np.int64).tolist())
+    assert text == "" or text.endswith("<|endoftext|>"), "every document ends with EOT"
+    return text.split("<|endoftext|>")[:-1]
+
+
+@pytest.mark.parametrize("encoding", ["bytes", "gpt2"])
+def test_round_trip(tmp_path, encoding):
+    docs = make_corpus(tmp_path)
+    out = tmp_path / "out"
+    manifest = prepare(
+        sources(tmp_path),
+        out,
+        encoding,
+        0.25,
+        shard_tokens=50,
+        workers=2,
+        text_field="body",
+        progress=False,
+    )
+    train, val = decode_split(out, "train"), decode_split(out, "val")
+    assert sorted(train + val) == sorted(docs)
+    assert len(val) == 10 and manifest["splits"]["val"]["documents"] == 10
+    # The documented rule, computed independently: seed 0 shifts by Random(0).random().
+    shift = random.Random(0).random()
+    assert val == [d for i, d in enumerate(docs) if _is_val(i, 0.25, shift)]
+    assert train == [d for i, d in enumerate(docs) if not _is_val(i, 0.25, shift)]
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert manifest["encoding"] == encoding
+    assert manifest["n_vocab"] == get_tokenizer(encoding).n_vocab
+
+
+def test_val_selection_is_exact_and_seeded():
+    for fraction in (0.01, 0.1, 0.33):
+        picks = [_is_val(i, fraction, 0.5) for i in range(1000)]
+        assert sum(picks) == round(1000 * fraction)
+    a = [_is_val(i, 0.1, 0.05) for i in range(100)]
+    b = [_is_val(i, 0.1, 0.55) for i in range(100)]
+    assert sum(a) == sum(b) == 10 and a != b
+
+
+def test_parallel_equals_serial(tmp_path):
+    make_corpus(tmp_path, 60)
+    outs = {}
+    for workers in (1, 3):
+        outs[workers] = tmp_path / f"out{workers}"
+        prepare(
+            sources(tmp_path),
+            outs[workers],
+            "bytes",
+            0.1,
+            shard_tokens=64,
+            workers=workers,
+            text_field="body",
+            command=f"workers={workers}",
+            progress=False,
+        )
+    # Small batches so that many are in flight and finish out of order.
+    files = sorted(p.name for p in outs[1].iterdir())
+    assert files == sorted(p.name for p in outs[3].iterdir()) and len(files) > 10
+    for name in files:
+        if name != "manifest.json":
+            assert (outs[1] / name).read_bytes() == (outs[3] / name).read_bytes(), name
+    m1, m3 = (json.loads((o / "manifest.json").read_text()) for o in outs.values())
+    assert m1.pop("command") != m3.pop("command") and m1 == m3
+
+
+def test_parallel_equals_serial_with_many_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
+    test_parallel_equals_serial(tmp_path)
+
+
+def test_rerun_removes_stale_shards(tmp_path):
+    make_corpus(tmp_path)
+    out = tmp_path / "out"
+    prepare(sources(tmp_path), out, "bytes", 0.1, 20, 1, text_field="body", progress=False)
+    many = len(list(out.glob("*.bin")))
+    prepare(sources(tmp_path), out, "bytes", 0.1, 10_000, 1, text_field="body", progress=False)
+    assert many > 2 and sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "train_000000.bin",
+        "val_000000.bin",
+    ]
+
+
+def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
+    make_corpus(tmp_path)
+    out = tmp_path / "out"
+    prepare(sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False)
+
+    def dying_documents(*args, **kwargs):
+        yield from list(iter_documents(*args, **kwargs))[:25]
+        raise KeyboardInterrupt  # stands in for a kill mid-run
+
+    monkeypatch.setattr(prepare_module, "iter_documents", dying_documents)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False)
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(ValueError, match="manifest.json not found"):
+        open_split(out, "train")
+    # Whatever has its final name is a complete, valid shard; the partial one is a .tmp.
+    from gpt.data.shards import open_shard
+
+    for path in out.glob("*.bin"):
+        open_shard(path)
+    assert list(out.glob("*.tmp"))
+
+
+def test_empty_input_and_bad_sources(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="contain no non-empty documents"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", progress=False)
+    with pytest.raises(ValueError, match="'nope.txt' is neither a recipe .*shakespeare"):
+        prepare(["nope.txt"], tmp_path / "o", "bytes", progress=False)
+    with pytest.raises(ValueError, match=r"matches no files"):
+        prepare([str(tmp_path / "*.none")], tmp_path / "o", "bytes", progress=False)
+    with pytest.raises(ValueError, match="unknown --encoding 'gpt5'"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "gpt5", progress=False)
+    with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 1\)"):
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", 1.0, progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text'"):
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "o", "bytes", progress=False)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+        prepare([str(tmp_path / "latin1.txt")], tmp_path / "o", "bytes", progress=False)
+
+
+def test_cli_from_repo_root(tmp_path):
+    (tmp_path / "doc.txt").write_text("hello world")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data.prepare", str(tmp_path / "doc.txt"), "--out", str(out)]
+    cmd += ["--encoding", "bytes", "--val-fraction", "0", "--workers", "2"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "train: 1 documents, 12 tokens, 1 shards" in result.stdout
+    manifest = read_manifest(out)
+    assert (
+        manifest["command"].startswith("python -m data.prepare ")
+        and "--workers 2" in (manifest["command"])
+    )
+    assert decode_split(out, "train") == ["hello world"] and decode_split(out, "val") == []
+    bad = subprocess.run(
+        cmd[:3] + ["nope.txt", "--out", str(out)], cwd=REPO, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "'nope.txt' is neither a recipe" in bad.stderr
