@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from gpt.data.shards import MANIFEST, open_split, read_manifest
 
 STATE_VERSION = 1

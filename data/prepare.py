@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
+
 from gpt.data.recipes import RECIPES, fetch_recipe, iter_documents, resolve_source
 from gpt.data.shards import (
     MANIFEST,
@@ -32,7 +34,6 @@ from gpt.data.shards import (
     write_manifest,
 )
 from gpt.data.tokenizer import FETCHABLE, NAMES, fetch_ranks, get_tokenizer
-from tqdm import tqdm
 
 BATCH_CHARS = 1 << 20  # text per task: large enough to amortise scheduling, small for memory
 SPLITS = ("train", "val")

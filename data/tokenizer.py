@@ -19,6 +19,7 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
+
 from gpt.data.assets import cache_dir, pip_download_sdist, sha256_file, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
@@ -125,7 +126,9 @@ class TiktokenTokenizer:
         return self.encoding.encode_ordinary(text)
 
     def encode_array(self, text: str) -> np.ndarray:
-        return np.array(self.encoding.encode_ordinary(text), dtype=np.uint32)
+        # Same ids as encode_ordinary (no special tokens allowed, none rejected), straight into
+        # a uint32 buffer: skips building a Python list, which holds the GIL.
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode([int(i) for i in ids])

@@ -4,6 +4,7 @@ The gpt2 tests need the ranks in the cache (`make assets`); without them they fa
 """
 
 import pytest
+
 from gpt.data import tokenizer as tok
 from gpt.data.tokenizer import get_tokenizer
 
@@ -54,3 +55,10 @@ def test_missing_and_corrupt_ranks_say_how_to_fetch(tmp_path, monkeypatch):
         get_tokenizer("gpt2")
     with pytest.raises(RuntimeError, match="cl100k_base"):
         get_tokenizer("cl100k_base")
+
+
+def test_encode_array_matches_encode():
+    for name in ("bytes", "gpt2"):
+        enc = get_tokenizer(name)
+        text = "Hello <|endoftext|> wörld\n\n  x"
+        assert enc.encode_array(text).tolist() == enc.encode(text)

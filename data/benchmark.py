@@ -1,0 +1,94 @@
+"""Benchmark the sharder against single-process tiktoken on a large corpus of real text.
+
+    python -m gpt.data.benchmark --megabytes 200 --workers 2
+
+Builds (once) a JSONL corpus of at least `--megabytes` by repeating the shakespeare, pydocs
+and pystdlib documents, then times in separate processes (so their peak memory is separate):
+1. `python -m gpt.data.prepare` on it (documents and tokens per second, peak RSS);
+2. tiktoken's `encode_ordinary_batch` over the same documents held in memory, with one thread
+   (the single-process, single-core rate) and with its default 8 threads.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from gpt.data.assets import cache_dir
+from gpt.data.recipes import iter_documents
+
+BASELINE = """
+import json, sys, time
+from gpt.data.tokenizer import get_tokenizer
+docs = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
+enc = get_tokenizer(sys.argv[2]).encoding
+start = time.perf_counter()
+n = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=int(sys.argv[3])))
+print(json.dumps({"tokens": n, "seconds": time.perf_counter() - start}))
+"""
+
+
+def build_corpus(path: Path, megabytes: int) -> None:
+    if path.exists() and path.stat().st_size >= megabytes * 10**6:
+        return
+    docs = list(iter_documents(["shakespeare", "pydocs", "pystdlib"]))
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        while f.tell() < megabytes * 10**6:
+            for doc in docs:
+                f.write(json.dumps({"text": doc}) + "\n")
+    tmp.replace(path)
+
+
+def peak_child_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt.data.benchmark", description=__doc__)
+    parser.add_argument("--megabytes", type=int, default=200)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--encoding", default="gpt2")
+    args = parser.parse_args()
+    corpus = cache_dir() / "bench" / f"corpus_{args.megabytes}mb.jsonl"
+    corpus.parent.mkdir(parents=True, exist_ok=True)
+    build_corpus(corpus, args.megabytes)
+    size_mb = corpus.stat().st_size / 10**6
+
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "gpt.data.prepare", str(corpus), "--out", out]
+        cmd += ["--encoding", args.encoding, "--workers", str(args.workers)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - start
+        rss = peak_child_rss_mb()
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+    splits = manifest["splits"].values()
+    tokens = sum(s["tokens"] for s in splits)
+    docs = sum(s["documents"] for s in splits)
+    n_eot = docs  # the sharder also writes one end-of-text token per document
+    print(f"corpus: {corpus} ({size_mb:,.0f} MB, {docs:,} documents)")
+    print(
+        f"sharder, {args.workers} workers: {seconds:.1f} s end to end, "
+        f"{(tokens - n_eot) / seconds:,.0f} tokens/s, {docs / seconds:,.0f} docs/s, "
+        f"peak RSS {rss:,.0f} MB"
+    )
+    rates = {}
+    for threads in (1, 8):
+        cmd = [sys.executable, "-c", BASELINE, str(corpus), args.encoding, str(threads)]
+        result = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
+        rates[threads] = result["tokens"] / result["seconds"]
+        assert result["tokens"] == tokens - n_eot, "baseline must see the same documents"
+        print(
+            f"tiktoken encode_ordinary_batch, num_threads={threads}: "
+            f"{rates[threads]:,.0f} tokens/s (encoding only, text already in memory)"
+        )
+    print(f"speed-up of the sharder over one thread: {(tokens - n_eot) / seconds / rates[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
