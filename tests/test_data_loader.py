@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from gpt.data import prepare as prepare_module
 from gpt.data.prepare import _is_val, prepare
 from gpt.data.recipes import iter_documents
