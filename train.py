@@ -1,31 +1,282 @@
 """Pretrain a GPT: ``python train.py CONFIG.toml [--section.key=value ...]``.
 
-The DeepSpeed training loop lands with issue #4; until then this entry point resolves and
-validates the configuration, builds the model, and records the resolved config in the run
-directory, so that configs can already be checked with it.
+Runs as one process (CPU or one GPU) with no launcher, or under ``deepspeed`` / ``torchrun``
+with N processes; always through a DeepSpeed engine (gpt/engine.py). Running the same
+command again resumes from the latest complete checkpoint in ``train.out_dir``.
+
+Exit status: 0 finished; 2 bad configuration; 3 aborted after too many consecutive
+non-finite steps; 128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by a signal,
+after saving a checkpoint.
 """
 
+import dataclasses
+import json
+import signal
 import sys
+import time
 from pathlib import Path
 
-from gpt import GPT
-from gpt.config import config_from_argv, save_config
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from gpt import GPT, __version__
+from gpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpt.config import Config, ConfigError, config_from_argv, save_config
+from gpt.data.loader import TokenLoader
+from gpt.data.shards import read_manifest
+from gpt.engine import build_engine, check_batch, init_distributed, world_size_from_env
+from gpt.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
+from gpt.optim import lr_at
+
+NONFINITE_EXIT = 3
 
 
-def main(argv: list[str]) -> None:
-    path, cfg = config_from_argv(argv, "train.py")
-    model = GPT(cfg.model)
-    out_dir = Path(cfg.train.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.toml")
-    m = cfg.model
-    print(
-        f"config {path}: {m.n_layer} layers, {m.n_head} heads, width {m.n_embd}, "
-        f"context {m.block_size}, attention {m.attention!r}: {model.num_params():,} parameters"
+class StopFlag:
+    """Set by SIGTERM / SIGINT; the loop checks it (all ranks agreeing) after each step."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Path) -> None:
+    """Refuse, before the first step, to resume what would not continue the same run."""
+    changed = [
+        f"model.{k}: {v!r} -> {getattr(cfg.model, k)!r}"
+        for k, v in saved["config"]["model"].items()
+        if k not in ("attention", "dropout") and getattr(cfg.model, k) != v
+    ]
+    if changed:
+        raise ConfigError(
+            f"{ckpt}: cannot resume with a different model shape: {'; '.join(changed)}"
+        )
+    if saved["data_fingerprint"] != data_fingerprint(manifest):
+        raise ConfigError(
+            f"{ckpt}: cannot resume: the data set changed (data.dir {cfg.data.dir} now holds "
+            "different shards than when the checkpoint was written)"
+        )
+    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    if saved["world_size"] != world and zero > 0:
+        raise ConfigError(
+            f"{ckpt}: saved by {saved['world_size']} processes with ZeRO stage {zero}, resumed "
+            f"by {world}: ZeRO partitions optimizer state per process, so resume with "
+            f"{saved['world_size']} processes (or train with zero stage 0)"
+        )
+
+
+def data_fingerprint(manifest: dict) -> list:
+    return sorted(
+        [s["file"], s["crc32"]] for split in manifest["splits"].values() for s in split["shards"]
     )
-    print(f"resolved config written to {out_dir / 'config.toml'}")
-    print("the DeepSpeed training loop arrives with issue #4 (trainer); nothing was trained")
+
+
+@torch.no_grad()
+def evaluate(engine, loaders: dict[str, TokenLoader], steps: int, device) -> dict[str, float]:
+    engine.eval()
+    losses = {}
+    for name, loader in loaders.items():
+        loader.reset()  # the same batches at every evaluation
+        total = sum(
+            engine(*(t.to(device) for t in loader.next_batch()))[1].item() for _ in range(steps)
+        )
+        (mean,) = all_reduce_sum([total / steps / dist.get_world_size()], device)
+        losses["val_loss" if name == "val" else f"val_loss/{name}"] = mean
+    engine.train()
+    return losses
+
+
+def main(argv: list[str]) -> int:
+    path, cfg = config_from_argv(argv, "train.py")
+    try:
+        global_batch = check_batch(cfg, world_size_from_env())
+        manifest = read_manifest(Path(cfg.data.dir))
+    except ValueError as err:  # ConfigError is a ValueError too
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    rank, world, device = init_distributed()
+    t, m = cfg.train, cfg.model
+    out_dir = Path(t.out_dir)
+    stop = StopFlag()
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    if t.init_from == "scratch":
+        model = GPT(m)
+    else:
+        model = GPT.from_pretrained(t.init_from, attention=m.attention, dropout=m.dropout)
+        cfg.model = m = model.cfg
+    if manifest["n_vocab"] > m.vocab_size:
+        print(
+            f"train.py: error: {cfg.data.dir} uses {manifest['encoding']} with "
+            f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}",
+            file=sys.stderr,
+        )
+        return 2
+    model.to(device)
+    engine, optimizer = build_engine(model, cfg, world)
+    loader = TokenLoader(
+        cfg.data.dir,
+        "train",
+        m.block_size,
+        t.micro_batch_size,
+        t.grad_accum,
+        rank,
+        world,
+        t.seed,
+        cfg.data.mode,
+    )
+    val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val}
+    val_loaders = {
+        name: TokenLoader(
+            d, "val", m.block_size, t.micro_batch_size, 1, rank, world, t.seed, "sequential"
+        )
+        for name, d in val_dirs.items()
+    }
+
+    step, tokens = 0, 0
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is not None:
+        saved = json.loads((ckpt / "trainer.json").read_text())
+        try:
+            check_resume(cfg, saved, manifest, world, ckpt)
+        except ConfigError as err:
+            print(f"train.py: error: {err}", file=sys.stderr)
+            return 2
+        saved = load_checkpoint(engine, ckpt)
+        step, tokens = saved["step"], saved["tokens"]
+        loader.load_state_dict(saved["loader"])
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.toml")
+        print(
+            f"{'resuming from ' + str(ckpt) if ckpt else 'starting'}: "
+            f"{model.num_params():,} parameters, {world} process(es) on {device}, "
+            f"global batch {global_batch} x {m.block_size} tokens"
+        )
+    wandb_run = start_wandb(
+        t.wandb and rank == 0, out_dir, t.wandb_project, dataclasses.asdict(cfg)
+    )
+    log = MetricsLog(out_dir, rank == 0, step, wandb_run)
+    peak = peak_flops(device, t.dtype)
+    flops_token = flops_per_token(model, m.block_size)
+
+    def trainer_state() -> dict:
+        import deepspeed
+
+        return {
+            "step": step,
+            "tokens": tokens,
+            "loader": loader.state_dict(),
+            "world_size": world,
+            "config": dataclasses.asdict(cfg),
+            "data_fingerprint": data_fingerprint(manifest),
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__,
+                "gpt": __version__,
+            },
+        }
+
+    def checkpoint() -> None:
+        save_checkpoint(
+            engine, out_dir, step, trainer_state(), t.keep_checkpoints, manifest["encoding"]
+        )
+
+    nonfinite_run, last_saved = 0, step
+    bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, leave=False)
+    while step < t.max_steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.optim, t.max_steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for _ in range(t.grad_accum):
+            x, y = (b.to(device) for b in loader.next_batch())
+            _, loss = engine(x, y)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        loss_total, stop_votes = all_reduce_sum([loss_sum, float(stop.signum != 0)], device)
+        step += 1
+        tokens += global_batch * m.block_size
+        step_s = time.perf_counter() - t0
+        mean_loss = loss_total / (t.grad_accum * world)
+        grad_norm = engine.get_global_grad_norm()
+        skipped = optimizer.overflow or not torch.isfinite(torch.tensor(mean_loss))
+        nonfinite_run = nonfinite_run + 1 if skipped else 0
+        record = {
+            "step": step,
+            "tokens": tokens,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": global_batch * m.block_size / step_s,
+            "step_ms": 1000 * step_s,
+        }
+        if peak:
+            record["mfu"] = flops_token * record["tokens_per_s"] / peak
+        if skipped:
+            record["skipped"] = True
+        bar.update(1)
+        if rank == 0 and (step % t.log_interval == 0 or skipped or step == t.max_steps):
+            bar.write(
+                f"step {step:6d} | loss {mean_loss:.4f} | lr {lr:.2e} | grad norm "
+                f"{record['grad_norm'] or float('nan'):.3f} | "
+                f"{record['tokens_per_s']:,.0f} tok/s | {record['step_ms']:.0f} ms"
+                + (" | SKIPPED: non-finite" if skipped else "")
+            )
+        if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+            record.update(evaluate(engine, val_loaders, t.eval_steps, device))
+            if rank == 0:
+                bar.write(
+                    "  "
+                    + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val"))
+                )
+        if step % t.log_interval == 0 or skipped or "val_loss" in record or step == t.max_steps:
+            log.write(record)
+        if nonfinite_run >= t.max_nonfinite_steps:
+            if rank == 0:
+                print(
+                    f"train.py: aborting: {nonfinite_run} consecutive non-finite steps (loss "
+                    f"{mean_loss}, grad norm {grad_norm}) up to step {step}; they left the "
+                    f"parameters unchanged. The last complete checkpoint is "
+                    f"{latest_checkpoint(out_dir)}; lower optim.lr or check the data, then run "
+                    f"the same command to resume.",
+                    file=sys.stderr,
+                )
+            return NONFINITE_EXIT
+        if stop_votes or step % t.ckpt_interval == 0 or step == t.max_steps:
+            checkpoint()  # skipped steps left the parameters as they were: safe to save
+            last_saved = step
+        if stop_votes:
+            if rank == 0:
+                print(
+                    f"train.py: stopped by a signal after step {step}; checkpoint "
+                    f"{latest_checkpoint(out_dir)} saved; run the same command to resume",
+                    file=sys.stderr,
+                )
+            return 128 + (stop.signum or signal.SIGTERM)
+    bar.close()
+    if last_saved != step:
+        checkpoint()
+    if rank == 0:
+        print(f"done: {step} steps, {tokens:,} tokens; checkpoints in {out_dir / 'checkpoints'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    code = main(sys.argv[1:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)

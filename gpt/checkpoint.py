@@ -18,7 +18,16 @@ it, so a kill at any moment leaves either the old checkpoints only or the new on
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import random
+import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -68,3 +77,108 @@ def resolve_model_dir(path: str | Path) -> Path:
         f"{path}: not a model directory (config.json + model.safetensors), a checkpoint "
         f"({COMPLETE} + model/) or a run directory (checkpoints/)"
     )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch (CPU and current CUDA device) RNG states, as JSON: no pickle."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(
+        torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8)
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        raw = bytearray(base64.b64decode(state["cuda"]))
+        torch.cuda.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """True on every rank when no rank holds a NaN or infinite parameter."""
+    ok = torch.tensor([float(all(torch.isfinite(p).all() for p in model.parameters()))])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        ok = ok.to(next(model.parameters()).device)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return ok.item() == 1.0
+
+
+def save_checkpoint(
+    engine,
+    out_dir: str | Path,
+    step: int,
+    trainer_state: dict,
+    keep: int,
+    tokenizer: str | None = None,
+) -> Path:
+    """Collective: every rank calls it. Writes the checkpoint of ``step`` under a temporary
+    name, marks it COMPLETE once every rank finished, renames it, points ``latest`` at it and
+    deletes all but the newest ``keep``. Refuses (RuntimeError) non-finite parameters."""
+    model = engine.module
+    if not parameters_finite(model):
+        raise RuntimeError(f"step {step}: parameters are not finite; checkpoint not written")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    root = Path(out_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / (final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
+    _write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
+    _barrier()
+    if rank == 0:
+        model.save_pretrained(tmp / "model", tokenizer)
+        _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1))
+        _write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
+        if final.exists():  # an older save of the same step
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _write_atomic(root / LATEST, final.name)
+        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
+            doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
+            old.rename(doomed)
+            shutil.rmtree(doomed)
+    _barrier()
+    return final
+
+
+def load_checkpoint(engine, ckpt: Path) -> dict:
+    """Collective: restores engine (model, optimizer) and this rank's RNG; returns the
+    trainer state saved with it."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    trainer_state = json.loads((ckpt / "trainer.json").read_text())
+    load_path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
+    if load_path is None:
+        raise RuntimeError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
+    rng_file = ckpt / f"rng_rank{rank}.json"
+    if rng_file.is_file():  # absent when resuming on more ranks than were saved
+        set_rng_state(json.loads(rng_file.read_text()))
+    return trainer_state

@@ -119,9 +119,14 @@ class TrainConfig:
     max_steps: int = option(1000, "Optimizer steps to train for.")
     micro_batch_size: int = option(8, "Sequences per rank per forward/backward.")
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = option(
+        None, "If set, must equal micro_batch_size * grad_accum * world size (a check)."
+    )
     eval_interval: int = option(100, "Evaluate every this many steps (0: never).")
     eval_steps: int = option(20, "Validation batches per evaluation.")
     ckpt_interval: int = option(500, "Checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = option(3, "Keep the newest this many complete checkpoints.")
+    max_nonfinite_steps: int = option(5, "Abort after this many consecutive non-finite steps.")
     log_interval: int = option(10, "Log a metrics line every this many steps.")
     seed: int = option(1337, "Seed of the model init, the data order and dropout.")
     init_from: str = option(
@@ -130,6 +135,9 @@ class TrainConfig:
     dtype: str = option("fp32", "Precision: fp32 | bf16 | fp16.")
     compile: bool = option(False, "Compile the model with torch.compile.")
     wandb: bool = option(True, "Log to Weights & Biases (offline unless configured).")
+    wandb_project: str = option("gpt-pretrain", "Weights & Biases project name.")
+    sample_prompts: list[str] = option(["\n"], "Prompts sampled from at each evaluation.")
+    sample_tokens: int = option(64, "New tokens per evaluation sample (0: no samples).")
 
 
 @dataclass

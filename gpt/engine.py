@@ -1,0 +1,117 @@
+"""The edge where DeepSpeed lives: process-group start-up, the DeepSpeed config dict, and the
+engine. The training loop only calls ``engine(x, y)``, ``engine.backward``, ``engine.step``.
+
+One process with no launcher works too: ``init_distributed`` then fakes a world of one
+(RANK=0, WORLD_SIZE=1, a free local port) so that the same code path runs everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+
+from gpt.config import Config, ConfigError
+from gpt.optim import GuardedAdamW, param_groups
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_batch(cfg: Config, world_size: int) -> int:
+    """The global batch in sequences; ConfigError if the config contradicts itself. Runs
+    before any process group starts."""
+    t = cfg.train
+    if t.dtype not in DTYPES:
+        raise ConfigError(f"train.dtype = {t.dtype!r} is not valid; choose one of fp32, bf16, fp16")
+    for key in ("micro_batch_size", "grad_accum", "max_steps"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+    global_batch = t.micro_batch_size * t.grad_accum * world_size
+    if t.global_batch_size is not None and t.global_batch_size != global_batch:
+        raise ConfigError(
+            f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
+            f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size ({world_size}) "
+            f"= {global_batch}; change one of them"
+        )
+    for key in BATCH_KEYS:
+        if key in cfg.deepspeed:
+            raise ConfigError(
+                f"deepspeed.{key} is derived from train.micro_batch_size and train.grad_accum; "
+                "remove it from the [deepspeed] section"
+            )
+    return global_batch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, world, device)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a plain `python train.py`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """Our config in DeepSpeed's terms, then the [deepspeed] section on top (pass-through)."""
+    t, o = cfg.train, cfg.optim
+    zero_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    ds = {
+        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        # fp32 without ZeRO: GuardedAdamW clips; everywhere else DeepSpeed's optimizer does
+        "gradient_clipping": o.grad_clip if (t.dtype != "fp32" or zero_stage > 0) else 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": t.dtype == "bf16"},
+        "fp16": {"enabled": t.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    for key, value in cfg.deepspeed.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+    """(engine, optimizer): the DeepSpeed engine around ``model`` and our GuardedAdamW,
+    which DeepSpeed may wrap (ZeRO, bf16) but which makes every skip decision."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size)
+    o = cfg.optim
+    fp32_plain = cfg.train.dtype == "fp32" and ds["zero_optimization"]["stage"] == 0
+    optimizer = GuardedAdamW(
+        param_groups(model, o.weight_decay),
+        clip=o.grad_clip if fp32_plain else 0.0,
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    if cfg.train.compile:
+        engine.compile()
+    return engine, optimizer

@@ -1,0 +1,119 @@
+"""Training metrics: FLOPs and MFU, the metrics.jsonl log, wandb, and the loss-curve plot.
+
+MFU (model FLOPs utilisation, Chowdhery et al. 2022) = achieved model FLOP/s / device peak.
+Model FLOPs per token = 6·N (forward + backward through N non-embedding parameters, the
+tied LM head included) + 6·L·T·C for attention (QKᵀ and AV: 4·T·C per layer forward, times
+3 with backward, halved because causal attention only needs the lower triangle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+# Dense peak TFLOP/s by device-name fragment: bf16/fp16 tensor cores, and TF32 for fp32
+# (datasheet figures; "H100 PCIe" must be matched before the SXM "H100").
+PEAK_TFLOPS = [
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+]
+
+
+def peak_flops(device: torch.device, dtype: str) -> float | None:
+    """Peak FLOP/s of ``device`` for ``dtype`` (fp32 | bf16 | fp16), or None when unknown
+    (any CPU, any GPU not in the table): then no MFU is reported rather than a guess."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, peaks in PEAK_TFLOPS:
+        if fragment in name:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    cfg = model.cfg
+    return 6.0 * model.num_params(non_embedding=True) + 6.0 * cfg.n_layer * seq_len * cfg.n_embd
+
+
+class MetricsLog:
+    """Appends one JSON object per record to ``out_dir/metrics.jsonl`` (rank 0 only) and
+    mirrors it to wandb when enabled. On resume from step s, records after s (written by
+    the interrupted run after its last checkpoint) are dropped first, so the file reads as
+    one uninterrupted run."""
+
+    def __init__(self, out_dir: Path, enabled: bool, resume_step: int, wandb_run=None):
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled, self.wandb_run = enabled, wandb_run
+        if enabled and self.path.exists():
+            kept = [
+                line
+                for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
+            tmp = self.path.with_name("metrics.jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(self.path)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            values = {k: v for k, v in record.items() if k != "step"}
+            self.wandb_run.log(values, step=record["step"])
+
+
+def start_wandb(enabled: bool, out_dir: Path, project: str, config: dict):
+    """A wandb run, offline unless the user configured wandb (WANDB_MODE or WANDB_API_KEY);
+    the run id is kept in out_dir so that a resumed run continues the same wandb run."""
+    if not enabled:
+        return None
+    import wandb
+
+    id_file = Path(out_dir) / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
+    return wandb.init(
+        project=project,
+        id=run_id,
+        resume="allow",
+        dir=str(out_dir),
+        config=config,
+        mode=None if configured else "offline",
+    )
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_file: str | Path, png: str | Path) -> None:
+    """Training and validation loss against tokens seen, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_file)
+    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
