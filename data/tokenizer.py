@@ -4,6 +4,7 @@
 Instead the GPT-2 ranks (tiktoken's own `r50k_base.tiktoken` format: base64 token, space, rank)
 are fetched once from the PyPI sdist of openai-whisper, verified by sha256, cached, and the
 `tiktoken.Encoding` is built here from them with GPT-2's pre-tokenization pattern.
+`cl100k_base` and `o200k_base` ranks come the same way from the litellm wheel, on request.
 
 Every tokenizer exposes `.name`, `.n_vocab`, `.eot`, `.encode(text)` (ordinary text: the
 special-token string is not parsed as special) and `.decode(ids)`.
@@ -12,6 +13,7 @@ special-token string is not parsed as special) and `.decode(ids)`.
 import hashlib
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 from unittest import mock
 
@@ -20,22 +22,29 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
-from gpt.data.assets import cache_dir, pip_download_sdist, sha256_file, write_atomic
+from gpt.data.assets import cache_dir, pip_download, sha256_file, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
 
-# name -> (PyPI sdist, member inside it, sha256 of the ranks file).
+# name -> (PyPI distribution, member inside it, sha256 of the ranks file). The litellm wheel
+# ships tiktoken's files under the names tiktoken's own cache gives them (sha1 of the URL).
+LITELLM = "litellm/litellm_core_utils/tokenizers/"
 FETCHABLE = {
     "gpt2": (
         "openai-whisper==20250625",
         "whisper/assets/gpt2.tiktoken",
         "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930",
     ),
-}
-# Encodings usable when their ranks file sits in the cache (tiktoken's expected hashes).
-CACHED_ONLY = {
-    "cl100k_base": "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
-    "o200k_base": "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    "cl100k_base": (
+        "litellm==1.109.1",
+        LITELLM + "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+        "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7",
+    ),
+    "o200k_base": (
+        "litellm==1.109.1",
+        LITELLM + "fb374d419588a4632f3f557e76b4b70aebbca790",
+        "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d",
+    ),
 }
 NAMES = ("gpt2", "cl100k_base", "o200k_base", "bytes")
 
@@ -43,10 +52,6 @@ NAMES = ("gpt2", "cl100k_base", "o200k_base", "bytes")
 def ranks_path(name: str) -> Path:
     """Where the ranks file of encoding `name` lives in the cache."""
     return cache_dir() / "tokenizers" / f"{name}.tiktoken"
-
-
-def expected_sha256(name: str) -> str:
-    return FETCHABLE[name][2] if name in FETCHABLE else CACHED_ONLY[name]
 
 
 def fetch_ranks(name: str = "gpt2") -> Path:
@@ -58,13 +63,20 @@ def fetch_ranks(name: str = "gpt2") -> Path:
     if path.exists() and sha256_file(path) == sha:
         return path
     with tempfile.TemporaryDirectory() as tmp:
-        archive = pip_download_sdist(spec, Path(tmp))
-        with tarfile.open(archive) as tar:
-            # The sdist's top folder is `<name>-<version>/`; match on the rest of the path.
-            found = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member]
-            if not found:
-                raise RuntimeError(f"{archive.name} has no member */{member}")
-            data = tar.extractfile(found[0]).read()
+        # gpt2 comes from an sdist (a .tar.gz with a top folder), the others from a wheel.
+        archive = pip_download(spec, Path(tmp), sdist=name == "gpt2")
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as wheel:
+                if member not in wheel.namelist():
+                    raise RuntimeError(f"{archive.name} has no member {member}")
+                data = wheel.read(member)
+        else:
+            with tarfile.open(archive) as tar:
+                # The sdist's top folder is `<name>-<version>/`; match on the rest of the path.
+                found = [m for m in tar.getmembers() if m.name.split("/", 1)[-1] == member]
+                if not found:
+                    raise RuntimeError(f"{archive.name} has no member */{member}")
+                data = tar.extractfile(found[0]).read()
     got = hashlib.sha256(data).hexdigest()
     if got != sha:
         raise RuntimeError(f"{member} from {spec} has sha256 {got}, expected {sha}")
@@ -73,15 +85,15 @@ def fetch_ranks(name: str = "gpt2") -> Path:
 
 
 def _missing_ranks_message(name: str, path: Path) -> str:
+    spec, member, _ = FETCHABLE[name]
+    setup = "`make assets` or " if name == "gpt2" else ""
     how = (
-        f"run `make assets` or `python -m gpt.data.assets {name}` where PyPI is reachable (it "
-        f"takes {FETCHABLE[name][1]} from the sdist {FETCHABLE[name][0]})"
-        if name in FETCHABLE
-        else "copy tiktoken's ranks file there (e.g. from the litellm wheel on PyPI)"
+        f"run {setup}`python -m gpt.data.assets {name}` where PyPI is reachable (it takes "
+        f"{member} from {spec})"
     )
     return (
         f"tokenizer ranks for {name!r} not found or corrupt at {path} (sha256 must be "
-        f"{expected_sha256(name)}); {how}, or copy a verified file to that path. "
+        f"{FETCHABLE[name][2]}); {how}, or copy a verified file to that path. "
         f"The cache root is set by $GPT_CACHE_DIR."
     )
 
@@ -139,7 +151,7 @@ def _load_ranks(name: str) -> dict[bytes, int]:
     if not path.exists():
         raise RuntimeError(_missing_ranks_message(name, path))
     try:
-        return tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=expected_sha256(name))
+        return tiktoken.load.load_tiktoken_bpe(str(path), expected_hash=FETCHABLE[name][2])
     except ValueError as e:  # tiktoken raises ValueError on a hash mismatch
         raise RuntimeError(_missing_ranks_message(name, path)) from e
 

@@ -53,7 +53,7 @@ def test_missing_and_corrupt_ranks_say_how_to_fetch(tmp_path, monkeypatch):
     path.write_text("SGVsbG8= 0\n")  # well-formed but not the verified file
     with pytest.raises(RuntimeError, match="sha256 must be 306cd27f"):
         get_tokenizer("gpt2")
-    with pytest.raises(RuntimeError, match="cl100k_base"):
+    with pytest.raises(RuntimeError, match=r"python -m gpt\.data\.assets cl100k_base"):
         get_tokenizer("cl100k_base")
 
 
@@ -62,3 +62,16 @@ def test_encode_array_matches_encode():
         enc = get_tokenizer(name)
         text = "Hello <|endoftext|> wörld\n\n  x"
         assert enc.encode_array(text).tolist() == enc.encode(text)
+
+
+@pytest.mark.parametrize(
+    "name, n_vocab, eot, ids",
+    [("cl100k_base", 100277, 100257, [15339, 1917]), ("o200k_base", 200019, 199999, [24912, 2375])],
+)
+def test_larger_encodings_when_cached(name, n_vocab, eot, ids):
+    # Optional encodings (`python -m gpt.data.assets cl100k_base o200k_base`, 41 MB download).
+    if not tok.ranks_path(name).exists():
+        pytest.skip(f"{name} ranks not cached")
+    enc = get_tokenizer(name)
+    assert (enc.n_vocab, enc.eot, enc.encode("hello world")) == (n_vocab, eot, ids)
+    assert enc.decode(enc.encode("naïve 🦙")) == "naïve 🦙"
