@@ -24,6 +24,8 @@ from torch import Tensor
 from gpt.attention import get_attention
 from gpt.config import ModelConfig
 
+Rope = tuple[Tensor, Tensor]  # cos, sin of the rotary angles of the positions in x, (T, D/2)
+
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
@@ -59,6 +61,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for decoding one token at a time.
+
+    One (B, H_kv, S_max, D) buffer each for keys and values per layer, filled from position 0;
+    ``length`` counts the filled positions and is advanced by ``GPT.forward``. Positions of new
+    tokens are offset by ``length``, so a prefill of T tokens followed by single tokens gives
+    the logits of a full recomputation (causal attention over the prefix)."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
+        shape = (batch_size, cfg.kv_heads, cfg.block_size, cfg.n_embd // cfg.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.length = 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, H_kv, T, D) after the cached positions; return every key and value
+        of this layer so far, (B, H_kv, length + T, D)."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -71,7 +96,9 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(cfg.dropout)
         self.attend = get_attention(cfg.attention)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
         B, T, C = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.c_attn(x).split([q_dim, kv_dim, kv_dim], dim=2)
@@ -80,7 +107,11 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = self.attend(q, k, v, True, 1.0 / math.sqrt(self.head_dim))  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.append(layer, k, v)  # (B, H_kv, S, D), S = cached + T
+        # a prefill (S == T) is causal; one new token may see every cached key
+        causal = k.shape[2] == T
+        y = self.attend(q, k, v, causal, 1.0 / math.sqrt(self.head_dim))  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -116,11 +147,13 @@ class Block(nn.Module):
         self.ln_1, self.attn = make_norm(cfg), CausalSelfAttention(cfg)
         self.ln_2, self.mlp = make_norm(cfg), MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None, layer: int = 0
+    ) -> Tensor:
         if self.pre_norm:  # x + f(norm(x)): GPT-2
-            x = x + self.attn(self.ln_1(x), rope)
+            x = x + self.attn(self.ln_1(x), rope, cache, layer)
             return x + self.mlp(self.ln_2(x))
-        x = self.ln_1(x + self.attn(x, rope))  # norm(x + f(x)): the original Transformer
+        x = self.ln_1(x + self.attn(x, rope, cache, layer))  # norm(x + f(x)): the Transformer
         return self.ln_2(x + self.mlp(x))
 
 
@@ -178,23 +211,32 @@ class GPT(nn.Module):
             block.attn.attend = attend
         self.cfg.attention = name
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean
-        cross-entropy over the positions whose target is not -1."""
+        cross-entropy over the positions whose target is not -1. With ``kv_cache`` the tokens
+        continue the cached ones (positions start at ``kv_cache.length``) and are appended to
+        it: an empty cache takes a whole prompt, a filled one a single token (T == 1)."""
         B, T = idx.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.cfg.block_size}")
+        start = 0 if kv_cache is None else kv_cache.length
+        if start + T > self.cfg.block_size:
+            raise ValueError(
+                f"sequence length {start + T} exceeds block_size {self.cfg.block_size}"
+            )
+        if start > 0 and T != 1:
+            raise ValueError(f"a filled KV cache takes one token at a time, got {T}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.cfg.position_encoding == "learned":
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
         elif self.cfg.position_encoding == "sinusoidal":
-            x = x + self.pos_table[:T].to(x.dtype)
+            x = x + self.pos_table[start : start + T].to(x.dtype)
         else:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, rope)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
         logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits
