@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from gpt.kernels.flash_attention import flash_attention
 
 from gpt.attention import naive_attention
+from gpt.kernels.flash_attention import flash_attention
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -231,6 +234,63 @@ def test_torch_compile_fullgraph_runs_kernel():
     eager = _forward_backward(attend, q, k, v, do, True, None)
     for name, a, b in zip(NAMES, ours, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# Compiles every kernel with Triton's real compiler (TTIR -> PTX -> cubin with the ptxas bundled
+# in the wheel) for an H100 (sm_90), no GPU needed. The interpreter is more permissive than
+# the compiler, so this catches code that interprets but would not compile. It runs in a
+# subprocess because TRITON_INTERPRET=1 replaces triton.language in this one.
+_COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import gpt.kernels.flash_attention as fa
+
+dtype, causal = sys.argv[1], sys.argv[2] == "1"
+head_dim, big, small, stages = map(int, sys.argv[3:])
+precision = "ieee" if dtype == "fp32" else "tf32"
+for kernel, blocks in [
+    (fa._flash_attention_fwd_kernel, (big, small)),
+    (fa._flash_attention_bwd_delta_kernel, (big, None)),
+    (fa._flash_attention_bwd_dkdv_kernel, (small, big)),
+    (fa._flash_attention_bwd_dq_kernel, (big, small)),
+]:
+    values = {"IS_CAUSAL": causal, "DOT_PRECISION": precision, "BLOCK_M": blocks[0],
+              "BLOCK_N": blocks[1], "BLOCK_D": head_dim}
+    signature, constexprs = {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in values:
+            signature[name], constexprs[(i,)] = "constexpr", values[name]
+        elif name in ("LSE", "DELTA"):
+            signature[name] = "*fp32"
+        elif name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
+            signature[name] = "*" + dtype
+        else:
+            signature[name] = "fp32" if name.endswith("scale") else "i32"
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    opts = {"num_warps": 8 if big >= 128 else 4, "num_stages": stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    print(kernel.__name__, compiled.metadata.shared)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dtype, causal, head_dim, big, small, stages",
+    [("bf16", 1, 128, 128, 64, 3), ("fp16", 0, 64, 64, 32, 2), ("fp32", 1, 32, 32, 32, 2)],
+    ids=["bf16-causal-D128-largest", "fp16-full-D64", "fp32-causal-D32"],
+)
+def test_kernels_compile_for_h100(dtype, causal, head_dim, big, small, stages):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    args = [str(a) for a in (dtype, causal, head_dim, big, small, stages)]
+    run = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    shared = [int(line.split()[1]) for line in run.stdout.splitlines()]
+    assert len(shared) == 4 and max(shared) <= 232448, run.stdout  # H100: 227 KiB per block
 
 
 # --------------------------------------------------------------------------------------
