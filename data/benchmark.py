@@ -26,9 +26,10 @@ import json, sys, time
 from gpt.data.tokenizer import get_tokenizer
 docs = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8")]
 enc = get_tokenizer(sys.argv[2]).encoding
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 n = sum(len(t) for t in enc.encode_ordinary_batch(docs, num_threads=int(sys.argv[3])))
-print(json.dumps({"tokens": n, "seconds": time.perf_counter() - start}))
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"tokens": n, "seconds": seconds, "cpu": cpu}))
 """
 
 
@@ -44,8 +45,10 @@ def build_corpus(path: Path, megabytes: int) -> None:
     tmp.replace(path)
 
 
-def peak_child_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+def children_usage() -> tuple[float, float]:
+    """(CPU seconds, peak RSS in MB) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
 
 def main() -> None:
@@ -65,7 +68,7 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
-        rss = peak_child_rss_mb()
+        cpu, rss = children_usage()
         manifest = json.loads((Path(out) / "manifest.json").read_text())
     splits = manifest["splits"].values()
     tokens = sum(s["tokens"] for s in splits)
@@ -75,7 +78,8 @@ def main() -> None:
     print(
         f"sharder, {args.workers} workers: {seconds:.1f} s end to end, "
         f"{(tokens - n_eot) / seconds:,.0f} tokens/s, {docs / seconds:,.0f} docs/s, "
-        f"peak RSS {rss:,.0f} MB"
+        f"peak RSS {rss:,.0f} MB, {cpu / (tokens - n_eot) * 1e6:.3f} CPU-s per M tokens "
+        f"(wall-clock rates depend on how many of the cores are free)"
     )
     rates = {}
     for threads in (1, 8):
@@ -85,7 +89,8 @@ def main() -> None:
         assert result["tokens"] == tokens - n_eot, "baseline must see the same documents"
         print(
             f"tiktoken encode_ordinary_batch, num_threads={threads}: "
-            f"{rates[threads]:,.0f} tokens/s (encoding only, text already in memory)"
+            f"{rates[threads]:,.0f} tokens/s, {result['cpu'] / result['tokens'] * 1e6:.3f} "
+            "CPU-s per M tokens (encoding only, text already in memory)"
         )
     print(f"speed-up of the sharder over one thread: {(tokens - n_eot) / seconds / rates[1]:.2f}x")
 

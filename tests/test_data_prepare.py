@@ -151,7 +151,7 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
 
 def test_empty_input_and_bad_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(ValueError, match="contain no non-empty documents"):
+    with pytest.raises(ValueError, match=r"empty\.txt'\] contain no non-empty documents"):
         prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", progress=False)
     with pytest.raises(ValueError, match="'nope.txt' is neither a recipe .*shakespeare"):
         prepare(["nope.txt"], tmp_path / "o", "bytes", progress=False)
