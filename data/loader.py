@@ -75,11 +75,10 @@ class TokenLoader:
         if not 0 <= seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
         self.data_dir, self.split, self.mode, self.seed = Path(data_dir), split, mode, seed
-        self.block_size, self.micro_batch_size, self.grad_accum = (
-            block_size,
-            micro_batch_size,
-            grad_accum,
-        )
+        self.block_size, self.micro_batch_size = block_size, micro_batch_size
+        # grad_accum does not change the stream (each call consumes the next micro-batch); it
+        # is kept so the trainer can read batch geometry from one object.
+        self.grad_accum = grad_accum
         self.rank, self.world_size = rank, world_size
 
         manifest = read_manifest(self.data_dir)

@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m data.prepare",
         description="Tokenize corpora into binary token shards plus DIR/manifest.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "sources",
@@ -173,13 +174,21 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SOURCE",
         help=f"a recipe ({', '.join(sorted(RECIPES))}), a text/JSONL file, a folder or a glob",
     )
-    parser.add_argument("--out", required=True, type=Path, help="output folder DIR")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument("--encoding", default="gpt2", help=f"one of {', '.join(NAMES)}")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction of documents")
-    parser.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard")
-    parser.add_argument("--workers", type=int, default=None, help="threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0, help="shifts which documents are val")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument(
+        "--val-fraction", type=float, default=0.1, metavar="F", help="fraction of documents for val"
+    )
+    parser.add_argument(
+        "--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, metavar="S", help="chooses which documents are val"
+    )
+    parser.add_argument("--text-field", default="text", help="JSONL key holding the text")
     args = parser.parse_args(argv)
     command = shlex.join(["python", "-m", "data.prepare", *(argv or sys.argv[1:])])
     try:
