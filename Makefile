@@ -39,3 +39,7 @@ clean:
 .PHONY: assets
 assets: install
 	$(PY) -m gpt.data.assets gpt2 shakespeare
+
+# The demo corpus as token shards (configs/tiny.toml reads out/data/shakespeare); built once.
+out/data/shakespeare/manifest.json: | assets
+	$(PY) -m data.prepare shakespeare --out out/data/shakespeare
