@@ -86,7 +86,8 @@ def _flash_attention_fwd_kernel(
     # One program = one (BLOCK_M, D) tile of queries of one (batch, head).
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // H
+    # int64: b * stride_qb can pass 2**31 elements for large batches
+    b = (bh // H).to(tl.int64)
     h = bh % H
     h_kv = h // GROUP
 
@@ -167,7 +168,7 @@ def _flash_attention_bwd_delta_kernel(
     # otherwise need the whole row of P (Algorithm 2, line 4).
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -203,7 +204,7 @@ def _flash_attention_bwd_dkdv_kernel(
     # row-major without transposing the accumulators.
     start_n = tl.program_id(0) * BLOCK_N
     bh_kv = tl.program_id(1)
-    b = bh_kv // H_KV
+    b = (bh_kv // H_KV).to(tl.int64)
     h_kv = bh_kv % H_KV
 
     offs_n = start_n + tl.arange(0, BLOCK_N)  # (BLOCK_N,) key rows of this tile
@@ -295,7 +296,7 @@ def _flash_attention_bwd_dq_kernel(
     # masking as the forward kernel.
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
-    b = bh // H
+    b = (bh // H).to(tl.int64)
     h = bh % H
     h_kv = h // GROUP
 
@@ -520,6 +521,11 @@ def flash_attention(
     Inputs may be float32, float16 or bfloat16 (not in the interpreter) and need not be
     contiguous; the output is a contiguous (B, H, T, D) tensor of q's dtype.
     """
+    if not _INTERPRET and not q.is_cuda:
+        raise RuntimeError(
+            "flash_attention needs CUDA tensors on an NVIDIA GPU, or TRITON_INTERPRET=1 set "
+            f"before start-up to run in Triton's interpreter on the CPU; got a {q.device} tensor"
+        )
     check_shapes(q, k, v, causal)
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -209,6 +209,15 @@ def test_mixed_dtypes_raise_value_error():
         flash_attention(q, k.half(), v)
 
 
+def test_cpu_tensors_without_interpreter_raise_runtime_error(monkeypatch):
+    import gpt.kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "_INTERPRET", False)
+    q, k, v, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        flash_attention(q.cpu(), k.cpu(), v.cpu())
+
+
 def test_custom_op_passes_opcheck():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch."""
     q, k, v, do = _inputs(1, 2, 1, 17, 17, 16, torch.float32, layout="bthd")
