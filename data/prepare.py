@@ -68,8 +68,12 @@ def prepare(
     text_field: str = "text",
     command: str | None = None,
     progress: bool = True,
+    fetch: bool = True,
 ) -> dict:
-    """Tokenize `sources` into shards under `out`; returns the manifest it wrote."""
+    """Tokenize `sources` into shards under `out`; returns the manifest it wrote.
+
+    `fetch=False` never downloads: missing tokenizer ranks or corpora are then an error.
+    """
     if not sources:
         raise ValueError("no SOURCE given: name a recipe, a file, a folder or a glob")
     if encoding not in NAMES:
@@ -79,10 +83,10 @@ def prepare(
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if encoding in FETCHABLE:
+    if fetch and encoding in FETCHABLE:
         fetch_ranks(encoding)  # set-up time: the one place a run may download ranks
     for source in sources:
-        if isinstance(resolve_source(source), str):
+        if fetch and isinstance(resolve_source(source), str):
             fetch_recipe(source)
     tokenizer = get_tokenizer(encoding)
 

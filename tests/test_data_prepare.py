@@ -59,6 +59,7 @@ def test_round_trip(tmp_path, encoding):
         workers=2,
         text_field="body",
         progress=False,
+        fetch=False,
     )
     train, val = decode_split(out, "train"), decode_split(out, "val")
     assert sorted(train + val) == sorted(docs)
@@ -96,6 +97,7 @@ def test_parallel_equals_serial(tmp_path):
             text_field="body",
             command=f"workers={workers}",
             progress=False,
+            fetch=False,
         )
     # Small batches so that many are in flight and finish out of order.
     files = sorted(p.name for p in outs[1].iterdir())
@@ -115,9 +117,21 @@ def test_parallel_equals_serial_with_many_batches(tmp_path, monkeypatch):
 def test_rerun_removes_stale_shards(tmp_path):
     make_corpus(tmp_path)
     out = tmp_path / "out"
-    prepare(sources(tmp_path), out, "bytes", 0.1, 20, 1, text_field="body", progress=False)
+    prepare(
+        sources(tmp_path), out, "bytes", 0.1, 20, 1, text_field="body", progress=False, fetch=False
+    )
     many = len(list(out.glob("*.bin")))
-    prepare(sources(tmp_path), out, "bytes", 0.1, 10_000, 1, text_field="body", progress=False)
+    prepare(
+        sources(tmp_path),
+        out,
+        "bytes",
+        0.1,
+        10_000,
+        1,
+        text_field="body",
+        progress=False,
+        fetch=False,
+    )
     assert many > 2 and sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
         "train_000000.bin",
@@ -128,7 +142,9 @@ def test_rerun_removes_stale_shards(tmp_path):
 def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
     make_corpus(tmp_path)
     out = tmp_path / "out"
-    prepare(sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False)
+    prepare(
+        sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False, fetch=False
+    )
 
     def dying_documents(*args, **kwargs):
         yield from list(iter_documents(*args, **kwargs))[:25]
@@ -137,7 +153,17 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_module, "iter_documents", dying_documents)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
     with pytest.raises(KeyboardInterrupt):
-        prepare(sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False)
+        prepare(
+            sources(tmp_path),
+            out,
+            "bytes",
+            0.1,
+            30,
+            1,
+            text_field="body",
+            progress=False,
+            fetch=False,
+        )
     assert not (out / "manifest.json").exists()
     with pytest.raises(ValueError, match="manifest.json not found"):
         open_split(out, "train")
@@ -152,21 +178,25 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
 def test_empty_input_and_bad_sources(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"empty\.txt'\] contain no non-empty documents"):
-        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", progress=False)
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", progress=False, fetch=False)
     with pytest.raises(ValueError, match="'nope.txt' is neither a recipe .*shakespeare"):
-        prepare(["nope.txt"], tmp_path / "o", "bytes", progress=False)
+        prepare(["nope.txt"], tmp_path / "o", "bytes", progress=False, fetch=False)
     with pytest.raises(ValueError, match=r"matches no files"):
-        prepare([str(tmp_path / "*.none")], tmp_path / "o", "bytes", progress=False)
+        prepare([str(tmp_path / "*.none")], tmp_path / "o", "bytes", progress=False, fetch=False)
     with pytest.raises(ValueError, match="unknown --encoding 'gpt5'"):
-        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "gpt5", progress=False)
+        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "gpt5", progress=False, fetch=False)
     with pytest.raises(ValueError, match=r"--val-fraction must be in \[0, 1\)"):
-        prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", 1.0, progress=False)
+        prepare(
+            [str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", 1.0, progress=False, fetch=False
+        )
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text'"):
-        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "o", "bytes", progress=False)
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "o", "bytes", progress=False, fetch=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
-        prepare([str(tmp_path / "latin1.txt")], tmp_path / "o", "bytes", progress=False)
+        prepare(
+            [str(tmp_path / "latin1.txt")], tmp_path / "o", "bytes", progress=False, fetch=False
+        )
 
 
 def test_cli_from_repo_root(tmp_path):
