@@ -25,6 +25,7 @@ from gpt.data.assets import apt_download, cache_dir, pip_download, sha256_file, 
 from gpt.data.rdata import read_lazyload
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,13 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
-            yield record[text_field]
+            text = record[text_field]
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                # JSON can escape lone surrogates ("\ud800"), which no tokenizer can encode.
+                text = SURROGATE.sub("\ufffd", text)
+            yield text
 
 
 def resolve_source(source: str) -> list[Path] | str:

@@ -82,7 +82,9 @@ def test_val_selection_is_exact_and_seeded():
     assert sum(a) == sum(b) == 10 and a != b
 
 
-def test_parallel_equals_serial(tmp_path):
+def test_parallel_equals_serial(tmp_path, monkeypatch):
+    # Tiny batches, so that many are in flight at once and finish out of order.
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
     make_corpus(tmp_path, 60)
     outs = {}
     for workers in (1, 3):
@@ -99,7 +101,6 @@ def test_parallel_equals_serial(tmp_path):
             progress=False,
             fetch=False,
         )
-    # Small batches so that many are in flight and finish out of order.
     files = sorted(p.name for p in outs[1].iterdir())
     assert files == sorted(p.name for p in outs[3].iterdir()) and len(files) > 10
     for name in files:
@@ -109,9 +110,10 @@ def test_parallel_equals_serial(tmp_path):
     assert m1.pop("command") != m3.pop("command") and m1 == m3
 
 
-def test_parallel_equals_serial_with_many_batches(tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
-    test_parallel_equals_serial(tmp_path)
+def test_jsonl_lone_surrogate_is_replaced(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "a\\ud800b"}\n')
+    prepare([str(tmp_path / "s.jsonl")], tmp_path / "o", "bytes", 0, progress=False, fetch=False)
+    assert decode_split(tmp_path / "o", "train") == ["a\ufffdb"]
 
 
 def test_rerun_removes_stale_shards(tmp_path):
