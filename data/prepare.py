@@ -80,6 +80,8 @@ def prepare(
         raise ValueError(f"unknown --encoding {encoding!r}; valid: {', '.join(NAMES)}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1:
+        raise ValueError(f"--shard-tokens must be >= 1, got {shard_tokens}")
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
