@@ -1,0 +1,233 @@
+"""sample.py end to end, in process: every kind of --ckpt path, generation, few-shot prompts,
+evaluation, attention maps, and every error path (status 2, `sample.py: error: ...`)."""
+
+import importlib.util
+import io
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from gpt import GPT, ModelConfig
+from gpt.data.tokenizer import get_tokenizer
+
+transformers.logging.set_verbosity_error()
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
+sample = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sample)
+BYTES = get_tokenizer("bytes")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32))
+    path = tmp_path_factory.mktemp("export") / "model"
+    model.save_pretrained(path, tokenizer="bytes")
+    return path
+
+
+def run(capsys, *argv, stdin: str | None = None, monkeypatch=None):
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = 0
+    try:
+        sample.main([str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def greedy(capsys, ckpt, *extra):
+    code, out, err = run(capsys, "--ckpt", ckpt, "--prompt", "ab", "--temperature", "0",
+                         "--max-new-tokens", "12", *extra)  # fmt: skip
+    assert code == 0, err
+    return out
+
+
+def test_run_dir_checkpoint_and_model_dir_give_the_same_text(capsys, model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    ckpts = run_dir / "checkpoints"
+    for step, complete in ((10, True), (20, True), (30, False)):
+        ckpt = ckpts / f"step_{step:08d}"
+        shutil.copytree(model_dir, ckpt / "model")
+        if complete:
+            (ckpt / "COMPLETE").write_text(ckpt.name + "\n")
+    (ckpts / "latest").write_text("step_00000020")
+    with torch.no_grad():  # make step 20 differ from the others
+        model = GPT.from_pretrained(model_dir)
+        model.transformer.wte.weight.mul_(-1.0)
+        model.save_pretrained(ckpts / "step_00000020" / "model", tokenizer="bytes")
+    expected = greedy(capsys, ckpts / "step_00000020" / "model")
+    assert greedy(capsys, run_dir) == expected
+    assert greedy(capsys, ckpts / "step_00000020") == expected
+    assert greedy(capsys, model_dir) != expected
+    assert expected.startswith("ab") and len(expected) > 3
+
+
+def test_hugging_face_directory_greedy_equals_transformers(capsys, tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=260, n_positions=40, n_embd=32, n_layer=2, n_head=4)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(4.0)
+    hf.save_pretrained(tmp_path / "hf")
+    prompt = torch.tensor([BYTES.encode("Hi")])
+    ids = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=10,
+                      do_sample=False, eos_token_id=None, pad_token_id=0)[0].tolist()  # fmt: skip
+    code, out, err = run(capsys, "--ckpt", tmp_path / "hf", "--tokenizer", "bytes", "--prompt",
+                         "Hi", "--temperature", "0", "--max-new-tokens", "10")  # fmt: skip
+    assert code == 0, err
+    assert out == BYTES.decode(ids) + "\n"
+
+
+def test_samples_seeds_and_stop_strings(capsys, model_dir):
+    args = ("--ckpt", model_dir, "--prompt", "x", "--num-samples", "3", "--max-new-tokens", "15",
+            "--top-k", "20", "--top-p", "0.95", "--seed")  # fmt: skip
+    code, out, _ = run(capsys, *args, "1")
+    assert code == 0 and out.count("-" * 40) == 2
+    assert run(capsys, *args, "1")[1] == out
+    assert run(capsys, *args, "2")[1] != out
+    first = out.split("\n" + "-" * 40 + "\n")[0]
+    stop = first[4:6]
+    code, cut, _ = run(capsys, *args, "1", "--stop", stop)
+    assert cut.split("\n" + "-" * 40 + "\n")[0] == first[: first.find(stop, 1)]
+
+
+def test_empty_stdin_prompt_file_and_long_prompt(capsys, model_dir, tmp_path, monkeypatch):
+    code, out, _ = run(capsys, "--ckpt", model_dir, "--max-new-tokens", "3", "--temperature", "0",
+                       stdin="", monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0 and out.startswith("<|endoftext|>")
+    code, out, _ = run(capsys, "--ckpt", model_dir, "--max-new-tokens", "2", stdin="piped",
+                       monkeypatch=monkeypatch)  # fmt: skip
+    assert code == 0 and out.startswith("piped")
+    (tmp_path / "p.txt").write_text("from a file")
+    code, out, _ = run(capsys, "--ckpt", model_dir, "--prompt-file", tmp_path / "p.txt",
+                       "--max-new-tokens", "2")  # fmt: skip
+    assert code == 0 and out.startswith("from a file")
+    digits = "0123456789" * 4
+    code, out, err = run(capsys, "--ckpt", model_dir, "--prompt", digits, "--max-new-tokens",
+                         "40", "--temperature", "0")  # fmt: skip
+    assert code == 0 and "warning: the prompt has 40 tokens" in err and "keeping its last 31" in err
+    assert out.startswith(digits[-31:]) and not out.startswith(digits[-32:])
+
+
+def write_task(path: Path) -> Path:
+    rows = [{"input": f"{i}+{i}", "choices": [str(2 * i), str(2 * i + 1)], "answer": 0}
+            for i in range(6)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_task_prompt_is_shown_exactly(capsys, model_dir, tmp_path):
+    task = write_task(tmp_path / "add.jsonl")
+    args = ("--task", task, "--example", "2", "--shots", "2", "--max-new-tokens", "1")
+    code, out, _ = run(
+        capsys, "--ckpt", model_dir, *args, "--show-prompt", "--separator", "\\n--\\n"
+    )
+    assert code == 0
+    prompt = out.split("===== prompt =====\n")[1].split("\n===== end of prompt =====")[0]
+    demos, query = prompt.rsplit("\n--\n", 1)
+    assert query == "Q: 2+2\nA: " and demos.count("Q: ") == 2 and "2+2" not in demos
+    code, out2, _ = run(capsys, "--ckpt", model_dir, "--task", task, "--prompt", "9+9", "--shots",
+                        "1", "--show-prompt", "--max-new-tokens", "1")  # fmt: skip
+    assert out2.split("===== end of prompt =====")[0].endswith("Q: 9+9\nA: \n")
+
+
+def test_eval_writes_results_json(capsys, model_dir, tmp_path):
+    task = write_task(tmp_path / "add.jsonl")
+    out_file = tmp_path / "res" / "results.json"
+    code, out, _ = run(capsys, "--ckpt", model_dir, "--eval", task, "--shots", "2", "--limit", "4",
+                       "--batch-size", "3", "--out", out_file)  # fmt: skip
+    assert code == 0 and "accuracy" in out and "50.0%" in out  # chance of two choices
+    results = json.loads(out_file.read_text())
+    assert results["examples"] == 4 and len(results["records"]) == 4
+    assert all(len(r["logprobs"]) == 2 for r in results["records"])
+    assert results["config"]["limit"] == 4 and results["shots"] == 2
+
+
+def test_attention_map_png(capsys, model_dir, tmp_path):
+    png = tmp_path / "maps" / "attn.png"
+    code, out, _ = run(capsys, "--ckpt", model_dir, "--prompt", "Hello", "--attention-map", png,
+                       "--attention", "sdpa")  # fmt: skip
+    assert code == 0 and "2 layers x 4 heads" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_map_weights_are_causal_rows_summing_to_one(model_dir):
+    from gpt.attention_map import attention_weights
+
+    model = GPT.from_pretrained(model_dir, attention="sdpa")
+    weights = attention_weights(model, torch.tensor([BYTES.encode("Hello")]))
+    assert len(weights) == 2 and weights[0].shape == (4, 5, 5)
+    for w in weights:
+        assert torch.allclose(w.sum(-1), torch.ones(4, 5))
+        assert (w.triu(1) == 0).all()
+    assert model.transformer.h[0].attn.attend.__name__ == "sdpa_attention"  # restored
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+        (["--top-p", "1.5"], r"--top-p must be in \(0, 1\]"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        (["--top-k", "0"], "--top-k must be an integer >= 1"),
+        (["--num-samples", "0"], "--num-samples must be >= 1"),
+        (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0"),
+        (["--shots", "-1"], "--shots must be >= 0"),
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--attention", "nope"], "unknown attention backend 'nope'; valid names: naive"),
+        (["--example", "1"], "--example needs --task"),
+        (["--eval", "t.jsonl", "--task", "t.jsonl"], "--eval cannot be combined with --task"),
+        (["--tokenizer", "nope"], "unknown encoding 'nope'; valid: gpt2"),
+        (["--prompt-file", "missing.txt"], "--prompt-file missing.txt: no such file"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_flag(capsys, model_dir, argv, match, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "--ckpt", model_dir, "--prompt", "a", *argv)
+    if "--prompt-file" in argv:  # --prompt and --prompt-file exclude each other
+        code, _, err = run(capsys, "--ckpt", model_dir, *argv)
+    assert code == 2
+    assert "sample.py: error: " in err
+    assert re.search(match, err), err
+
+
+def test_path_and_file_errors_exit_2(capsys, model_dir, tmp_path):
+    (tmp_path / "run" / "checkpoints" / "step_00000005.tmp").mkdir(parents=True)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "target": "b"}\n{"input": "c"}\n')
+    task = write_task(tmp_path / "add.jsonl")
+    cases = [
+        (["--ckpt", tmp_path / "nowhere"], "not a model directory"),
+        (["--ckpt", tmp_path / "run"], "the run has no complete checkpoint yet"),
+        (["--ckpt", model_dir, "--eval", bad], r"bad\.jsonl, line 2: needs \"target\""),
+        (["--ckpt", model_dir, "--task", bad], r"bad\.jsonl, line 2"),
+        (["--ckpt", model_dir, "--task", task, "--example", "6"], "--example 6 is out of range"),
+        (["--ckpt", model_dir, "--eval", task, "--shots", "6"], "--shots 6 needs 6 examples"),
+        (["--ckpt", model_dir, "--eval", task, "--template", "Q"], r"--template must contain"),
+    ]
+    for argv, match in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert err.startswith("sample.py: error: ")
+        assert re.search(match, err), (argv, err)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(capsys, tmp_path):
+    torch.manual_seed(0)
+    GPT(ModelConfig(vocab_size=100, block_size=8, n_layer=1, n_head=1, n_embd=8)).save_pretrained(
+        tmp_path / "m", tokenizer="bytes"
+    )
+    code, _, err = run(capsys, "--ckpt", tmp_path / "m", "--prompt", "a")
+    assert code == 2 and "tokenizer 'bytes' has 257 tokens but the model" in err
