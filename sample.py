@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="encoding [default: recorded in the export, else gpt2]")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the context each step")
+    p.add_argument(
+        "--window-keep",
+        type=int,
+        help="past block_size, rebuild the KV cache from "
+        "this many last tokens [default: block_size, exact and slow]",
+    )
     p.add_argument("--task", help="build the prompt from this task file (.jsonl / BIG-bench)")
     p.add_argument("--example", type=int, help="with --task: the example to query [default 0]")
     p.add_argument("--shots", type=int, default=0, help="demonstrations; 0 is zero-shot")
@@ -193,7 +199,7 @@ def generate(args, model, tokenizer, ids: list[int]) -> None:
     max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
     texts = sample_texts(
         model, tokenizer, ids, args.num_samples, max_new, args.temperature, args.top_k,
-        args.top_p, args.seed, args.stop or (), not args.no_kv_cache, on_text=stream,
+        args.top_p, args.seed, args.stop or (), not args.no_kv_cache, stream, args.window_keep,
     )  # fmt: skip
     for text in texts[1:]:  # decoded in the same batch; printed once all are done
         print(f"\n{'-' * 40}\n{prompt}{text}", end="")

@@ -5,10 +5,13 @@ then one new token at a time, reusing the keys and values of every earlier posit
 step costs one token's forward pass instead of the whole context's. The logits equal those
 of nanoGPT's method, which recomputes the full context at every step (``use_cache=False``).
 
-Past ``block_size`` the window slides as in nanoGPT: the model sees the last ``block_size``
-tokens. Cached keys depend on the positions they were computed at, so once the cache is full
-it is rebuilt from the window by one prefill per new token; decoding past ``block_size`` is
-therefore exact but runs at the speed of full recomputation.
+Past ``block_size`` the window slides. Cached keys depend on the positions (and the context)
+they were computed with, so a full cache is rebuilt by a prefill of the window's last
+``window_keep`` tokens. The default, ``block_size``, is nanoGPT's crop exactly: the model
+always sees the last ``block_size`` tokens, and the cache is rebuilt for every new token, so
+decoding past ``block_size`` runs at the speed of full recomputation. A smaller
+``window_keep`` (e.g. ``block_size // 2``) rebuilds once every ``block_size - window_keep + 1``
+tokens, and the model then sees between ``window_keep`` and ``block_size`` tokens.
 
 Sampling: temperature (0 means greedy, argmax), top-k (Fan et al. 2018: keep the k most
 likely tokens) and top-p / nucleus sampling (Holtzman et al. 2020: keep the smallest set of
@@ -104,25 +107,30 @@ def decode(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    window_keep: int | None = None,
 ) -> Iterator[Tensor]:
     """Yield the next token of each sequence of ``idx`` (B, T), a (B,) tensor per step, for
     ``max_new_tokens`` steps. Put the model in eval mode first (dropout would randomise it).
-    ``use_cache=False`` recomputes the whole window at every step (nanoGPT's method)."""
+    ``use_cache=False`` recomputes the whole window at every step (nanoGPT's method);
+    ``window_keep`` is the context kept when a full cache is rebuilt (module docstring)."""
     check_sampling(temperature, top_k, top_p)
+    block = model.cfg.block_size
+    keep = block if window_keep is None else window_keep
+    if not 1 <= keep <= block:
+        raise ValueError(f"--window-keep must be in [1, block_size = {block}], got {keep}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-    block = model.cfg.block_size
     context, cache = idx[:, -block:], None
     dtype = next(model.parameters()).dtype
     for _ in range(max_new_tokens):
         if not use_cache:
             logits = model(context[:, -block:])
-        elif cache is None or cache.length == block:
-            # the prompt, or (once the window slides) the last block_size tokens
-            if cache is None:
-                cache = KVCache(model.cfg, idx.shape[0], device=idx.device, dtype=dtype)
+        elif cache is None:  # prefill with the prompt
+            cache = KVCache(model.cfg, idx.shape[0], device=idx.device, dtype=dtype)
+            logits = model(context, kv_cache=cache)
+        elif cache.length == block:  # the window slides: rebuild from its last tokens
             cache.length = 0
-            logits = model(context[:, -block:], kv_cache=cache)
+            logits = model(context[:, -keep:], kv_cache=cache)
         else:
             logits = model(context[:, -1:], kv_cache=cache)
         token = next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
@@ -175,6 +183,7 @@ def sample_texts(
     stops: Sequence[str] = (),
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
+    window_keep: int | None = None,
 ) -> list[str]:
     """Continue ``prompt`` (token ids) ``num_samples`` times as one batch; returns the new text
     of each sample, cut before the first stop string. ``on_text(i, piece)`` receives each
@@ -195,7 +204,9 @@ def sample_texts(
             on_text(i, text[len(shown[i]) :])
         shown[i] = text
 
-    steps = decode(model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache)
+    steps = decode(
+        model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, window_keep
+    )
     for token in steps:
         for i, t in enumerate(token.tolist()):
             if not done[i]:

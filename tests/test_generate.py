@@ -70,6 +70,26 @@ def test_greedy_decoding_with_cache_equals_recomputation_past_block_size(switch)
     assert torch.equal(cached, recomputed)
 
 
+def test_window_keep_rebuilds_the_cache_from_the_last_tokens():
+    model, block, keep = make(seed=2, position_encoding="rope"), SMALL["block_size"], 10
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 4))
+    got = generate(model, idx, 2 * block, temperature=0, window_keep=keep)
+    # reference: recompute the window from scratch; it starts over at the last `keep` tokens
+    # whenever it would exceed block_size
+    seq, start = idx, 0
+    with torch.no_grad():
+        while seq.shape[1] < got.shape[1]:
+            if seq.shape[1] - start > block:
+                start = seq.shape[1] - keep
+            token = model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, token], dim=1)
+    assert torch.equal(got, seq)
+    with pytest.raises(
+        ValueError, match=r"--window-keep must be in \[1, block_size = 24\], got 25"
+    ):
+        generate(model, idx, 1, window_keep=25)
+
+
 def test_kv_cache_refuses_overflow_and_several_tokens_after_prefill():
     model = make()
     cache = KVCache(model.cfg, batch_size=1)

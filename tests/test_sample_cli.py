@@ -186,6 +186,7 @@ def test_attention_map_weights_are_causal_rows_summing_to_one(model_dir):
         (["--shots", "-1"], "--shots must be >= 0"),
         (["--limit", "0"], "--limit must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--window-keep", "33"], r"--window-keep must be in \[1, block_size = 32\]"),
         (["--attention", "nope"], "unknown attention backend 'nope'; valid names: naive"),
         (["--example", "1"], "--example needs --task"),
         (["--eval", "t.jsonl", "--task", "t.jsonl"], "--eval cannot be combined with --task"),
