@@ -101,39 +101,45 @@ def prepare(
     shift = random.Random(seed).random()
     eot = np.array([tokenizer.eot], dtype=np.uint32)
 
-    def encode_batch(batch: list[str]) -> list[np.ndarray]:
-        return [np.concatenate([tokenizer.encode_array(doc), eot]) for doc in batch]
+    def encode_batch(first: int, batch: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+        # Runs in a worker thread. Documents first, first + 1, ... are split here, so the main
+        # thread only appends one array per split and batch.
+        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        for index, doc in enumerate(batch, first):
+            split = "val" if _is_val(index, val_fraction, shift) else "train"
+            parts[split] += [tokenizer.encode_array(doc), eot]
+        return {s: (np.concatenate(p or [eot[:0]]), len(p) // 2) for s, p in parts.items()}
 
     bar = tqdm(desc="prepare", unit=" doc", disable=not progress, smoothing=0.1)
-    start, index = time.perf_counter(), 0
+    start = time.perf_counter()
 
-    def consume(encoded: list[np.ndarray]) -> None:
-        nonlocal index
-        for tokens in encoded:
-            split = "val" if _is_val(index, val_fraction, shift) else "train"
+    def consume(encoded: dict[str, tuple[np.ndarray, int]]) -> None:
+        for split, (tokens, documents) in encoded.items():
             writers[split].write(tokens)
-            counts[split]["documents"] += 1
+            counts[split]["documents"] += documents
             counts[split]["tokens"] += len(tokens)
-            index += 1
         total = counts["train"]["tokens"] + counts["val"]["tokens"]
-        bar.update(len(encoded))
+        bar.update(sum(documents for _, documents in encoded.values()))
         bar.set_postfix_str(f"{total / (time.perf_counter() - start):,.0f} tok/s")
 
+    first = 0  # index of the next batch's first document over all sources
     batches = _batches(iter_documents(sources, text_field), BATCH_CHARS)
     if workers == 1:
         for batch in batches:
-            consume(encode_batch(batch))
+            consume(encode_batch(first, batch))
+            first += len(batch)
     else:
         with ThreadPoolExecutor(workers) as pool:
             pending: deque[Future] = deque()
             for batch in batches:
-                pending.append(pool.submit(encode_batch, batch))
+                pending.append(pool.submit(encode_batch, first, batch))
+                first += len(batch)
                 if len(pending) >= 2 * workers:  # backpressure: bounded memory
                     consume(pending.popleft().result())
             while pending:
                 consume(pending.popleft().result())
     bar.close()
-    if index == 0:
+    if first == 0:
         raise ValueError(f"sources {sources} contain no non-empty documents")
 
     splits = {s: {**counts[s], "shards": writers[s].close()} for s in SPLITS}
