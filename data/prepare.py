@@ -99,7 +99,8 @@ def prepare(
     writers = {s: ShardWriter(out, s, encoding, tokenizer.n_vocab, shard_tokens) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     shift = random.Random(seed).random()
-    eot = np.array([tokenizer.eot], dtype=np.uint32)
+    dtype = token_dtype(tokenizer.n_vocab)
+    eot = np.array([tokenizer.eot], dtype=dtype)
 
     def encode_batch(first: int, batch: list[str]) -> dict[str, tuple[np.ndarray, int]]:
         # Runs in a worker thread. Documents first, first + 1, ... are split here, so the main
@@ -108,7 +109,10 @@ def prepare(
         for index, doc in enumerate(batch, first):
             split = "val" if _is_val(index, val_fraction, shift) else "train"
             parts[split] += [tokenizer.encode_array(doc), eot]
-        return {s: (np.concatenate(p or [eot[:0]]), len(p) // 2) for s, p in parts.items()}
+        # The shard's dtype is chosen here, off the main thread.
+        return {
+            s: (np.concatenate(p or [eot[:0]], dtype=dtype), len(p) // 2) for s, p in parts.items()
+        }
 
     bar = tqdm(desc="prepare", unit=" doc", disable=not progress, smoothing=0.1)
     start = time.perf_counter()
@@ -150,7 +154,7 @@ def prepare(
         "encoding": encoding,
         "n_vocab": tokenizer.n_vocab,
         "eot": tokenizer.eot,
-        "dtype": token_dtype(tokenizer.n_vocab).name,
+        "dtype": dtype.name,
         "shard_tokens": shard_tokens,
         "val_fraction": val_fraction,
         "seed": seed,
