@@ -190,7 +190,13 @@ def fetch_kjv() -> Path:
     try:
         result = subprocess.run(cmd, capture_output=True, timeout=300, check=True)
     except (OSError, subprocess.SubprocessError) as e:
-        raise RuntimeError(f"could not run `{' '.join(cmd)}` (needs libreadline8): {e}") from e
+        # It reports a missing data file on stdout; a missing libreadline8 shows as OSError.
+        said = getattr(e, "stdout", b"") or b""
+        said += getattr(e, "stderr", b"") or b""
+        raise RuntimeError(
+            f"could not run `{' '.join(cmd)}` (it needs libreadline8): {e} "
+            f"{said.decode(errors='replace').strip()}"
+        ) from e
     if (got := hashlib.sha256(result.stdout).hexdigest()) != KJV_SHA256:
         raise RuntimeError(
             f"`{' '.join(cmd)}` printed text with sha256 {got}, expected {KJV_SHA256}"
