@@ -31,11 +31,25 @@ from gpt.huggingface import tokenizer_name
 from gpt.prompts import Example, build_prompt, load_task, select_shots
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Show "(default: X)" only for flags whose default is a value (not None / off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="sample.py",
         description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="In --template, --separator and --stop, \\n and \\t are read as escapes.",
+        formatter_class=HelpWithDefaults,
     )
     p.add_argument("--ckpt", required=True, help="run dir, checkpoint, model/ or HF GPT-2 dir")
     src = p.add_mutually_exclusive_group()
@@ -56,11 +70,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         nargs="+",
         action="extend",
         metavar="STR",
-        help="end a sample before any of these strings [eval: a newline]",
+        help="end a sample before any of these strings [eval default: a newline]",
     )
     p.add_argument("--attention", help="attention backend [default: the model's, else sdpa]")
     p.add_argument("--tokenizer", help="encoding [default: recorded in the export, else gpt2]")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs",
+    )
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the context each step")
     p.add_argument(
         "--window-keep",
@@ -69,13 +87,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "this many last tokens [default: block_size, exact and slow]",
     )
     p.add_argument("--task", help="build the prompt from this task file (.jsonl / BIG-bench)")
-    p.add_argument("--example", type=int, help="with --task: the example to query [default 0]")
+    p.add_argument("--example", type=int, help="with --task: the example to query [default: 0]")
     p.add_argument("--shots", type=int, default=0, help="demonstrations; 0 is zero-shot")
     p.add_argument(
         "--template",
-        help="example template with {input} and {choices} (\\n and \\t are read as escapes)",
+        help="example template with {input} and {choices}",
     )
-    p.add_argument("--separator", help="between demonstrations (\\n and \\t are escapes)")
+    p.add_argument("--separator", help="between demonstrations")
     p.add_argument("--show-prompt", action="store_true", help="print the exact prompt(s)")
     p.add_argument("--eval", metavar="TASK_FILE", help="evaluate in context on this task file")
     p.add_argument("--limit", type=int, help="with --eval: score the first N examples")
@@ -97,25 +115,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.eval and (args.task or args.attention_map):
             raise ValueError("--eval cannot be combined with --task or --attention-map")
-        if args.example is not None and (not args.task or args.prompt is not None):
+        if args.example is not None and (not args.task or args.prompt or args.prompt_file):
             raise ValueError("--example needs --task (and no --prompt: that is the query)")
         if args.attention is not None:
             get_attention(args.attention)  # unknown or unusable: the error lists the valid names
     except ValueError as err:
         p.error(str(err))
-    for key in ("template", "separator"):
-        if getattr(args, key) is not None:
-            setattr(args, key, getattr(args, key).replace("\\n", "\n").replace("\\t", "\t"))
+    for key in ("template", "separator", "stop"):  # \n and \t typed on a command line
+        value = getattr(args, key)
+        if isinstance(value, str):
+            setattr(args, key, unescape(value))
+        elif value is not None:
+            setattr(args, key, [unescape(v) for v in value])
     return args
 
 
 def load_model(args: argparse.Namespace):
     model_dir = resolve_model_dir(args.ckpt)
-    model = GPT.from_pretrained(model_dir, attention="naive")
-    attention = args.attention or model.cfg.attention
+    model = GPT.from_pretrained(model_dir, attention="naive")  # "naive" always builds
+    recorded = json.loads((model_dir / "config.json").read_text()).get("gpt_config", {})
     try:
-        model.set_attention(attention)
-    except ValueError as err:
+        model.set_attention(args.attention or recorded.get("attention", "sdpa"))
+    except ValueError as err:  # e.g. trained with "triton", sampled without a GPU
         print(f"sample.py: warning: {err}; using sdpa", file=sys.stderr)
         model.set_attention("sdpa")
     model.to(args.device).eval()
@@ -187,7 +208,7 @@ def draw_attention_map(args, model, tokenizer, ids: list[int]) -> None:
     print(f"attention map ({len(weights)} layers x {weights[0].shape[0]} heads) written to {path}")
 
 
-def generate(args, model, tokenizer, ids: list[int]) -> None:
+def print_samples(args, model, tokenizer, ids: list[int]) -> None:
     prompt = tokenizer.decode(ids)
 
     def stream(i: int, piece: str) -> None:  # the first sample streams as it is generated
@@ -224,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sample.py: warning: {warning}", file=sys.stderr)
         if args.attention_map:
             return draw_attention_map(args, model, tokenizer, ids)
-        generate(args, model, tokenizer, ids)
+        print_samples(args, model, tokenizer, ids)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"sample.py: error: {err}", file=sys.stderr)
         sys.exit(2)

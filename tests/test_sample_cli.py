@@ -232,3 +232,23 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(capsys, tmp_path):
     )
     code, _, err = run(capsys, "--ckpt", tmp_path / "m", "--prompt", "a")
     assert code == 2 and "tokenizer 'bytes' has 257 tokens but the model" in err
+
+
+def test_recorded_backend_is_used_and_an_unusable_one_falls_back_to_sdpa(
+    capsys, model_dir, tmp_path, monkeypatch
+):
+    from gpt import attention
+
+    def unusable():
+        raise attention.BackendUnavailable("it needs hardware this machine lacks")
+
+    monkeypatch.setitem(attention._LOADERS, "fancy", unusable)
+    shutil.copytree(model_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["gpt_config"]["attention"] = "fancy"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    out = greedy(capsys, tmp_path / "m")
+    assert out == greedy(capsys, model_dir)
+    _, _, err = run(capsys, "--ckpt", tmp_path / "m", "--prompt", "a", "--max-new-tokens", "1")
+    assert "warning: attention backend 'fancy' is unavailable here: it needs hardware" in err
+    assert "using sdpa" in err
