@@ -136,7 +136,7 @@ def main(argv: list[str]) -> int:
         t.seed,
         cfg.data.mode,
     )
-    val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val}
+    val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val} if t.eval_interval else {}
     val_loaders = {
         name: TokenLoader(
             d, "val", m.block_size, t.micro_batch_size, 1, rank, world, t.seed, "sequential"

@@ -9,6 +9,7 @@ the wrong type, raises ``ConfigError`` naming the key and listing what is valid.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import tomllib
 import types
@@ -292,7 +293,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON string escapes (\n, \", \uXXXX) are valid in a TOML basic string.
+        return json.dumps(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
