@@ -42,4 +42,4 @@ assets: install
 
 # The demo corpus as token shards (configs/tiny.toml reads out/data/shakespeare); built once.
 out/data/shakespeare/manifest.json: | assets
-	$(PY) -m data.prepare shakespeare --out out/data/shakespeare
+	$(PY) -m gpt.data.prepare shakespeare --out out/data/shakespeare

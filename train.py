@@ -11,6 +11,7 @@ after saving a checkpoint.
 
 import dataclasses
 import json
+import math
 import signal
 import sys
 import time
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> int:
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, optimizer.overflow = 0.0, False
         for _ in range(t.grad_accum):
             x, y = (b.to(device) for b in loader.next_batch())
             _, loss = engine(x, y)
@@ -213,7 +214,9 @@ def main(argv: list[str]) -> int:
         step_s = time.perf_counter() - t0
         mean_loss = loss_total / (t.grad_accum * world)
         grad_norm = engine.get_global_grad_norm()
-        skipped = optimizer.overflow or not torch.isfinite(torch.tensor(mean_loss))
+        # ZeRO and fp16 wrappers may skip before our optimizer runs; they set their own flag
+        overflow = optimizer.overflow or bool(getattr(engine.optimizer, "overflow", False))
+        skipped = overflow or not math.isfinite(mean_loss)
         nonfinite_run = nonfinite_run + 1 if skipped else 0
         record = {
             "step": step,

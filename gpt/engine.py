@@ -83,6 +83,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # fp32 without ZeRO: GuardedAdamW clips; everywhere else DeepSpeed's optimizer does
         "gradient_clipping": o.grad_clip if (t.dtype != "fp32" or zero_stage > 0) else 0.0,
         "zero_optimization": {"stage": zero_stage},
+        # ZeRO wraps GuardedAdamW (an AdamW with a skip guard) rather than its own Adam
+        "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": t.dtype == "bf16"},
         "fp16": {"enabled": t.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # we log ourselves

@@ -302,13 +302,13 @@ def torchrun(path, *overrides):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=0",
+        "--standalone",
         str(ROOT / "train.py"),
         str(path),
         *overrides,
     ]
     proc = run_script(args)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     return proc
 
