@@ -29,6 +29,7 @@ from gpt.data.shards import read_manifest
 from gpt.engine import build_engine, check_batch, init_distributed, world_size_from_env
 from gpt.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
 from gpt.optim import lr_at
+from gpt.throughput import run_benchmark
 
 NONFINITE_EXIT = 3
 
@@ -124,6 +125,9 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
+    if cfg.bench.steps:
+        del model
+        return run_benchmark(cfg, rank, world, device, argv)
     model.to(device)
     engine, optimizer = build_engine(model, cfg, world)
     loader = TokenLoader(

@@ -154,11 +154,20 @@ class OptimConfig:
 
 
 @dataclass
+class BenchConfig:
+    steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).")
+    warmup: int = option(3, "Untimed steps before the timed ones (compilation happens here).")
+    backends: list[str] = option([], "Attention backends to compare (empty: every usable one).")
+    compile: list[bool] = option([False, True], "torch.compile settings to compare.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     deepspeed: dict = field(default_factory=dict)  # passed through to DeepSpeed untouched
 
 
@@ -168,6 +177,7 @@ SECTION_TYPES = {
     "data": DataConfig,
     "train": TrainConfig,
     "optim": OptimConfig,
+    "bench": BenchConfig,
 }
 
 

@@ -344,3 +344,21 @@ def test_two_processes_with_zero_match_one_process(tmp_path, data_dir, stage):
     _, text = err.communicate(timeout=120)
     assert err.returncode == 2
     assert "saved by 2 processes with ZeRO stage" in text and "resumed by 1" in text
+
+
+def test_bench_mode_times_each_backend_and_writes_no_checkpoint(tmp_path, data_dir, capsys):
+    path, out = config(tmp_path, data_dir)
+    args = [str(path), "--bench.steps=2", "--bench.warmup=1", "--bench.compile=[false]"]
+    assert train.main([*args, '--bench.backends=["naive", "sdpa"]']) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [(r["attention"], r["compile"], r["status"]) for r in report["results"]] == [
+        ("naive", False, "ok"),
+        ("sdpa", False, "ok"),
+    ]
+    for r in report["results"]:
+        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(8 * 16 / r["step_ms"] * 1e3)
+        assert r["mfu"] is None  # no peak is known for a CPU: no made-up MFU
+    assert report["tokens_per_step"] == 4 * 2 * 16 and "naive" in capsys.readouterr().out
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+    assert train.main([*args, '--bench.backends=["fast"]']) == 2
+    assert "bench.backends: unknown attention backend(s) fast" in capsys.readouterr().err
