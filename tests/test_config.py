@@ -96,7 +96,8 @@ def test_none_resets_an_optional_value():
         ),
         (
             "[modle]\nn_layer = 3\n",
-            r"c.toml: unknown section \[modle\]; valid: model, data, train, optim, bench, deepspeed",
+            r"c.toml: unknown section \[modle\]; valid: model, data, train, optim, bench, "
+            "deepspeed",
         ),
         ('[model]\nn_layer = "3"\n', r"c.toml: model.n_layer must be int, got '3' \(str\)"),
         ("[model]\nn_layer = 3.0\n", r"model.n_layer must be int, got 3.0 \(float\)"),
