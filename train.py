@@ -9,6 +9,7 @@ non-finite steps; 128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by 
 after saving a checkpoint.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,9 @@ from gpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from gpt.config import Config, ConfigError, config_from_argv, save_config
 from gpt.data.loader import TokenLoader
 from gpt.data.shards import read_manifest
+from gpt.data.tokenizer import get_tokenizer
 from gpt.engine import build_engine, check_batch, init_distributed, world_size_from_env
+from gpt.generate import encode_prompt, sample_texts
 from gpt.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
 from gpt.optim import lr_at
 from gpt.throughput import run_benchmark
@@ -97,6 +100,28 @@ def evaluate(engine, loaders: dict[str, TokenLoader], steps: int, device) -> dic
         losses["val_loss" if name == "val" else f"val_loss/{name}"] = mean
     engine.train()
     return losses
+
+
+@torch.no_grad()
+def eval_samples(engine, tokenizer, cfg: Config) -> dict[str, str]:
+    """A continuation of each of ``train.sample_prompts`` (same seed every time, so that
+    evaluations differ only by the weights). Every rank samples: under ZeRO-3 gathering
+    the parameters is a collective."""
+    import deepspeed
+
+    model, t = engine.module, cfg.train
+    zero3 = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3
+    gathered = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else None
+    model.eval()
+    texts = {}
+    with gathered or contextlib.nullcontext():
+        for prompt in t.sample_prompts:
+            ids, _ = encode_prompt(tokenizer, prompt, model.cfg.block_size)
+            (texts[prompt],) = sample_texts(
+                model, tokenizer, ids, 1, t.sample_tokens, temperature=0.8, top_k=200, seed=t.seed
+            )
+    model.train()
+    return texts
 
 
 def main(argv: list[str]) -> int:
@@ -245,11 +270,15 @@ def main(argv: list[str]) -> int:
             )
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
             record.update(evaluate(engine, val_loaders, t.eval_steps, device))
+            if t.sample_tokens and t.sample_prompts:
+                record["samples"] = eval_samples(engine, get_tokenizer(manifest["encoding"]), cfg)
             if rank == 0:
                 bar.write(
                     "  "
                     + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val"))
                 )
+                for prompt, text in record.get("samples", {}).items():
+                    bar.write("  sample: " + (prompt + text).replace("\n", "\n    "))
         if step % t.log_interval == 0 or skipped or "val_loss" in record or step == t.max_steps:
             log.write(record)
         if nonfinite_run >= t.max_nonfinite_steps:

@@ -66,7 +66,13 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            values = {k: v for k, v in record.items() if k != "step"}
+            import wandb
+
+            values = {k: v for k, v in record.items() if k not in ("step", "samples")}
+            if "samples" in record:
+                values["samples"] = wandb.Table(
+                    columns=["prompt", "continuation"], data=list(record["samples"].items())
+                )
             self.wandb_run.log(values, step=record["step"])
 
 

@@ -362,3 +362,19 @@ def test_bench_mode_times_each_backend_and_writes_no_checkpoint(tmp_path, data_d
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     assert train.main([*args, '--bench.backends=["fast"]']) == 2
     assert "bench.backends: unknown attention backend(s) fast" in capsys.readouterr().err
+
+
+def test_evaluation_samples_are_logged_and_leave_training_unchanged(tmp_path, data_dir):
+    path_a, out_a = config(tmp_path, data_dir, "quiet", dropout=0.1)
+    assert train.main([str(path_a)]) == 0
+    path_b, out_b = config(tmp_path, data_dir, "talking", dropout=0.1)
+    prompts = '--train.sample_prompts=["the ", "a lazy"]'
+    assert train.main([str(path_b), "--train.sample_tokens=12", prompts]) == 0
+    assert losses(out_a) == losses(out_b)  # sampling draws from its own generator
+    records = [json.loads(x) for x in (out_b / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [5, 10]
+    for r in evals:
+        assert set(r["samples"]) == {"the ", "a lazy"}
+        assert all(0 < len(text) <= 12 for text in r["samples"].values())  # bytes: 1 char/token
+    assert all("samples" not in json.loads(x) for x in (out_a / "metrics.jsonl").open())
