@@ -14,19 +14,21 @@ from pathlib import Path
 
 import torch
 
-# Dense peak TFLOP/s by device-name fragment: bf16/fp16 tensor cores, and TF32 for fp32
-# (datasheet figures; "H100 PCIe" must be matched before the SXM "H100").
+# Dense peak TFLOP/s by device-name fragment: bf16/fp16 tensor cores, TF32 tensor cores for
+# "fp32" (what training with TF32 matmuls can reach), and the CUDA cores' IEEE fp32 for
+# "fp32_ieee" (kernels that keep exact fp32 products, such as the attention benchmark's).
+# Datasheet figures; "H100 PCIe" must be matched before the SXM "H100".
 PEAK_TFLOPS = [
-    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0}),
-    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}),
-    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5}),
-    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0}),
+    ("H100 PCIe", {"bf16": 756.0, "fp16": 756.0, "fp32": 378.0, "fp32_ieee": 51.0}),
+    ("H200", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5, "fp32_ieee": 67.0}),
+    ("H100", {"bf16": 989.0, "fp16": 989.0, "fp32": 494.5, "fp32_ieee": 67.0}),
+    ("A100", {"bf16": 312.0, "fp16": 312.0, "fp32": 156.0, "fp32_ieee": 19.5}),
 ]
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """Peak FLOP/s of ``device`` for ``dtype`` (fp32 | bf16 | fp16), or None when unknown
-    (any CPU, any GPU not in the table): then no MFU is reported rather than a guess."""
+    """Peak FLOP/s of ``device`` for ``dtype`` (fp32 | fp32_ieee | bf16 | fp16), or None when
+    unknown (any CPU, any GPU not in the table): then no MFU is reported rather than a guess."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
