@@ -16,10 +16,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-demo: install
+# Prepare Shakespeare, pretrain configs/tiny.toml on the CPU (resumes if out/tiny has a
+# checkpoint), report losses against the unigram baseline with a loss plot, then sample.
+demo: install out/data/shakespeare/manifest.json
 	$(PY) train.py configs/tiny.toml
+	$(PY) -m gpt.report out/tiny
+	$(PY) sample.py --ckpt out/tiny --prompt "ROMEO:" --num-samples 2 --max-new-tokens 100
 
-test: install
+test: install assets
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 

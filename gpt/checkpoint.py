@@ -7,7 +7,7 @@ A run directory holds::
     out_dir/checkpoints/step_00000100/    one complete checkpoint:
         ds/                               DeepSpeed's own (model, optimizer, scheduler)
         trainer.json                      step, tokens, data loader state, versions, config
-        rng_rank{r}.safetensors           RNG states of python, numpy and torch per rank
+        rng_rank{r}.json                  RNG states of python, numpy and torch per rank
         model/                            config.json + model.safetensors (GPT.from_pretrained)
         COMPLETE                          written last, after every rank finished
     out_dir/checkpoints/latest            name of the newest complete checkpoint
@@ -19,6 +19,7 @@ it, so a kill at any moment leaves either the old checkpoints only or the new on
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import random
@@ -115,6 +116,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8))
 
 
+def _full_parameters(engine):
+    """Collective: under ZeRO-3 a context in which every rank holds whole parameters."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -122,7 +132,9 @@ def _barrier() -> None:
 
 def parameters_finite(model: torch.nn.Module) -> bool:
     """True on every rank when no rank holds a NaN or infinite parameter."""
-    ok = torch.tensor([float(all(torch.isfinite(p).all() for p in model.parameters()))])
+    # under ZeRO-3 a parameter is empty here and this rank's slice of it is p.ds_tensor
+    local = [getattr(p, "ds_tensor", p) for p in model.parameters()]
+    ok = torch.tensor([float(all(torch.isfinite(p).all() for p in local))])
     if dist.is_initialized() and dist.get_world_size() > 1:
         ok = ok.to(next(model.parameters()).device)
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
@@ -154,8 +166,10 @@ def save_checkpoint(
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     _write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
     _barrier()
+    with _full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
+        if rank == 0:
+            model.save_pretrained(tmp / "model", tokenizer)
     if rank == 0:
-        model.save_pretrained(tmp / "model", tokenizer)
         _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1))
         _write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
         if final.exists():  # an older save of the same step

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def start_wandb(enabled: bool, out_dir: Path, project: str, config: dict):
     import wandb
 
     id_file = Path(out_dir) / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
     return wandb.init(
@@ -103,8 +104,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_file: str | Path, png: str | Path) -> None:
-    """Training and validation loss against tokens seen, from metrics.jsonl."""
+def plot_losses(metrics_file: str | Path, png: str | Path, baseline: float | None = None) -> None:
+    """Training and validation loss against tokens seen, from metrics.jsonl, with an
+    optional horizontal reference line (the unigram baseline)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,6 +120,8 @@ def plot_losses(metrics_file: str | Path, png: str | Path) -> None:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    if baseline is not None:
+        ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"unigram baseline {baseline:.2f}")
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)

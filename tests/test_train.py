@@ -346,6 +346,38 @@ def test_two_processes_with_zero_match_one_process(tmp_path, data_dir, stage):
     assert "saved by 2 processes with ZeRO stage" in text and "resumed by 1" in text
 
 
+@pytest.mark.slow
+def test_resume_on_more_processes_and_zero3_export(tmp_path, data_dir):
+    """Without ZeRO a 1-process checkpoint resumes on 2 processes and continues the same run;
+    ZeRO-3 matches 1 process and its exported model holds whole, equal parameters."""
+    path_1, out_1 = config(tmp_path, data_dir, "straight")
+    assert train.main([str(path_1), "--train.eval_interval=0"]) == 0
+    path_2, out_2 = config(tmp_path, data_dir, "grown")
+    assert train.main([str(path_2), "--train.max_steps=5", "--train.eval_interval=0"]) == 0
+    torchrun(path_2, "--train.eval_interval=0", "--train.micro_batch_size=2")
+    one, two = losses(out_1), losses(out_2)
+    assert one.keys() == two.keys() == set(range(1, 11))
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+    path_3, out_3 = config(tmp_path, data_dir, "zero3")
+    torchrun(
+        path_3,
+        "--train.max_steps=5",
+        "--train.eval_interval=0",
+        "--train.micro_batch_size=2",
+        "--deepspeed.zero_optimization.stage=3",
+    )
+    for step, loss in losses(out_3).items():
+        assert abs(loss - one[step]) <= 1e-5 * abs(loss), (step, loss, one[step])
+    exported = load_file(out_3 / "checkpoints" / "step_00000005" / "model" / "model.safetensors")
+    reference = load_file(out_1 / "checkpoints" / "step_00000005" / "model" / "model.safetensors")
+    assert exported.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert exported[name].shape == tensor.shape, name
+        torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_bench_mode_times_each_backend_and_writes_no_checkpoint(tmp_path, data_dir, capsys):
     path, out = config(tmp_path, data_dir)
     args = [str(path), "--bench.steps=2", "--bench.warmup=1", "--bench.compile=[false]"]
