@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 STATUS_WORDS = {"wrong": "WRONG", "oom": "OOM", "unsupported": "n/a", "skipped": "skip"}
-PHASE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}
+PHASE_TITLES = {"fwd": "forward", "bwd": "backward", "fwd_bwd": "forward + backward"}  # plot rows
 
 
 def device_slug(device: torch.device) -> str:
@@ -175,14 +175,12 @@ def _finish(plt, fig, axes, records: list[dict], title: str, png: Path) -> Path:
 
 def plot_tflops(results: dict, dtype: str, png: Path) -> Path:
     """TFLOP/s against T per backend: a row per phase, a column per (head dim, mask)."""
-    from gpt.kernels.bench import PHASES
-
     records = [r for r in results["results"] if r["dtype"] == dtype]
     panels, styles = _panels(records), _backend_styles(records)
     peak = results["device"]["peak_tflops"].get(dtype)
-    plt, fig, axes = _figure(len(PHASES), max(1, len(panels)))
+    plt, fig, axes = _figure(len(PHASE_TITLES), max(1, len(panels)))
     fig.set_layout_engine("constrained")
-    for row, phase in enumerate(PHASES):
+    for row, phase in enumerate(PHASE_TITLES):
         for col, (D, causal) in enumerate(panels):
             ax = axes[row, col]
             for backend, style in styles.items():
