@@ -3,6 +3,7 @@ during a checkpoint write, non-finite steps, config errors, multi-process equiva
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -353,7 +354,12 @@ def test_resume_on_more_processes_and_zero3_export(tmp_path, data_dir):
     path_1, out_1 = config(tmp_path, data_dir, "straight")
     assert train.main([str(path_1), "--train.eval_interval=0"]) == 0
     path_2, out_2 = config(tmp_path, data_dir, "grown")
-    assert train.main([str(path_2), "--train.max_steps=5", "--train.eval_interval=0"]) == 0
+    (out_2 / "checkpoints").mkdir(parents=True)  # the straight run as if stopped at step 5
+    shutil.copytree(
+        out_1 / "checkpoints" / "step_00000005", out_2 / "checkpoints" / "step_00000005"
+    )
+    (out_2 / "checkpoints" / "latest").write_text("step_00000005")
+    shutil.copy(out_1 / "metrics.jsonl", out_2 / "metrics.jsonl")
     torchrun(path_2, "--train.eval_interval=0", "--train.micro_batch_size=2")
     one, two = losses(out_1), losses(out_2)
     assert one.keys() == two.keys() == set(range(1, 11))
@@ -363,11 +369,13 @@ def test_resume_on_more_processes_and_zero3_export(tmp_path, data_dir):
     path_3, out_3 = config(tmp_path, data_dir, "zero3")
     torchrun(
         path_3,
-        "--train.max_steps=5",
-        "--train.eval_interval=0",
+        "--train.sample_tokens=4",  # evaluation and sampling with partitioned parameters
         "--train.micro_batch_size=2",
         "--deepspeed.zero_optimization.stage=3",
     )
+    assert losses(out_3).keys() == one.keys()
+    records = [json.loads(x) for x in (out_3 / "metrics.jsonl").open()]
+    assert [len(r["samples"]) for r in records if "val_loss" in r] == [1, 1]
     for step, loss in losses(out_3).items():
         assert abs(loss - one[step]) <= 1e-5 * abs(loss), (step, loss, one[step])
     exported = load_file(out_3 / "checkpoints" / "step_00000005" / "model" / "model.safetensors")
