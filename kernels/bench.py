@@ -442,7 +442,11 @@ def main(argv: list[str] | None = None) -> dict:
         if why is not None:
             print(f"{name}: unavailable here ({why})", file=sys.stderr)
     command = shlex.join(sys.orig_argv if argv is None else ["python", "-m", __spec__.name, *argv])
-    load_start, started = os.getloadavg(), time.perf_counter()
+    date, load_start, started = (
+        time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        os.getloadavg(),
+        time.perf_counter(),
+    )
     records = run_sweep(sweep_shapes(args), fns, device, timing, args.seed, not args.no_progress)
     peaks = {d: (p / 1e12 if (p := device_peak(device, d)) else None) for d in args.dtypes}
     settings = {key: getattr(args, key) for key in SETTINGS} | {
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     results = {
         "command": command,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "date": date,  # of the start
         **environment(device, peaks),
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
         "wall_s": time.perf_counter() - started,
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> dict:
         "fields": FIELDS,
         "results": records,
     }
-    out = args.out or Path("bench/results") / f"{device_slug(device)}-{time.strftime('%Y-%m-%d')}"
+    out = args.out or Path("bench/results") / f"{device_slug(device)}-{date[:10]}"
     write_results(results, out)
     print(summary_markdown(results))
     print(f"wrote {out}/ in {results['wall_s']:.0f} s", file=sys.stderr)

@@ -35,10 +35,12 @@ def registered():
 
 
 def raising(error: Exception):
-    def attention(q, k, v, causal, scale):
+    """A backend that raises ``error`` on every call."""
+
+    def fn(q, k, v, causal, scale):
         raise error
 
-    return attention
+    return fn
 
 
 def wrong_mask(q, k, v, causal, scale):
@@ -46,7 +48,9 @@ def wrong_mask(q, k, v, causal, scale):
     return sdpa_attention(q, k, v, False, scale)
 
 
-class _DoubledDq(torch.autograd.Function):
+class _WrongDq(torch.autograd.Function):
+    """SDPA's forward; its backward with dQ scaled by 1.1."""
+
     @staticmethod
     def forward(ctx, q, k, v, causal):
         ctx.causal = causal
@@ -63,7 +67,7 @@ class _DoubledDq(torch.autograd.Function):
 
 def wrong_grad(q, k, v, causal, scale):
     """Exact forward, dQ 10% too large."""
-    return _DoubledDq.apply(q, k, v, causal)
+    return _WrongDq.apply(q, k, v, causal)
 
 
 TINY = ["--head-dims", "16", "--tokens", "80", "--hidden", "32", "--threads", "1"]
