@@ -133,6 +133,8 @@ def main(argv: list[str]) -> int:
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
     rank, world, device = init_distributed()
+    # fp32 matmuls on TF32 tensor cores (as nanoGPT); MFU is then against the TF32 peak
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     t, m = cfg.train, cfg.model
     out_dir = Path(t.out_dir)
     stop = StopFlag()
