@@ -398,9 +398,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, help="a fixed batch size instead of tokens // T")
     p.add_argument("--heads", type=int, help="a fixed number of heads instead of hidden // D")
     p.add_argument("--warmup", type=int, help="untimed calls before timing (GPU 5, CPU 1)")
-    p.add_argument("--min-reps", type=int, help="timed calls at least (GPU 10, CPU 3)")
+    p.add_argument("--min-reps", type=int, help="timed calls at least (GPU 10, CPU 5)")
     p.add_argument("--max-reps", type=int, default=100, help="timed calls at most")
-    p.add_argument("--budget", type=float, help="seconds per phase (GPU 0.2, CPU 0.1)")
+    p.add_argument("--budget", type=float, help="seconds per phase (GPU 0.2, CPU 0.25)")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda if available")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -433,9 +433,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     timing = Timing(
         warmup=args.warmup if args.warmup is not None else (5 if gpu else 1),
-        min_reps=args.min_reps or (10 if gpu else 3),
+        min_reps=args.min_reps or (10 if gpu else 5),
         max_reps=args.max_reps,
-        budget_s=args.budget if args.budget is not None else (0.2 if gpu else 0.1),
+        budget_s=args.budget if args.budget is not None else (0.2 if gpu else 0.25),
     )
     fns, reasons = resolve_backends(args.backends, device)
     for name, why in reasons.items():

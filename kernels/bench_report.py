@@ -222,6 +222,8 @@ def plot_memory(results: dict, dtype: str, png: Path) -> Path:
             if points:
                 ax.plot(*zip(*points, strict=True), label=backend, ms=5, mfc="none", **style)
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(lambda y, _: f"{y:g}")  # 20, 30, not 2×10¹
         ax.set_title(f"D={D}, {'causal' if causal else 'full'}")
         ax.set_ylabel("peak memory per call (MiB)")
     title = f"Attention forward + backward peak memory, {dtype}, {results['device']['name']}"
