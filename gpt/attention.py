@@ -112,8 +112,9 @@ def naive_attention(
         T = q.shape[2]
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    # softmax in float32 at least, as fused kernels do, then back to the input dtype
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    # softmax in float32 at least (as fused kernels do; float64 stays float64), then back
+    weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
+    weights = weights.to(q.dtype)
     out = weights @ v  # (B, H, T, D)
     return (out, weights) if return_weights else out
 

@@ -46,10 +46,23 @@ def test_backend_matches_float64(fn, T, D, causal, kv_heads):
     )
 
 
+@pytest.mark.parametrize("fn", [naive_attention, sdpa_attention], ids=["naive", "sdpa"])
+def test_float64_inputs_stay_float64(fn):
+    """No float32 step inside: a float64 call agrees with the reference to float64 precision."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float64) for _ in range(3))
+    out = fn(q, k, v, True, 0.35)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference(q, k, v, True, 0.35), rtol=1e-12, atol=1e-12)
+
+
 def test_non_causal_with_different_key_length():
+    torch.manual_seed(1)
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    expected = reference(q, k, v, False, 0.3)
     for fn in (naive_attention, sdpa_attention):
-        torch.testing.assert_close(fn(q, k, v, False, 0.3).double(), reference(q, k, v, False, 0.3))
+        out = fn(q, k, v, False, 0.3).double()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_naive_returns_weights_that_are_causal_and_normalised():
