@@ -314,30 +314,43 @@ def torchrun(path, *overrides):
     return proc
 
 
+def copy_run_at(src: Path, dst: Path, step: int) -> None:
+    """``dst`` holds the run ``src`` as if it had stopped after the checkpoint of ``step``."""
+    name = f"step_{step:08d}"
+    shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+    (dst / "checkpoints" / "latest").write_text(name)
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_two_processes_with_zero_match_one_process(tmp_path, data_dir, stage):
-    """Same global batch (2 x 2 per step, 2 accumulation steps): the same losses."""
+    """Same global batch (2 x 2 per step, 2 accumulation steps): the same losses as one
+    process; a 2-process resume continues its run; one process may not resume it."""
     path_1, out_1 = config(tmp_path, data_dir, "one")
-    assert train.main([str(path_1), "--train.max_steps=5", "--train.eval_interval=0"]) == 0
+    assert train.main([str(path_1), "--train.eval_interval=0"]) == 0
+    two_procs = ["--train.micro_batch_size=2", f"--deepspeed.zero_optimization.stage={stage}"]
     path_2, out_2 = config(tmp_path, data_dir, "two")
-    torchrun(
-        path_2,
-        "--train.max_steps=5",
-        "--train.eval_interval=0",
-        "--train.micro_batch_size=2",
-        f"--deepspeed.zero_optimization.stage={stage}",
-    )
+    torchrun(path_2, "--train.eval_interval=0", *two_procs)
     one, two = losses(out_1), losses(out_2)
-    assert one.keys() == two.keys() == set(range(1, 6))
+    assert one.keys() == two.keys() == set(range(1, 11))
     for step in one:
         assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+
+    path_r, out_r = config(tmp_path, data_dir, "resumed")
+    copy_run_at(out_2, out_r, 5)
+    torchrun(path_r, "--train.eval_interval=0", *two_procs)
+    resumed = losses(out_r)
+    assert resumed.keys() == two.keys()
+    for step in two:
+        assert abs(resumed[step] - two[step]) <= 1e-6 * abs(two[step]), step
+
     # a ZeRO checkpoint holds per-process optimizer partitions: one process may not resume it
     err = run_script(
         [
             str(ROOT / "train.py"),
             str(path_2),
-            "--train.max_steps=6",
+            "--train.max_steps=11",
             "--train.micro_batch_size=4",
             f"--deepspeed.zero_optimization.stage={stage}",
         ]
@@ -354,12 +367,7 @@ def test_resume_on_more_processes_and_zero3_export(tmp_path, data_dir):
     path_1, out_1 = config(tmp_path, data_dir, "straight")
     assert train.main([str(path_1), "--train.eval_interval=0"]) == 0
     path_2, out_2 = config(tmp_path, data_dir, "grown")
-    (out_2 / "checkpoints").mkdir(parents=True)  # the straight run as if stopped at step 5
-    shutil.copytree(
-        out_1 / "checkpoints" / "step_00000005", out_2 / "checkpoints" / "step_00000005"
-    )
-    (out_2 / "checkpoints" / "latest").write_text("step_00000005")
-    shutil.copy(out_1 / "metrics.jsonl", out_2 / "metrics.jsonl")
+    copy_run_at(out_1, out_2, 5)  # the straight run as if stopped after step 5
     torchrun(path_2, "--train.eval_interval=0", "--train.micro_batch_size=2")
     one, two = losses(out_1), losses(out_2)
     assert one.keys() == two.keys() == set(range(1, 11))
