@@ -28,7 +28,13 @@ from gpt.config import Config, ConfigError, config_from_argv, save_config
 from gpt.data.loader import TokenLoader
 from gpt.data.shards import read_manifest
 from gpt.data.tokenizer import get_tokenizer
-from gpt.engine import build_engine, check_batch, init_distributed, world_size_from_env
+from gpt.engine import (
+    build_engine,
+    check_batch,
+    init_distributed,
+    train_step,
+    world_size_from_env,
+)
 from gpt.generate import encode_prompt, sample_texts
 from gpt.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
 from gpt.optim import lr_at
@@ -232,13 +238,8 @@ def main(argv: list[str]) -> int:
         lr = lr_at(step, cfg.optim, t.max_steps)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum, optimizer.overflow = 0.0, False
-        for _ in range(t.grad_accum):
-            x, y = (b.to(device) for b in loader.next_batch())
-            _, loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
+        optimizer.overflow = False
+        loss_sum = train_step(engine, loader, t.grad_accum, device)
         loss_total, stop_votes = all_reduce_sum([loss_sum, float(stop.signum != 0)], device)
         step += 1
         tokens += global_batch * m.block_size

@@ -117,3 +117,16 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
     if cfg.train.compile:
         engine.compile()
     return engine, optimizer
+
+
+def train_step(engine, loader, grad_accum: int, device: torch.device) -> float:
+    """One optimizer step: ``grad_accum`` micro-batches through forward and backward (the
+    engine steps the optimizer on the last); returns the sum of their losses on this rank."""
+    loss_sum = 0.0
+    for _ in range(grad_accum):
+        x, y = (b.to(device) for b in loader.next_batch())
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        loss_sum += loss.item()
+    return loss_sum

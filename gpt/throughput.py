@@ -25,7 +25,7 @@ from gpt import GPT, __version__
 from gpt.attention import attention_status
 from gpt.config import Config, ConfigError
 from gpt.data.loader import TokenLoader
-from gpt.engine import build_engine
+from gpt.engine import build_engine, train_step
 from gpt.metrics import flops_per_token, peak_flops
 
 
@@ -58,11 +58,7 @@ def time_one(cfg: Config, world: int, device: torch.device, loader: TokenLoader)
     for _ in range(cfg.bench.warmup + cfg.bench.steps):
         _sync(device)
         t0 = time.perf_counter()
-        for _ in range(t.grad_accum):
-            x, y = (b.to(device) for b in loader.next_batch())
-            _, loss = engine(x, y)
-            engine.backward(loss)
-            engine.step()
+        train_step(engine, loader, t.grad_accum, device)
         _sync(device)
         times.append(time.perf_counter() - t0)
     return times[cfg.bench.warmup :]
