@@ -9,7 +9,6 @@ non-finite steps; 128 + signal number (130 SIGINT, 143 SIGTERM) when stopped by 
 after saving a checkpoint.
 """
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +22,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from gpt import GPT, __version__
-from gpt.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpt.checkpoint import full_parameters, latest_checkpoint, load_checkpoint, save_checkpoint
 from gpt.config import Config, ConfigError, config_from_argv, save_config
 from gpt.data.loader import TokenLoader
 from gpt.data.shards import read_manifest
@@ -113,14 +112,10 @@ def eval_samples(engine, tokenizer, cfg: Config) -> dict[str, str]:
     """A continuation of each of ``train.sample_prompts`` (same seed every time, so that
     evaluations differ only by the weights). Every rank samples: under ZeRO-3 gathering
     the parameters is a collective."""
-    import deepspeed
-
     model, t = engine.module, cfg.train
-    zero3 = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) == 3
-    gathered = deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else None
     model.eval()
     texts = {}
-    with gathered or contextlib.nullcontext():
+    with full_parameters(engine):
         for prompt in t.sample_prompts:
             ids, _ = encode_prompt(tokenizer, prompt, model.cfg.block_size)
             (texts[prompt],) = sample_texts(

@@ -116,7 +116,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8))
 
 
-def _full_parameters(engine):
+def full_parameters(engine):
     """Collective: under ZeRO-3 a context in which every rank holds whole parameters."""
     if engine.zero_optimization_stage() != 3:
         return contextlib.nullcontext()
@@ -166,7 +166,7 @@ def save_checkpoint(
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     _write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
     _barrier()
-    with _full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
+    with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
         if rank == 0:
             model.save_pretrained(tmp / "model", tokenizer)
     if rank == 0:
