@@ -153,9 +153,10 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    if cfg.bench.steps:
+    if cfg.bench.steps:  # benchmark mode: each timed configuration builds its own model
+        flops_token = flops_per_token(model, m.block_size)
         del model
-        return run_benchmark(cfg, rank, world, device, argv)
+        return run_benchmark(cfg, rank, world, device, argv, flops_token)
     model.to(device)
     engine, optimizer = build_engine(model, cfg, world)
     loader = TokenLoader(
@@ -203,6 +204,7 @@ def main(argv: list[str]) -> int:
     log = MetricsLog(out_dir, rank == 0, step, wandb_run)
     peak = peak_flops(device, t.dtype)
     flops_token = flops_per_token(model, m.block_size)
+    tokenizer = get_tokenizer(manifest["encoding"]) if t.sample_tokens else None
 
     def trainer_state() -> dict:
         import deepspeed
@@ -268,8 +270,8 @@ def main(argv: list[str]) -> int:
             )
         if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
             record.update(evaluate(engine, val_loaders, t.eval_steps, device))
-            if t.sample_tokens and t.sample_prompts:
-                record["samples"] = eval_samples(engine, get_tokenizer(manifest["encoding"]), cfg)
+            if tokenizer is not None and t.sample_prompts:
+                record["samples"] = eval_samples(engine, tokenizer, cfg)
             if rank == 0:
                 bar.write(
                     "  "

@@ -157,7 +157,9 @@ class OptimConfig:
 class BenchConfig:
     steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).")
     warmup: int = option(3, "Untimed steps before the timed ones (compilation happens here).")
-    backends: list[str] = option([], "Attention backends to compare (empty: every usable one).")
+    backends: list[str] = option(
+        [], "Attention backends to compare (empty: every registered one; unusable ones are listed)."
+    )
     compile: list[bool] = option([False, True], "torch.compile settings to compare.")
 
 

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{path} does not exist: is {args.run_dir} a train.out_dir?")
     data_dir = Path(tomllib.loads(config.read_text())["data"]["dir"])
     records = read_metrics(metrics)
+    if not records:
+        parser.error(f"{metrics} is empty: the run has not logged a step yet")
     last = records[-1]
     evals = [r for r in records if "val_loss" in r]
     baseline = unigram_loss(data_dir)

@@ -26,7 +26,7 @@ from gpt.attention import attention_status
 from gpt.config import Config, ConfigError
 from gpt.data.loader import TokenLoader
 from gpt.engine import build_engine, train_step
-from gpt.metrics import flops_per_token, peak_flops
+from gpt.metrics import peak_flops
 
 
 def _sync(device: torch.device) -> None:
@@ -64,13 +64,18 @@ def time_one(cfg: Config, world: int, device: torch.device, loader: TokenLoader)
     return times[cfg.bench.warmup :]
 
 
-def run_benchmark(cfg: Config, rank: int, world: int, device: torch.device, argv: list[str]):
-    """Time every (backend, compile) pair; returns the process exit status (0, or 2 for a
-    bad bench section)."""
+def run_benchmark(
+    cfg: Config, rank: int, world: int, device: torch.device, argv: list[str], flops_token: float
+) -> int:
+    """Time every (backend, compile) pair; ``flops_token`` is the model's FLOPs per token
+    (for MFU). Returns the process exit status (0, or 2 for a bad bench section)."""
     b, t, m = cfg.bench, cfg.train, cfg.model
     try:
         if b.steps < 1 or b.warmup < 0:
-            raise ConfigError(f"bench.steps must be >= 1 and bench.warmup >= 0, got {b}")
+            raise ConfigError(
+                f"bench.steps must be >= 1 and bench.warmup >= 0, got bench.steps = {b.steps}, "
+                f"bench.warmup = {b.warmup}"
+            )
         backends = backends_to_run(cfg)
     except ConfigError as err:
         print(f"train.py: error: {err}", file=sys.stderr)
@@ -80,7 +85,6 @@ def run_benchmark(cfg: Config, rank: int, world: int, device: torch.device, argv
     )
     tokens_per_step = t.micro_batch_size * t.grad_accum * world * m.block_size
     peak = peak_flops(device, t.dtype)
-    flops_token = flops_per_token(GPT(m), m.block_size)
     results = []
     for name, unavailable in backends:
         for compiled in b.compile:

@@ -54,3 +54,7 @@ def test_report_prints_losses_and_writes_the_plot(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing")])
     assert "is " in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit):
+        main([str(run)])
+    assert "metrics.jsonl is empty: the run has not logged a step yet" in capsys.readouterr().err

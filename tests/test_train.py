@@ -410,6 +410,8 @@ def test_bench_mode_times_each_backend_and_writes_no_checkpoint(tmp_path, data_d
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     assert train.main([*args, '--bench.backends=["fast"]']) == 2
     assert "bench.backends: unknown attention backend(s) fast" in capsys.readouterr().err
+    assert train.main([str(path), "--bench.steps=-1"]) == 2
+    assert "got bench.steps = -1, bench.warmup = 3" in capsys.readouterr().err
 
 
 def test_evaluation_samples_are_logged_and_leave_training_unchanged(tmp_path, data_dir):
