@@ -8,13 +8,14 @@ under `cache_dir()`. Nothing here runs at import time. Command line:
 """
 
 import argparse
-import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gpt.fileio import sha256_file
 
 CACHE_ENV = "GPT_CACHE_DIR"
 
@@ -23,26 +24,6 @@ def cache_dir() -> Path:
     """The cache root: `$GPT_CACHE_DIR` if set, else `~/.cache/gpt-pretrain`."""
     root = os.environ.get(CACHE_ENV)
     return Path(root).expanduser() if root else Path.home() / ".cache" / "gpt-pretrain"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary name, so a kill never leaves a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def pip_download(spec: str, dest: Path, sdist: bool = True) -> Path:

@@ -21,8 +21,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.data.assets import apt_download, cache_dir, pip_download, sha256_file, write_atomic
+from gpt.data.assets import apt_download, cache_dir, pip_download
 from gpt.data.rdata import read_lazyload
+from gpt.fileio import sha256_file, write_atomic
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
 SURROGATE = re.compile("[\ud800-\udfff]")

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt.fileio import fsync_dir, write_atomic
+
 MAGIC = b"GPTSHARD"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQII32s")
@@ -95,6 +97,7 @@ class ShardWriter:
         self._file.close()
         self._file = None
         os.replace(self._tmp, self._path)
+        fsync_dir(self.out_dir)
         self.entries.append(
             {"file": self._path.name, "tokens": self._count, "crc32": f"{self._crc:08x}"}
         )
@@ -183,10 +186,7 @@ def open_shard(path: Path, verify: str = "full") -> np.ndarray:
 
 def write_manifest(out_dir: Path, manifest: dict) -> None:
     """Write DIR/manifest.json atomically (it is the last file a run writes)."""
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(data_dir: Path) -> dict:

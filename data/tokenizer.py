@@ -22,7 +22,8 @@ import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
-from gpt.data.assets import cache_dir, pip_download, sha256_file, write_atomic
+from gpt.data.assets import cache_dir, pip_download
+from gpt.fileio import sha256_file, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
 

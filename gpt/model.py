@@ -8,11 +8,12 @@ Transformer literature compares: post-norm (Vaswani et al. 2017), sinusoidal pos
 SwiGLU (Shazeer 2020) and grouped-query attention (Ainslie et al. 2023).
 
 Parameter names follow Hugging Face's GPT-2 (``transformer.h.N.attn.c_attn`` ...) so that
-weight conversion in ``gpt/huggingface.py`` is a rename plus a transpose.
+weight conversion in ``gpt/convert/gpt2.py`` is a rename plus a transpose.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -247,13 +248,44 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
-        """Load a Hugging Face GPT-2 directory or a model exported by this project."""
-        from gpt.huggingface import load_pretrained
+        """Load a model directory: a Hugging Face GPT-2 checkpoint or one of our exports.
+        ``overrides`` replace ModelConfig fields that do not change the weights' shapes
+        (e.g. attention="naive", dropout=0.1)."""
+        from gpt.convert import WEIGHTS, read_model_dir
 
-        return load_pretrained(path, **overrides)
+        cfg, state, _ = read_model_dir(path)
+        cfg = dataclasses.replace(cfg, **overrides)
+        with torch.device("meta"):  # no time spent initialising weights that are overwritten
+            model = cls(cfg)
+        model.load_weights(state, Path(path) / WEIGHTS)
+        return model
+
+    def load_weights(self, state: dict[str, Tensor], source: str | Path) -> None:
+        """Take every parameter from ``state`` (our names); ValueError naming ``source`` if a
+        name or a shape does not match. Works on a model built on the meta device."""
+        expected = dict(self.state_dict())
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: weights do not match the config: "
+                f"missing {missing[:8]}, unexpected {unexpected[:8]}"
+            )
+        for name, tensor in state.items():
+            if tensor.shape != expected[name].shape:
+                raise ValueError(
+                    f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs "
+                    f"{tuple(expected[name].shape)}"
+                )
+        if not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
+            raise ValueError(
+                f"{source}: lm_head.weight differs from wte; only tied LM heads are supported"
+            )
+        self.load_state_dict(state, assign=True)
+        self.lm_head.weight = self.transformer.wte.weight  # assign=True broke the tie
 
     def save_pretrained(self, path: str | Path, tokenizer: str | None = None) -> None:
         """Write ``config.json`` + ``model.safetensors`` in Hugging Face GPT-2 layout."""
-        from gpt.huggingface import save_pretrained
+        from gpt.convert import write_model_dir
 
-        save_pretrained(self, path, tokenizer)
+        write_model_dir(path, self.cfg, self.state_dict(), tokenizer)

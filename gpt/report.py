@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt.data.shards import open_split, read_manifest
-from gpt.metrics import plot_losses, read_metrics
+from gpt.train.metrics import plot_losses, read_metrics
 
 
 def token_counts(data_dir: Path, split: str, n_vocab: int) -> np.ndarray:

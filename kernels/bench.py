@@ -375,7 +375,7 @@ def run_sweep(shapes, fns, device, timing, seed: int = 0, progress: bool = True)
 
 def device_peak(device: torch.device, dtype: str) -> float | None:
     """Peak FLOP/s from gpt.metrics' table; fp32 means IEEE fp32 unless TF32 is enabled."""
-    from gpt.metrics import peak_flops
+    from gpt.train.metrics import peak_flops
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     return peak_flops(device, "fp32_ieee" if dtype == "fp32" and not tf32 else dtype)

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from gpt.attention import check_shapes
+from gpt.kernels.reference import check_shapes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))

@@ -1,4 +1,4 @@
-"""Tests for gpt.data.assets: the cache location, atomic writes, the fetch command line."""
+"""Tests for gpt.data.assets: the cache location and the fetch command line."""
 
 from pathlib import Path
 
@@ -12,14 +12,6 @@ def test_cache_dir_env_override(monkeypatch, tmp_path):
     assert assets.cache_dir() == Path.home() / ".cache" / "gpt-pretrain"
     monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path))
     assert assets.cache_dir() == tmp_path
-
-
-def test_write_atomic_and_sha256(tmp_path):
-    path = tmp_path / "sub" / "f.bin"
-    assets.write_atomic(path, b"abc")
-    assert path.read_bytes() == b"abc" and not list(path.parent.glob("*.tmp"))
-    # sha256("abc"), FIPS 180-2 appendix B.1
-    assert assets.sha256_file(path).startswith("ba7816bf8f01cfea414140de5dae2223")
 
 
 def test_cli_rejects_unknown_names(capsys):

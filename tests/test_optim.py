@@ -7,8 +7,8 @@ import torch
 
 from gpt import GPT, ModelConfig
 from gpt.config import OptimConfig
-from gpt.metrics import PEAK_TFLOPS, flops_per_token, peak_flops
-from gpt.optim import GuardedAdamW, lr_at, param_groups
+from gpt.train.metrics import PEAK_TFLOPS, flops_per_token, peak_flops
+from gpt.train.optim import GuardedAdamW, lr_at, param_groups
 
 
 def test_lr_schedule_values():

@@ -1,7 +1,6 @@
 """sample.py end to end, in process: every kind of --ckpt path, generation, few-shot prompts,
 evaluation, attention maps, and every error path (status 2, `sample.py: error: ...`)."""
 
-import importlib.util
 import io
 import json
 import re
@@ -14,13 +13,11 @@ import torch
 import transformers
 
 from gpt import GPT, ModelConfig
+from gpt.cli import sample
 from gpt.data.tokenizer import get_tokenizer
 
 transformers.logging.set_verbosity_error()
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "sample.py")
-sample = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sample)
 BYTES = get_tokenizer("bytes")
 
 
@@ -163,7 +160,7 @@ def test_attention_map_png(capsys, model_dir, tmp_path):
 
 
 def test_attention_map_weights_are_causal_rows_summing_to_one(model_dir):
-    from gpt.attention_map import attention_weights
+    from gpt.eval.attention_map import attention_weights
 
     model = GPT.from_pretrained(model_dir, attention="sdpa")
     weights = attention_weights(model, torch.tensor([BYTES.encode("Hello")]))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -29,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from gpt.fileio import write_atomic
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -78,15 +79,6 @@ def resolve_model_dir(path: str | Path) -> Path:
         f"{path}: not a model directory (config.json + model.safetensors), a checkpoint "
         f"({COMPLETE} + model/) or a run directory (checkpoints/)"
     )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
 
 
 def rng_state() -> dict:
@@ -164,18 +156,18 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
-    _write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
+    write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
     _barrier()
     with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
         if rank == 0:
             model.save_pretrained(tmp / "model", tokenizer)
     if rank == 0:
-        _write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1))
-        _write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
+        write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1))
+        write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
         if final.exists():  # an older save of the same step
             shutil.rmtree(final)
         tmp.rename(final)
-        _write_atomic(root / LATEST, final.name)
+        write_atomic(root / LATEST, final.name)
         for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
             doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
             old.rename(doomed)

@@ -13,7 +13,7 @@ import socket
 import torch
 
 from gpt.config import Config, ConfigError
-from gpt.optim import GuardedAdamW, param_groups
+from gpt.train.optim import GuardedAdamW, param_groups
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")

@@ -25,8 +25,8 @@ from gpt import GPT, __version__
 from gpt.attention import attention_status
 from gpt.config import Config, ConfigError
 from gpt.data.loader import TokenLoader
-from gpt.engine import build_engine, train_step
-from gpt.metrics import peak_flops
+from gpt.train.engine import build_engine, train_step
+from gpt.train.metrics import peak_flops
 
 
 def _sync(device: torch.device) -> None:

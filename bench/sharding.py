@@ -1,6 +1,6 @@
 """Benchmark the sharder against single-process tiktoken on a large corpus of real text.
 
-    python -m gpt.data.benchmark --megabytes 200 --workers 2
+    python bench/sharding.py --megabytes 200 --workers 2
 
 Builds (once) a JSONL corpus of at least `--megabytes` by repeating the shakespeare, pydocs
 and pystdlib documents, then times in separate processes (so their peak memory is separate):
@@ -61,7 +61,7 @@ def children_usage() -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt.data.benchmark", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python bench/sharding.py", description=__doc__)
     parser.add_argument("--megabytes", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--encoding", default="gpt2")

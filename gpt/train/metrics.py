@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from gpt.fileio import write_atomic
+
 # Dense peak TFLOP/s by device-name fragment: bf16/fp16 tensor cores, TF32 tensor cores for
 # "fp32" (what training with TF32 matmuls can reach), and the CUDA cores' IEEE fp32 for
 # "fp32_ieee" (kernels that keep exact fp32 products, such as the attention benchmark's).
@@ -59,9 +61,7 @@ class MetricsLog:
                 for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= resume_step
             ]
-            tmp = self.path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import train
-from gpt.checkpoint import complete_checkpoints, latest_checkpoint
+from gpt.cli import train
 from gpt.data.prepare import prepare
 from gpt.model import GPT
+from gpt.train.checkpoint import complete_checkpoints, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """
@@ -268,13 +268,13 @@ def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path, data_di
 
 KILL_DURING_SAVE = """
 import os, runpy, signal, sys
-import gpt.checkpoint as ckpt
-write = ckpt._write_atomic
+import gpt.train.checkpoint as ckpt
+write = ckpt.write_atomic
 def dying_write(path, text):
     if path.name == "COMPLETE" and "step_00000010" in str(path):
         os.kill(os.getpid(), signal.SIGKILL)  # everything but the marker is on disk
     write(path, text)
-ckpt._write_atomic = dying_write
+ckpt.write_atomic = dying_write
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from gpt.eval.tasks import Task, build_prompt, select_shots
 from gpt.generate import sample_texts
 from gpt.model import GPT
-from gpt.prompts import Task, build_prompt, select_shots
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

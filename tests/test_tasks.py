@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gpt.prompts import Example, build_prompt, format_query, load_task, select_shots
+from gpt.eval.tasks import Example, build_prompt, format_query, load_task, select_shots
 
 
 def write_jsonl(path, rows):

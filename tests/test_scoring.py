@@ -9,8 +9,8 @@ import torch
 
 from gpt import ModelConfig
 from gpt.data.tokenizer import get_tokenizer
-from gpt.evaluate import continuation_logprobs, encode_pair, evaluate_task, format_summary
-from gpt.prompts import load_task
+from gpt.eval.scoring import continuation_logprobs, encode_pair, evaluate_task, format_summary
+from gpt.eval.tasks import load_task
 
 BYTES = get_tokenizer("bytes")
 

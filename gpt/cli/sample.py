@@ -1,0 +1,251 @@
+"""Sample from a GPT, build few-shot prompts, evaluate in context, draw attention maps.
+
+    python sample.py --ckpt PATH [--prompt TEXT | --prompt-file F | stdin] [--num-samples N]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
+    python sample.py --ckpt PATH --task TASK_FILE [--example I | --prompt TEXT] --shots K
+    python sample.py --ckpt PATH --eval TASK_FILE [--shots K] [--limit N] [--out results.json]
+    python sample.py --ckpt PATH --prompt TEXT --attention-map OUT.png
+
+PATH is a training run directory (its latest complete checkpoint), one checkpoint, an exported
+model/ directory or a Hugging Face GPT-2 directory. Decoding uses a KV cache (gpt/generate.py);
+several samples decode as one batch and the first streams to the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from gpt import GPT
+from gpt.attention import get_attention
+from gpt.convert import tokenizer_name
+from gpt.data.tokenizer import get_tokenizer
+from gpt.eval.attention_map import attention_weights, plot_attention_map, token_labels
+from gpt.eval.scoring import evaluate_task, format_summary
+from gpt.eval.tasks import Example, build_prompt, load_task, select_shots
+from gpt.generate import check_sampling, encode_prompt, sample_texts
+from gpt.train.checkpoint import resolve_model_dir
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Show "(default: X)" only for flags whose default is a value (not None / off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in action.help:
+            return action.help
+        return f"{action.help} (default: %(default)s)"
+
+
+def unescape(text: str) -> str:
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="sample.py",
+        description=__doc__.splitlines()[0],
+        epilog="In --template, --separator and --stop, \\n and \\t are read as escapes.",
+        formatter_class=HelpWithDefaults,
+    )
+    p.add_argument("--ckpt", required=True, help="run dir, checkpoint, model/ or HF GPT-2 dir")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="prompt text (default: stdin when piped, else empty)")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--num-samples", type=int, default=1, help="samples, decoded as one batch")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="tokens per sample [default: 200; eval: longest target + 4]",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, help="keep the K most likely tokens")
+    p.add_argument("--top-p", type=float, help="nucleus: smallest set with this much mass")
+    p.add_argument("--seed", type=int, default=1337, help="sampling and shot selection")
+    p.add_argument(
+        "--stop",
+        nargs="+",
+        action="extend",
+        metavar="STR",
+        help="end a sample before any of these strings [eval default: a newline]",
+    )
+    p.add_argument("--attention", help="attention backend [default: the model's, else sdpa]")
+    p.add_argument("--tokenizer", help="encoding [default: recorded in the export, else gpt2]")
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="where the model runs",
+    )
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the context each step")
+    p.add_argument(
+        "--window-keep",
+        type=int,
+        help="past block_size, rebuild the KV cache from "
+        "this many last tokens [default: block_size, exact and slow]",
+    )
+    p.add_argument("--task", help="build the prompt from this task file (.jsonl / BIG-bench)")
+    p.add_argument("--example", type=int, help="with --task: the example to query [default: 0]")
+    p.add_argument("--shots", type=int, default=0, help="demonstrations; 0 is zero-shot")
+    p.add_argument(
+        "--template",
+        help="example template with {input} and {choices}",
+    )
+    p.add_argument("--separator", help="between demonstrations")
+    p.add_argument("--show-prompt", action="store_true", help="print the exact prompt(s)")
+    p.add_argument("--eval", metavar="TASK_FILE", help="evaluate in context on this task file")
+    p.add_argument("--limit", type=int, help="with --eval: score the first N examples")
+    p.add_argument("--batch-size", type=int, default=16, help="with --eval: sequences per batch")
+    p.add_argument("--out", help="with --eval: write the results as JSON here")
+    p.add_argument("--attention-map", metavar="OUT.png", help="draw the prompt's attention")
+    args = p.parse_args(argv)
+    try:
+        check_sampling(args.temperature, args.top_k, args.top_p)
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        if args.max_new_tokens is not None and args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if args.shots < 0:
+            raise ValueError(f"--shots must be >= 0, got {args.shots}")
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if args.eval and (args.task or args.attention_map):
+            raise ValueError("--eval cannot be combined with --task or --attention-map")
+        if args.example is not None and (not args.task or args.prompt or args.prompt_file):
+            raise ValueError("--example needs --task (and no --prompt: that is the query)")
+        if args.attention is not None:
+            get_attention(args.attention)  # unknown or unusable: the error lists the valid names
+    except ValueError as err:
+        p.error(str(err))
+    for key in ("template", "separator", "stop"):  # \n and \t typed on a command line
+        value = getattr(args, key)
+        if isinstance(value, str):
+            setattr(args, key, unescape(value))
+        elif value is not None:
+            setattr(args, key, [unescape(v) for v in value])
+    return args
+
+
+def load_model(args: argparse.Namespace):
+    model_dir = resolve_model_dir(args.ckpt)
+    model = GPT.from_pretrained(model_dir, attention="naive")  # "naive" always builds
+    recorded = json.loads((model_dir / "config.json").read_text()).get("gpt_config", {})
+    try:
+        model.set_attention(args.attention or recorded.get("attention", "sdpa"))
+    except ValueError as err:  # e.g. trained with "triton", sampled without a GPU
+        print(f"sample.py: warning: {err}; using sdpa", file=sys.stderr)
+        model.set_attention("sdpa")
+    model.to(args.device).eval()
+    name = args.tokenizer or tokenizer_name(model_dir) or "gpt2"
+    tokenizer = get_tokenizer(name)
+    if tokenizer.n_vocab > model.cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer {name!r} has {tokenizer.n_vocab} tokens but the model in {model_dir} "
+            f"has a vocabulary of {model.cfg.vocab_size}; pass --tokenizer"
+        )
+    return model, tokenizer
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompt-file {path}: no such file")
+        return path.read_text(encoding="utf-8")
+    return "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+
+
+def show_prompt(prompt: str, header: str) -> None:
+    print(f"===== {header} =====\n{prompt}\n===== end of prompt =====", flush=True)
+
+
+def run_eval(args, model, tokenizer) -> None:
+    task = load_task(args.eval, args.template, args.separator)
+    if args.show_prompt:
+        for i, ex in enumerate(task.examples[: args.limit]):
+            shots = select_shots(task, args.shots, args.seed, i)
+            show_prompt(build_prompt(task, ex, shots), f"prompt of example {i}")
+    stops = args.stop or ("\n",)
+    results = evaluate_task(
+        model, tokenizer, task, args.shots, args.seed, args.limit, args.batch_size,
+        args.max_new_tokens, stops,
+    )  # fmt: skip
+    print(format_summary(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        config = {k: getattr(args, k) for k in ("ckpt", "limit", "template", "separator")}
+        out.write_text(json.dumps({**results, "config": config}, indent=1) + "\n")
+        print(f"results written to {out}")
+
+
+def task_prompt(args, prompt: str | None) -> str:
+    """A few-shot prompt whose query is --prompt / --prompt-file, else example --example."""
+    task = load_task(args.task, args.template, args.separator)
+    if prompt is None:
+        index = args.example or 0
+        if not 0 <= index < len(task.examples):
+            raise ValueError(
+                f"--example {index} is out of range: {task.path} has {len(task.examples)} examples"
+            )
+        return build_prompt(
+            task, task.examples[index], select_shots(task, args.shots, args.seed, index)
+        )
+    query = Example(prompt)
+    return build_prompt(task, query, select_shots(task, args.shots, args.seed, query))
+
+
+def draw_attention_map(args, model, tokenizer, ids: list[int]) -> None:
+    weights = attention_weights(model, torch.tensor([ids], device=args.device))
+    title = f"{args.ckpt}: {len(ids)} tokens"
+    path = plot_attention_map(weights, token_labels(tokenizer, ids), args.attention_map, title)
+    print(f"attention map ({len(weights)} layers x {weights[0].shape[0]} heads) written to {path}")
+
+
+def print_samples(args, model, tokenizer, ids: list[int]) -> None:
+    prompt = tokenizer.decode(ids)
+
+    def stream(i: int, piece: str) -> None:  # the first sample streams as it is generated
+        if i == 0:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    sys.stdout.write(prompt)
+    max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
+    texts = sample_texts(
+        model, tokenizer, ids, args.num_samples, max_new, args.temperature, args.top_k,
+        args.top_p, args.seed, args.stop or (), not args.no_kv_cache, stream, args.window_keep,
+    )  # fmt: skip
+    for text in texts[1:]:  # decoded in the same batch; printed once all are done
+        print(f"\n{'-' * 40}\n{prompt}{text}", end="")
+    print()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        model, tokenizer = load_model(args)
+        if args.eval:
+            return run_eval(args, model, tokenizer)
+        if args.task:  # the query: --prompt / --prompt-file, else example --example
+            given = args.prompt is not None or args.prompt_file is not None
+            prompt = task_prompt(args, read_prompt(args) if given else None)
+        else:
+            prompt = read_prompt(args)
+        if args.show_prompt:
+            show_prompt(prompt, "prompt")
+        ids, warning = encode_prompt(tokenizer, prompt, model.cfg.block_size)
+        if warning:
+            print(f"sample.py: warning: {warning}", file=sys.stderr)
+        if args.attention_map:
+            return draw_attention_map(args, model, tokenizer, ids)
+        print_samples(args, model, tokenizer, ids)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"sample.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
