@@ -11,7 +11,12 @@ after saving a checkpoint.
 
 import sys
 
+import torch.distributed as dist
+
 from gpt.cli.train import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    status = main(sys.argv[1:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(status)

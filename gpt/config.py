@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import tomllib
 import types
@@ -18,33 +19,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.fileio import write_atomic
+
 
 class ConfigError(ValueError):
     """A bad configuration value, key or file; the message says what is valid."""
 
 
-def option(default: Any, help: str) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    below: float | None = None,
+    above: float | None = None,
+) -> Any:
+    """A config field: its default, its one-line help (the ``--help`` text) and its range:
+    ``min <= value <= max``, ``value < below``, ``value > above`` (for numbers; None in an
+    optional field is always allowed). ``validate_ranges`` enforces them."""
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("below", below), ("above", above))}
+    metadata = {"help": help, **{k: v for k, v in bounds.items() if v is not None}}
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 CHOICES = {
-    "norm_position": ("pre", "post"),
-    "position_encoding": ("learned", "sinusoidal", "rope"),
-    "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "relu", "swiglu"),
+    "model.norm_position": ("pre", "post"),
+    "model.position_encoding": ("learned", "sinusoidal", "rope"),
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.mlp": ("gelu", "relu", "swiglu"),
+    "data.mode": ("random", "sequential"),
+    "train.dtype": ("fp32", "bf16", "fp16"),
 }
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = option(50257, "Vocabulary size (50257 for the GPT-2 tokenizer).")
-    block_size: int = option(1024, "Context length in tokens (also the number of positions).")
-    n_layer: int = option(12, "Number of Transformer blocks.")
-    n_head: int = option(12, "Number of query heads per attention layer.")
-    n_embd: int = option(768, "Width of the residual stream.")
-    dropout: float = option(0.0, "Dropout on embeddings and residual branches.")
+    vocab_size: int = option(50257, "Vocabulary size (50257 for the GPT-2 tokenizer).", min=1)
+    block_size: int = option(
+        1024, "Context length in tokens (also the number of positions).", min=1
+    )
+    n_layer: int = option(12, "Number of Transformer blocks.", min=1)
+    n_head: int = option(12, "Number of query heads per attention layer.", min=1)
+    n_embd: int = option(768, "Width of the residual stream.", min=1)
+    dropout: float = option(0.0, "Dropout on embeddings and residual branches.", min=0, below=1)
     bias: bool = option(True, "Biases in linear layers and LayerNorms (GPT-2: true).")
     attention: str = option("sdpa", "Attention backend: naive | sdpa | triton.")
     n_kv_head: int | None = option(
@@ -55,10 +75,10 @@ class ModelConfig:
     norm: str = option("layernorm", "Normalisation: layernorm | rmsnorm.")
     mlp: str = option("gelu", "MLP: gelu (tanh approximation) | relu | swiglu.")
     mlp_hidden_dim: int | None = option(
-        None, "MLP hidden width; default 4*n_embd, or ceil8(8/3*n_embd) for swiglu."
+        None, "MLP hidden width; default 4*n_embd, or ceil8(8/3*n_embd) for swiglu.", min=1
     )
-    norm_eps: float = option(1e-5, "Epsilon of LayerNorm / RMSNorm.")
-    rope_theta: float = option(10000.0, "Base of the rotary frequencies.")
+    norm_eps: float = option(1e-5, "Epsilon of LayerNorm / RMSNorm.", above=0)
+    rope_theta: float = option(10000.0, "Base of the rotary frequencies.", above=0)
 
     @property
     def kv_heads(self) -> int:
@@ -73,18 +93,9 @@ class ModelConfig:
         return 4 * self.n_embd
 
     def validate(self) -> None:
-        """Raise ConfigError for inconsistent values; called when a model is built."""
-        for key, valid in CHOICES.items():
-            if getattr(self, key) not in valid:
-                raise ConfigError(
-                    f"model.{key} = {getattr(self, key)!r} is not valid; choose one of "
-                    f"{', '.join(valid)}"
-                )
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) < 1:
-                raise ConfigError(
-                    f"model.{key} must be a positive integer, got {getattr(self, key)}"
-                )
+        """Raise ConfigError for out-of-range or inconsistent values; called when a model is
+        built (and by ``Config.validate`` before any work)."""
+        validate_ranges(self, "model")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})"
@@ -99,15 +110,11 @@ class ModelConfig:
                 f"model.position_encoding = 'rope' needs an even head dimension; "
                 f"n_embd / n_head = {self.n_embd // self.n_head}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.mlp_hidden < 1:
-            raise ConfigError(f"model.mlp_hidden_dim must be positive, got {self.mlp_hidden_dim}")
 
 
 @dataclass
 class DataConfig:
-    dir: str = option("out/data/shakespeare", "Directory written by `python -m data.prepare`.")
+    dir: str = option("out/data/shakespeare", "Directory written by `python -m gpt.data.prepare`.")
     mode: str = option("random", "Batches: random windows | sequential (each token once/epoch).")
     extra_val: dict[str, str] = option(
         {}, "Extra validation sets, name = prepared dir; logged as val_loss/<name>."
@@ -117,19 +124,25 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = option("out/run", "Run directory: metrics, checkpoints, resolved config.")
-    max_steps: int = option(1000, "Optimizer steps to train for.")
-    micro_batch_size: int = option(8, "Sequences per rank per forward/backward.")
-    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    max_steps: int = option(1000, "Optimizer steps to train for.", min=1)
+    micro_batch_size: int = option(8, "Sequences per rank per forward/backward.", min=1)
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", min=1)
     global_batch_size: int | None = option(
-        None, "If set, must equal micro_batch_size * grad_accum * world size (a check)."
+        None, "If set, must equal micro_batch_size * grad_accum * world size (a check).", min=1
     )
-    eval_interval: int = option(100, "Evaluate every this many steps (0: never).")
-    eval_steps: int = option(20, "Validation batches per evaluation.")
-    ckpt_interval: int = option(500, "Checkpoint every this many steps (and at the end).")
-    keep_checkpoints: int = option(3, "Keep the newest this many complete checkpoints.")
-    max_nonfinite_steps: int = option(5, "Abort after this many consecutive non-finite steps.")
-    log_interval: int = option(10, "Log a metrics line every this many steps.")
-    seed: int = option(1337, "Seed of the model init, the data order and dropout.")
+    eval_interval: int = option(100, "Evaluate every this many steps (0: never).", min=0)
+    eval_steps: int = option(20, "Validation batches per evaluation.", min=1)
+    ckpt_interval: int = option(500, "Checkpoint every this many steps (and at the end).", min=1)
+    keep_checkpoints: int = option(
+        3, "Keep the newest this many complete checkpoints (0: keep all).", min=0
+    )
+    max_nonfinite_steps: int = option(
+        5, "Abort after this many consecutive non-finite steps.", min=1
+    )
+    log_interval: int = option(10, "Log a metrics line every this many steps.", min=1)
+    seed: int = option(
+        1337, "Seed of the model init, the data order and dropout.", min=0, below=2**63
+    )
     init_from: str = option(
         "scratch", "scratch, or a model directory (exported or Hugging Face GPT-2) to start from."
     )
@@ -138,25 +151,27 @@ class TrainConfig:
     wandb: bool = option(True, "Log to Weights & Biases (offline unless configured).")
     wandb_project: str = option("gpt-pretrain", "Weights & Biases project name.")
     sample_prompts: list[str] = option(["\n"], "Prompts sampled from at each evaluation.")
-    sample_tokens: int = option(64, "New tokens per evaluation sample (0: no samples).")
+    sample_tokens: int = option(64, "New tokens per evaluation sample (0: no samples).", min=0)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = option(6e-4, "Peak learning rate.")
-    min_lr: float = option(6e-5, "Floor of the cosine decay.")
-    warmup_steps: int = option(100, "Linear warmup steps.")
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).")
-    beta1: float = option(0.9, "AdamW beta1.")
-    beta2: float = option(0.95, "AdamW beta2.")
-    eps: float = option(1e-8, "AdamW epsilon.")
-    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0: off).")
+    lr: float = option(6e-4, "Peak learning rate.", above=0)
+    min_lr: float = option(6e-5, "Floor of the cosine decay (at most optim.lr).", min=0)
+    warmup_steps: int = option(100, "Linear warmup steps.", min=0)
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only).", min=0)
+    beta1: float = option(0.9, "AdamW beta1.", min=0, below=1)
+    beta2: float = option(0.95, "AdamW beta2.", min=0, below=1)
+    eps: float = option(1e-8, "AdamW epsilon.", above=0)
+    grad_clip: float = option(1.0, "Clip the global gradient norm to this (0: off).", min=0)
 
 
 @dataclass
 class BenchConfig:
-    steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).")
-    warmup: int = option(3, "Untimed steps before the timed ones (compilation happens here).")
+    steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).", min=0)
+    warmup: int = option(
+        3, "Untimed steps before the timed ones (compilation happens here).", min=0
+    )
     backends: list[str] = option(
         [], "Attention backends to compare (empty: every registered one; unusable ones are listed)."
     )
@@ -171,6 +186,130 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     deepspeed: dict = field(default_factory=dict)  # passed through to DeepSpeed untouched
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+    def global_batch(self, world_size: int) -> int:
+        """Sequences per optimizer step over all processes."""
+        return self.train.micro_batch_size * self.train.grad_accum * world_size
+
+    def validate(self, world_size: int, manifests: dict[str, dict] | None = None) -> None:
+        """Every range and combination check, before any model is built: ConfigError naming
+        the key. ``manifests`` maps "train" (data.dir) and each data.extra_val name to its
+        data manifest; without it the checks against the data are skipped."""
+        for section in SECTION_TYPES:
+            validate_ranges(getattr(self, section), section)
+        self.model.validate()
+        from gpt.attention import attention_status  # the registry knows what runs here
+
+        status = attention_status()
+        if self.model.attention not in status or status[self.model.attention]:
+            valid = ", ".join(n for n, why in status.items() if why is None)
+            why = status.get(self.model.attention) or "unknown backend"
+            raise ConfigError(
+                f"model.attention = {self.model.attention!r} cannot be used here ({why}); "
+                f"usable here: {valid}"
+            )
+        unknown = [n for n in self.bench.backends if n not in status]
+        if unknown:
+            raise ConfigError(
+                f"bench.backends: unknown attention backend(s) {', '.join(unknown)}; "
+                f"valid: {', '.join(status)}"
+            )
+        t, o = self.train, self.optim
+        if o.min_lr > o.lr:
+            raise ConfigError(f"optim.min_lr ({o.min_lr}) must be at most optim.lr ({o.lr})")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(
+                f"deepspeed.zero_optimization.stage = {self.zero_stage!r}; valid: 0, 1, 2, 3"
+            )
+        for key in BATCH_KEYS:
+            if key in self.deepspeed:
+                raise ConfigError(
+                    f"deepspeed.{key} is derived from train.micro_batch_size and "
+                    "train.grad_accum; remove it from the [deepspeed] section"
+                )
+        batch = self.global_batch(world_size)
+        if t.global_batch_size is not None and t.global_batch_size != batch:
+            raise ConfigError(
+                f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
+                f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size "
+                f"({world_size}) = {batch}; change one of them"
+            )
+        if not t.out_dir:
+            raise ConfigError("train.out_dir must not be empty")
+        if t.init_from != "scratch" and not Path(t.init_from).exists():
+            raise ConfigError(
+                f"train.init_from = {t.init_from!r}: no such file or directory; give a run "
+                "directory, a checkpoint, an exported model/ directory, or 'scratch'"
+            )
+        if manifests is not None:
+            self.validate_data(manifests)
+
+    def validate_data(self, manifests: dict[str, dict]) -> None:
+        """Checks of the config against the prepared data (see ``validate``)."""
+        t, m = self.train, self.model
+        window = m.block_size + 1  # one sequence: block_size inputs and the next token
+        sets = [("train", "data.dir", self.data.dir)]
+        sets += [(n, f"data.extra_val.{n}", d) for n, d in self.data.extra_val.items()]
+        for name, key, directory in sets:
+            manifest = manifests[name]
+            if manifest["n_vocab"] > m.vocab_size:
+                raise ConfigError(
+                    f"{key} = {directory} uses {manifest['encoding']} with "
+                    f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}"
+                )
+            splits = ["train", "val"] if name == "train" else ["val"]
+            if not t.eval_interval:
+                splits = splits[:1] if name == "train" else []
+            for split in splits:
+                tokens = manifest["splits"].get(split, {}).get("tokens", 0)
+                if tokens < window:
+                    need = "set train.eval_interval = 0 or " if split == "val" else ""
+                    raise ConfigError(
+                        f"{key} = {directory}: split {split!r} has {tokens} tokens, fewer than "
+                        f"one sequence of model.block_size + 1 = {window}; {need}prepare "
+                        "more data (or a smaller model.block_size)"
+                    )
+
+
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def validate_ranges(section_cfg: Any, section: str) -> None:
+    """ConfigError naming the key for a value outside its field's choices or range, or a
+    float that is not finite."""
+    for f in dataclasses.fields(section_cfg):
+        value, key, meta = getattr(section_cfg, f.name), f"{section}.{f.name}", f.metadata
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(
+                f"{key} = {value!r} is not valid; choose one of {', '.join(CHOICES[key])}"
+            )
+        if value is None or isinstance(value, (bool, str, list, dict)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        lo, hi = meta.get("min", meta.get("above")), meta.get("max", meta.get("below"))
+        ok = (
+            ("min" not in meta or value >= meta["min"])
+            and ("above" not in meta or value > meta["above"])
+            and ("max" not in meta or value <= meta["max"])
+            and ("below" not in meta or value < meta["below"])
+        )
+        if ok or (lo is None and hi is None):
+            continue
+        if lo is not None and hi is not None:
+            left, right = "[" if "min" in meta else "(", "]" if "max" in meta else ")"
+            rule = f"in {left}{lo}, {hi}{right}"
+        elif lo is not None:
+            rule = f"{'>=' if 'min' in meta else '>'} {lo}"
+            if isinstance(value, int) and "min" in meta and lo in (0, 1):
+                rule = "a positive integer" if lo == 1 else "an integer >= 0"
+        else:
+            rule = f"{'<=' if 'max' in meta else '<'} {hi}"
+        raise ConfigError(f"{key} must be {rule}, got {value}")
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -333,7 +472,7 @@ def to_toml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(to_toml(cfg))
+    write_atomic(path, to_toml(cfg))
 
 
 def config_from_argv(argv: list[str], prog: str = "train.py") -> tuple[Path | None, Config]:
@@ -345,7 +484,6 @@ def config_from_argv(argv: list[str], prog: str = "train.py") -> tuple[Path | No
     path = Path(argv[0]) if argv and not argv[0].startswith("--") else None
     try:
         cfg = load_config(path, argv[1:] if path else argv)
-        cfg.model.validate()
     except ConfigError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

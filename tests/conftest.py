@@ -1,10 +1,33 @@
-"""Shared test set-up: run Triton kernels in the interpreter when there is no GPU."""
+"""Shared test set-up: Triton in the interpreter without a GPU, one thread count everywhere,
+and the tiny byte-level corpus the trainer tests train on."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # Must be set before any @triton.jit function is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
+# Subprocesses (train.py under torchrun, kill tests) must reduce with the same number of
+# threads as in-process runs, or "bitwise equal" comparisons depend on the machine.
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A prepared byte-level data set: 30 documents of random words, 20% validation."""
+    from gpt.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("corpus")
+    docs = root / "docs"
+    docs.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while the cat sat on the mat".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(30):
+        picks = torch.randint(0, len(words), (150,), generator=g).tolist()
+        (docs / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in picks))
+    prepare([str(docs)], root / "bytes", encoding="bytes", val_fraction=0.2, progress=False)
+    return root / "bytes"

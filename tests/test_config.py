@@ -10,9 +10,12 @@ import torch
 
 from gpt import GPT
 from gpt.config import (
+    CHOICES,
+    SECTION_TYPES,
     Config,
     ConfigError,
     ModelConfig,
+    _toml_value,
     config_help,
     load_config,
     save_config,
@@ -163,3 +166,94 @@ def test_train_help_and_config_errors_exit_non_zero():
     assert "unknown key model.n_layers; valid keys of [model]" in bad.stderr
     bad = run_train("configs/tiny.toml", "--model.norm=batchnorm")
     assert bad.returncode == 2 and "model.norm = 'batchnorm' is not valid" in bad.stderr
+
+
+# A value outside the valid range for every key whose range is not in its field's metadata
+# (numeric ranges come from the metadata; see bad_values). None: any value of the right type
+# is valid, so there is nothing out of range to try.
+SPECIAL = {
+    "model.bias": None,
+    "model.attention": ("flash9", "model.attention = 'flash9' cannot be used here"),
+    "model.n_kv_head": (0, "model.n_kv_head (0) must be a positive divisor"),
+    "data.dir": ("/no/such/dir", "data.dir: data directory /no/such/dir does not exist"),
+    "data.extra_val": ({"x": "/no/such/dir"}, "data.extra_val.x: data directory /no/such/dir"),
+    "train.out_dir": ("", "train.out_dir must not be empty"),
+    "train.init_from": ("/no/such/model", "train.init_from = '/no/such/model': no such file"),
+    "train.compile": None,
+    "train.wandb": None,
+    "train.wandb_project": None,
+    "train.sample_prompts": None,
+    "bench.backends": (["fast"], "bench.backends: unknown attention backend(s) fast"),
+    "bench.compile": None,
+}
+
+
+def bad_values(section: str, f: dataclasses.Field) -> list[tuple[object, str]]:
+    """Out-of-range values of one key and the message each must produce."""
+    key, meta = f"{section}.{f.name}", f.metadata
+    if key in SPECIAL:
+        return [] if SPECIAL[key] is None else [SPECIAL[key]]
+    if key in CHOICES:
+        return [("bogus", f"{key} = 'bogus' is not valid; choose one of")]
+    out = []
+    for bound, delta in (("min", -1), ("above", 0), ("max", 1), ("below", 0)):
+        if bound in meta:
+            out.append((meta[bound] + delta, f"{key} must be "))
+    if f.type in (float, "float"):
+        out.append((float("nan"), f"{key} must be a finite number, got nan"))
+    assert out, f"{key}: no out-of-range value known; add a range or a SPECIAL entry"
+    return out
+
+
+def test_every_key_of_every_section_refuses_an_out_of_range_value(tmp_path, data_dir, capsys):
+    """Status 2 before any model is built, and the message names the key."""
+    from gpt.cli import train
+
+    text = (
+        f"[model]\nvocab_size = 257\nblock_size = 16\nn_layer = 1\nn_head = 2\nn_embd = 8\n"
+        f'[data]\ndir = "{data_dir}"\n[train]\nout_dir = "{tmp_path / "run"}"\nwandb = false\n'
+    )
+    path = write(tmp_path, text)
+    tried = 0
+    for section, cls in SECTION_TYPES.items():
+        for f in dataclasses.fields(cls):
+            for value, message in bad_values(section, f):
+                arg = f"--{section}.{f.name}={_toml_value(value)}"
+                assert train.main([str(path), arg]) == 2, arg
+                err = capsys.readouterr().err
+                assert message in err and f"{section}.{f.name}" in err, (arg, err)
+                tried += 1
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert tried >= 40
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optim.min_lr=0.1", "--optim.lr=0.01"], "optim.min_lr (0.1) must be at most optim.lr"),
+        (["--deepspeed.zero_optimization.stage=4"], "deepspeed.zero_optimization.stage = 4"),
+        (["--model.block_size=100000"], "split 'train' has"),
+        (["--train.global_batch_size=7"], "train.global_batch_size = 7 but micro_batch_size"),
+    ],
+)
+def test_combinations_are_refused_before_any_work(tmp_path, data_dir, capsys, args, message):
+    from gpt.cli import train
+
+    path = write(tmp_path, f'[data]\ndir = "{data_dir}"\n[model]\nvocab_size = 257\n')
+    assert train.main([str(path), f"--train.out_dir={tmp_path / 'run'}", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_on_an_empty_validation_split_is_refused(tmp_path, capsys):
+    from gpt.cli import train
+    from gpt.data.prepare import prepare
+
+    (tmp_path / "doc.txt").write_text("a small corpus with no validation split " * 20)
+    prepare([str(tmp_path / "doc.txt")], tmp_path / "d", encoding="bytes", val_fraction=0.0,
+            progress=False)  # fmt: skip
+    path = write(tmp_path, f'[data]\ndir = "{tmp_path / "d"}"\n[model]\nvocab_size = 257\n'
+                 "block_size = 16\n")  # fmt: skip
+    assert train.main([str(path), f"--train.out_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "split 'val' has 0 tokens" in err and "set train.eval_interval = 0" in err

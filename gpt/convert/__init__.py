@@ -48,6 +48,20 @@ def read_config_json(path: str | Path) -> dict:
     return hf
 
 
+def read_model_config(path: str | Path) -> ModelConfig:
+    """The ModelConfig of model directory ``path`` (config.json only; no weights read)."""
+    config_file = Path(path) / CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json here; is this a model directory?")
+    hf = read_config_json(path)
+    try:
+        return gpt2.config_from_hf(hf, config_file)
+    except (KeyError, TypeError) as err:  # a missing key, a wrong type, a malformed value
+        raise ConfigError(
+            f"{config_file}: not a usable model config ({type(err).__name__}: {err})"
+        ) from None
+
+
 def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """(config, weights in our names and layouts, the raw config.json) of a model directory."""
     from safetensors import SafetensorError
@@ -71,12 +85,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             f"{path}: no model.safetensors here (sharded checkpoints are not supported)"
         )
     hf = read_config_json(path)
-    try:
-        cfg = gpt2.config_from_hf(hf, config_file)
-    except (KeyError, TypeError) as err:  # a missing key, a wrong type, a malformed value
-        raise ConfigError(
-            f"{config_file}: not a usable model config ({type(err).__name__}: {err})"
-        ) from None
+    cfg = read_model_config(path)
     try:
         state = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:

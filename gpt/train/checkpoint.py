@@ -1,19 +1,24 @@
-"""Checkpoint layout of a training run, and finding the model in a path.
+"""The layout of a run directory, saving and loading checkpoints, and the resume policy.
 
-A run directory holds::
+This is the one module that knows the layout. A run directory holds::
 
     out_dir/config.toml                   resolved config of the run
+    out_dir/run.json                      working directory and command line of the latest start
     out_dir/metrics.jsonl                 one JSON object per logged step
+    out_dir/LOCK                          held (flock) by the job that trains in out_dir
     out_dir/checkpoints/step_00000100/    one complete checkpoint:
         ds/                               DeepSpeed's own (model, optimizer, scheduler)
         trainer.json                      step, tokens, data loader state, versions, config
         rng_rank{r}.json                  RNG states of python, numpy and torch per rank
         model/                            config.json + model.safetensors (GPT.from_pretrained)
+        checksums.json                    sha256 of every file above
         COMPLETE                          written last, after every rank finished
     out_dir/checkpoints/latest            name of the newest complete checkpoint
 
 A checkpoint is written under ``step_XXXXXXXX.tmp`` and renamed once ``COMPLETE`` is in
 it, so a kill at any moment leaves either the old checkpoints only or the new one whole.
+Loading never unpickles code: DeepSpeed's ``.pt`` files are read with
+``torch.load(weights_only=True)`` and a short allow-list of DeepSpeed's own plain classes.
 """
 
 from __future__ import annotations
@@ -21,23 +26,45 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import pickle
 import random
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from gpt.fileio import write_atomic
+from gpt.config import Config, ConfigError, load_config
+from gpt.fileio import sha256_file, write_atomic
+from gpt.train import dist
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 LATEST = "latest"
+CHECKSUMS = "checksums.json"
+TRAINER_STATE = "trainer.json"
+RUN_INFO = "run.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used (damaged, unsafe, or from another run); the message
+    names the file."""
+
+
+# ------------------------------------------------------------------------------------------
+# Finding checkpoints and models
+# ------------------------------------------------------------------------------------------
 
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[1])
 
 
 def complete_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -81,6 +108,77 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
+def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Delete ``*.tmp`` checkpoint directories left by a run killed while saving (they are
+    never read); returns what was removed. Call on one rank, before training starts."""
+    root = Path(out_dir) / CHECKPOINTS
+    doomed = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+# ------------------------------------------------------------------------------------------
+# A run directory as a whole (for tools: report, sample)
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a tool needs to know about a run directory."""
+
+    dir: Path
+    config: Config
+    metrics: Path
+    checkpoints: list[Path]
+    cwd: Path  # the directory relative paths of the config are relative to
+
+    def resolve(self, path: str) -> Path:
+        """A path of the run's config, made absolute against the run's working directory."""
+        return Path(path) if Path(path).is_absolute() else self.cwd / path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.resolve(self.config.data.dir)
+
+
+def read_run(run_dir: str | Path) -> Run:
+    """A run directory's config, metrics file and checkpoints; ValueError naming the file
+    when it is not a run directory."""
+    run_dir = Path(run_dir)
+    config_file = run_dir / "config.toml"
+    if not config_file.is_file():
+        raise ValueError(f"{config_file} does not exist: is {run_dir} a train.out_dir?")
+    info_file = run_dir / RUN_INFO
+    cwd = Path.cwd()
+    if info_file.is_file():
+        try:
+            cwd = Path(json.loads(info_file.read_text())["cwd"])
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{info_file}: damaged ({err}); delete it to use the current "
+                "directory for the run's relative paths"
+            ) from None
+    return Run(
+        dir=run_dir,
+        config=load_config(config_file),
+        metrics=run_dir / "metrics.jsonl",
+        checkpoints=complete_checkpoints(run_dir),
+        cwd=cwd,
+    )
+
+
+def write_run_info(out_dir: Path, argv: list[str]) -> None:
+    """Record where and how the run was started, so tools resolve its relative paths."""
+    info = {"cwd": str(Path.cwd()), "argv": argv, "python": sys.executable}
+    write_atomic(out_dir / RUN_INFO, json.dumps(info, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# RNG state (JSON, never pickle)
+# ------------------------------------------------------------------------------------------
+
+
 def rng_state() -> dict:
     """Python, numpy and torch (CPU and current CUDA device) RNG states, as JSON: no pickle."""
     version, internal, gauss = random.getstate()
@@ -108,6 +206,53 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.frombuffer(raw, dtype=torch.uint8))
 
 
+# ------------------------------------------------------------------------------------------
+# Checksums
+# ------------------------------------------------------------------------------------------
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS))
+
+
+def write_checksums(root: Path) -> None:
+    """sha256 of every file under ``root`` into ``root/checksums.json`` (hashed in threads:
+    hashlib releases the GIL)."""
+    files = _files(root)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        digests = list(pool.map(sha256_file, files))
+    table = {str(p.relative_to(root)): d for p, d in zip(files, digests, strict=True)}
+    write_atomic(root / CHECKSUMS, json.dumps(table, indent=1) + "\n")
+
+
+def verify_checksums(root: Path) -> None:
+    """CheckpointError naming the first file that is missing, unexpected or altered. A
+    checkpoint written before checksums existed (no checksums.json) passes."""
+    table_file = root / CHECKSUMS
+    if not table_file.is_file():
+        return
+    try:
+        table = json.loads(table_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{table_file}: damaged ({err})") from None
+    present = {str(p.relative_to(root)) for p in _files(root)}
+    for name in sorted(set(table) - present):
+        raise CheckpointError(f"{root / name}: missing (listed in {table_file})")
+    names = sorted(table)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        digests = list(pool.map(lambda n: sha256_file(root / n), names))
+    for name, digest in zip(names, digests, strict=True):
+        if digest != table[name]:
+            raise CheckpointError(
+                f"{root / name}: checksum mismatch (the file changed after it was saved)"
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# Saving and loading
+# ------------------------------------------------------------------------------------------
+
+
 def full_parameters(engine):
     """Collective: under ZeRO-3 a context in which every rank holds whole parameters."""
     if engine.zero_optimization_stage() != 3:
@@ -117,20 +262,12 @@ def full_parameters(engine):
     return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def parameters_finite(model: torch.nn.Module) -> bool:
     """True on every rank when no rank holds a NaN or infinite parameter."""
     # under ZeRO-3 a parameter is empty here and this rank's slice of it is p.ds_tensor
     local = [getattr(p, "ds_tensor", p) for p in model.parameters()]
-    ok = torch.tensor([float(all(torch.isfinite(p).all() for p in local))])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        ok = ok.to(next(model.parameters()).device)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return ok.item() == 1.0
+    ok = torch.stack([torch.isfinite(p).all() for p in local]).all().float().reshape(1)
+    return dist.all_reduce(ok, "min").item() == 1.0
 
 
 def save_checkpoint(
@@ -142,27 +279,29 @@ def save_checkpoint(
     tokenizer: str | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes the checkpoint of ``step`` under a temporary
-    name, marks it COMPLETE once every rank finished, renames it, points ``latest`` at it and
-    deletes all but the newest ``keep``. Refuses (RuntimeError) non-finite parameters."""
+    name, records the checksums, marks it COMPLETE once every rank finished, renames it,
+    points ``latest`` at it and deletes all but the newest ``keep`` (0: keep all). Refuses
+    (RuntimeError) non-finite parameters."""
     model = engine.module
     if not parameters_finite(model):
         raise RuntimeError(f"step {step}: parameters are not finite; checkpoint not written")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.rank()
     root = Path(out_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
-    _barrier()
+    dist.barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
-    _barrier()
+    dist.barrier()
     with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
         if rank == 0:
             model.save_pretrained(tmp / "model", tokenizer)
     if rank == 0:
-        write_atomic(tmp / "trainer.json", json.dumps(trainer_state, indent=1))
+        write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+        write_checksums(tmp)
         write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
         if final.exists():  # an older save of the same step
             shutil.rmtree(final)
@@ -172,19 +311,120 @@ def save_checkpoint(
             doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
             old.rename(doomed)
             shutil.rmtree(doomed)
-    _barrier()
+    dist.barrier()
     return final
+
+
+# DeepSpeed's own plain classes found in its optimizer states (ZeRO 1-3); nothing else that
+# is not a tensor or a builtin container may be unpickled.
+_DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for module, name in _DEEPSPEED_GLOBALS:
+        with contextlib.suppress(ImportError, AttributeError):
+            found.append(getattr(importlib.import_module(module), name))
+    return found
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Within it, every ``torch.load`` (DeepSpeed's included, which asks for
+    ``weights_only=False``) unpickles only tensors, builtins and the allow-list above; any
+    other object is refused with CheckpointError naming the file."""
+    real_load = torch.load
+    allowed = _safe_globals()
+
+    def safe_load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return real_load(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise CheckpointError(
+                f"{f}: refusing to load: it holds objects other than tensors and plain data "
+                f"({first[:200]}); a checkpoint must never run code when loaded. Use a "
+                "checkpoint written by this trainer, or delete this one to resume from an "
+                "older checkpoint."
+            ) from None
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
+def read_trainer_state(ckpt: Path) -> dict:
+    """``trainer.json`` of a checkpoint; CheckpointError naming the file when it is damaged."""
+    path = ckpt / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    required = ("step", "tokens", "loader", "world_size", "config", "data_fingerprint")
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else required
+    if missing:
+        raise CheckpointError(f"{path}: damaged: missing {', '.join(missing)}")
+    return state
 
 
 def load_checkpoint(engine, ckpt: Path) -> dict:
     """Collective: restores engine (model, optimizer) and this rank's RNG; returns the
-    trainer state saved with it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    trainer_state = json.loads((ckpt / "trainer.json").read_text())
-    load_path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
+    trainer state saved with it. CheckpointError (on every rank alike) if it is damaged."""
+    verify_checksums(ckpt)
+    trainer_state = read_trainer_state(ckpt)
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
     if load_path is None:
-        raise RuntimeError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
-    rng_file = ckpt / f"rng_rank{rank}.json"
+        raise CheckpointError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
+    rng_file = ckpt / f"rng_rank{dist.rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         set_rng_state(json.loads(rng_file.read_text()))
     return trainer_state
+
+
+# ------------------------------------------------------------------------------------------
+# Resume policy
+# ------------------------------------------------------------------------------------------
+
+
+def data_fingerprint(manifest: dict) -> list:
+    """What identifies a prepared data set: its shard files and their CRCs."""
+    return sorted(
+        [s["file"], s["crc32"]] for split in manifest["splits"].values() for s in split["shards"]
+    )
+
+
+def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Path) -> None:
+    """Refuse (ConfigError), before the first step, to resume what would not continue the
+    same run: another model shape, another data set, or ZeRO partitions of another world."""
+    changed = [
+        f"model.{k}: {v!r} -> {getattr(cfg.model, k)!r}"
+        for k, v in saved["config"]["model"].items()
+        if k not in ("attention", "dropout") and getattr(cfg.model, k) != v
+    ]
+    if changed:
+        raise ConfigError(
+            f"{ckpt}: cannot resume with a different model shape: {'; '.join(changed)}"
+        )
+    if saved["data_fingerprint"] != data_fingerprint(manifest):
+        raise ConfigError(
+            f"{ckpt}: cannot resume: the data set changed (data.dir {cfg.data.dir} now holds "
+            "different shards than when the checkpoint was written)"
+        )
+    zero = cfg.zero_stage
+    if saved["world_size"] != world and zero > 0:
+        raise ConfigError(
+            f"{ckpt}: saved by {saved['world_size']} processes with ZeRO stage {zero}, resumed "
+            f"by {world}: ZeRO partitions optimizer state per process, so resume with "
+            f"{saved['world_size']} processes (or train with zero stage 0)"
+        )

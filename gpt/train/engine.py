@@ -9,43 +9,21 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import TYPE_CHECKING
 
 import torch
 
-from gpt.config import Config, ConfigError
+from gpt.config import Config
 from gpt.train.optim import GuardedAdamW, param_groups
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+if TYPE_CHECKING:
+    from deepspeed import DeepSpeedEngine
 
 
 def world_size_from_env() -> int:
+    """The world size a launcher announced (1 without one), known before the process group
+    starts: the config is validated against it before any work."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def check_batch(cfg: Config, world_size: int) -> int:
-    """The global batch in sequences; ConfigError if the config contradicts itself. Runs
-    before any process group starts."""
-    t = cfg.train
-    if t.dtype not in DTYPES:
-        raise ConfigError(f"train.dtype = {t.dtype!r} is not valid; choose one of fp32, bf16, fp16")
-    for key in ("micro_batch_size", "grad_accum", "max_steps"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1, got {getattr(t, key)}")
-    global_batch = t.micro_batch_size * t.grad_accum * world_size
-    if t.global_batch_size is not None and t.global_batch_size != global_batch:
-        raise ConfigError(
-            f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
-            f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size ({world_size}) "
-            f"= {global_batch}; change one of them"
-        )
-    for key in BATCH_KEYS:
-        if key in cfg.deepspeed:
-            raise ConfigError(
-                f"deepspeed.{key} is derived from train.micro_batch_size and train.grad_accum; "
-                "remove it from the [deepspeed] section"
-            )
-    return global_batch
 
 
 def _free_port() -> int:
@@ -75,9 +53,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Our config in DeepSpeed's terms, then the [deepspeed] section on top (pass-through)."""
     t, o = cfg.train, cfg.optim
-    zero_stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    zero_stage = cfg.zero_stage
     ds = {
-        "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
+        "train_batch_size": cfg.global_batch(world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         # fp32 without ZeRO: GuardedAdamW clips; everywhere else DeepSpeed's optimizer does
@@ -98,9 +76,13 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
+def build_engine(
+    model: torch.nn.Module, cfg: Config, world_size: int
+) -> tuple[DeepSpeedEngine, GuardedAdamW]:
     """(engine, optimizer): the DeepSpeed engine around ``model`` and our GuardedAdamW,
-    which DeepSpeed may wrap (ZeRO, bf16) but which makes every skip decision."""
+    which DeepSpeed may wrap (ZeRO, bf16) but which makes every skip decision. With
+    ``train.compile`` the engine compiles the model in place (``nn.Module.compile``): the
+    training graph; evaluation runs uncompiled (``gpt.eval.validation.eager``)."""
     import deepspeed
 
     ds = deepspeed_config(cfg, world_size)
@@ -117,16 +99,3 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int):
     if cfg.train.compile:
         engine.compile()
     return engine, optimizer
-
-
-def train_step(engine, loader, grad_accum: int, device: torch.device) -> float:
-    """One optimizer step: ``grad_accum`` micro-batches through forward and backward (the
-    engine steps the optimizer on the last); returns the sum of their losses on this rank."""
-    loss_sum = 0.0
-    for _ in range(grad_accum):
-        x, y = (b.to(device) for b in loader.next_batch())
-        _, loss = engine(x, y)
-        engine.backward(loss)
-        engine.step()
-        loss_sum += loss.item()
-    return loss_sum

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from gpt.config import OptimConfig
+from gpt.train import dist
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -34,34 +34,36 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW whose step is skipped, on every rank together, when any gradient it sees is
-    NaN or infinite: the parameters and moments stay unchanged. DeepSpeed reads
-    ``overflow`` after each step and counts a skip; under ZeRO each rank sees only its
-    partition, hence the all-reduce of the verdict.
+    NaN or infinite: the parameters, moments and step count stay unchanged.
+
+    The decision never leaves the device: the global gradient norm is finite exactly when
+    every gradient is, its "not finite" flag is all-reduced (MAX) across ranks (under ZeRO
+    each rank sees only its partition), and the fused AdamW kernel skips the update when the
+    flag is set (``found_inf``, the mechanism of torch's GradScaler). After a step,
+    ``skipped`` (1.0 or 0.0) and ``_global_grad_norm`` (before clipping; DeepSpeed reports it
+    as ``engine.get_global_grad_norm()``) are device scalars, read only when logged.
+    ``overflow`` stays False: DeepSpeed reads it as a host bool, which would synchronise.
+    (A norm above ~1e38 overflows float32 and counts as non-finite, as it should.)
 
     ``clip`` > 0 makes it clip the global gradient norm itself (used where DeepSpeed does
-    not: fp32 without ZeRO); the norm it measured is left in ``_global_grad_norm``."""
+    not: fp32 without ZeRO)."""
 
     def __init__(self, params, clip: float = 0.0, **kwargs):
-        super().__init__(params, **kwargs)
+        super().__init__(params, fused=True, **kwargs)
         self.clip = clip
         self.overflow = False
-
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.skipped: torch.Tensor | None = None
+        self._global_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = self._grads()
-        device = grads[0].device if grads else torch.device("cpu")
-        finite = torch.tensor([float(all(torch.isfinite(g).all() for g in grads))], device=device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        self.overflow = finite.item() < 1
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
+            return super().step(closure)
         if self.clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.param_groups for p in g["params"]], self.clip
-            )
-            self._global_grad_norm = norm.item()
-        if self.overflow:
-            return None
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        found_inf = dist.all_reduce((~torch.isfinite(norm)).float(), "max")
+        self.skipped, self._global_grad_norm, self.found_inf = found_inf, norm, found_inf
         return super().step(closure)

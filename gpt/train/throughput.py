@@ -14,19 +14,17 @@ import dataclasses
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from gpt import GPT, __version__
+from gpt import __version__
 from gpt.attention import attention_status
-from gpt.config import Config, ConfigError
-from gpt.data.loader import TokenLoader
-from gpt.train.engine import build_engine, train_step
+from gpt.config import Config
+from gpt.train import dist
 from gpt.train.metrics import peak_flops
+from gpt.train.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:
@@ -36,54 +34,41 @@ def _sync(device: torch.device) -> None:
 
 def backends_to_run(cfg: Config) -> list[tuple[str, str | None]]:
     """(name, reason it cannot run here or None) for each backend named in bench.backends,
-    or for every registered one when the list is empty; ConfigError for unknown names."""
+    or for every registered one when the list is empty (names checked by Config.validate)."""
     status = attention_status()
-    names = cfg.bench.backends or list(status)
-    unknown = [n for n in names if n not in status]
-    if unknown:
-        raise ConfigError(
-            f"bench.backends: unknown attention backend(s) {', '.join(unknown)}; "
-            f"valid: {', '.join(status)}"
-        )
-    return [(n, status[n]) for n in names]
+    return [(n, status[n]) for n in cfg.bench.backends or list(status)]
 
 
-def time_one(cfg: Config, world: int, device: torch.device, loader: TokenLoader) -> list[float]:
-    """Seconds per optimizer step, warm-up steps excluded."""
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(device)
-    engine, _ = build_engine(model, cfg, world)
+def time_one(
+    cfg: Config, manifests: dict[str, dict], device: torch.device
+) -> tuple[list[float], float]:
+    """Seconds per optimizer step of the trainer's own step (``Trainer.train_step``), warm-up
+    steps excluded, and the model's FLOPs per token. Evaluation, logging and checkpoints
+    are off."""
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, eval_interval=0, sample_tokens=0, wandb=False)
+    )
+    trainer = Trainer(cfg, manifests, device)
     times = []
     for _ in range(cfg.bench.warmup + cfg.bench.steps):
         _sync(device)
         t0 = time.perf_counter()
-        train_step(engine, loader, t.grad_accum, device)
+        trainer.set_lr()
+        trainer.train_step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return times[cfg.bench.warmup :]
+    return times[cfg.bench.warmup :], trainer.flops_per_token
 
 
 def run_benchmark(
-    cfg: Config, rank: int, world: int, device: torch.device, argv: list[str], flops_token: float
+    cfg: Config, manifests: dict[str, dict], device: torch.device, argv: list[str]
 ) -> int:
-    """Time every (backend, compile) pair; ``flops_token`` is the model's FLOPs per token
-    (for MFU). Returns the process exit status (0, or 2 for a bad bench section)."""
+    """Time every (backend, compile) pair; the exit status (0: errors of a backend are
+    reported in its row)."""
     b, t, m = cfg.bench, cfg.train, cfg.model
-    try:
-        if b.steps < 1 or b.warmup < 0:
-            raise ConfigError(
-                f"bench.steps must be >= 1 and bench.warmup >= 0, got bench.steps = {b.steps}, "
-                f"bench.warmup = {b.warmup}"
-            )
-        backends = backends_to_run(cfg)
-    except ConfigError as err:
-        print(f"train.py: error: {err}", file=sys.stderr)
-        return 2
-    loader = TokenLoader(
-        cfg.data.dir, "train", m.block_size, t.micro_batch_size, t.grad_accum, rank, world, t.seed
-    )
-    tokens_per_step = t.micro_batch_size * t.grad_accum * world * m.block_size
+    backends = backends_to_run(cfg)
+    world = dist.world_size()
+    tokens_per_step = cfg.global_batch(world) * m.block_size
     peak = peak_flops(device, t.dtype)
     results = []
     for name, unavailable in backends:
@@ -98,7 +83,7 @@ def run_benchmark(
                 train=dataclasses.replace(t, compile=compiled),
             )
             try:
-                times = time_one(run_cfg, world, device, loader)
+                times, flops_token = time_one(run_cfg, manifests, device)
             except torch.cuda.OutOfMemoryError:
                 results.append({**row, "status": "oom"})
                 torch.cuda.empty_cache()
@@ -109,8 +94,7 @@ def run_benchmark(
             step_s = statistics.median(times)
             if world > 1:  # the slowest rank sets the pace
                 slowest = torch.tensor([step_s], dtype=torch.float64, device=device)
-                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-                step_s = slowest.item()
+                step_s = dist.all_reduce(slowest, "max").item()
             results.append(
                 {
                     **row,
@@ -121,7 +105,7 @@ def run_benchmark(
                     "mfu": flops_token * tokens_per_step / step_s / peak if peak else None,
                 }
             )
-    if rank == 0:
+    if dist.is_main():
         report(cfg, results, device, world, tokens_per_step, argv)
     return 0
 

@@ -1,0 +1,364 @@
+"""The training loop: ``Trainer`` builds a run, resumes it, and steps it to ``max_steps``.
+
+    trainer = Trainer(cfg, manifests, device)   # model, DeepSpeed engine, loaders
+    trainer.resume()                            # from the latest complete checkpoint, if any
+    status = trainer.fit()                      # the loop below; an exit status
+
+The loop reads like nanoGPT's: set the learning rate, one optimizer step, log, evaluate,
+checkpoint. It never waits for the device during an ordinary step: losses, the non-finite
+flag and the gradient norm stay on the device and are read together at log, evaluation and
+checkpoint steps; stopping (signals, time limit) is voted on over the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from gpt import GPT, __version__
+from gpt.config import Config, ModelConfig
+from gpt.convert import read_model_config
+from gpt.data.loader import TokenLoader
+from gpt.data.tokenizer import get_tokenizer
+from gpt.eval.validation import eager, eval_samples, validation_loss
+from gpt.train import checkpoint as ckpt
+from gpt.train import dist
+from gpt.train.engine import build_engine
+from gpt.train.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
+from gpt.train.optim import lr_at
+
+# Exit statuses (documented in train.py): 0 finished, 2 bad configuration or run directory in
+# use, 3 aborted after too many consecutive non-finite steps, 128 + N stopped by signal N.
+NONFINITE_EXIT = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT / SIGUSR1; the loop stops after the step it is in."""
+
+    def __init__(self):
+        self.signum = 0
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def init_model_config(cfg: Config) -> ModelConfig:
+    """The model config of train.init_from (its shape), with the config's attention backend
+    and dropout, which do not change the weights."""
+    model_dir = ckpt.resolve_model_dir(cfg.train.init_from)
+    saved = read_model_config(model_dir)
+    return dataclasses.replace(saved, attention=cfg.model.attention, dropout=cfg.model.dropout)
+
+
+def build_model(cfg: Config) -> GPT:
+    """A fresh model of ``cfg.model`` (seeded: identical on every rank), or the weights of
+    train.init_from (``cfg.model`` must then be ``init_model_config(cfg)``)."""
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.init_from == "scratch":
+        return GPT(cfg.model)
+    model_dir = ckpt.resolve_model_dir(cfg.train.init_from)
+    return GPT.from_pretrained(model_dir, attention=cfg.model.attention, dropout=cfg.model.dropout)
+
+
+class Trainer:
+    """One training run: the model, its engine and loaders, the step counter, and the loop."""
+
+    def __init__(self, cfg: Config, manifests: dict[str, dict], device: torch.device):
+        t, m = cfg.train, cfg.model
+        self.cfg, self.manifest, self.device = cfg, manifests["train"], device
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.out_dir = Path(t.out_dir)
+        self.model = build_model(cfg).to(device)
+        self.engine, self.optimizer = build_engine(self.model, cfg, self.world)
+        self.loader = self._loader(cfg.data.dir, "train", t.grad_accum, cfg.data.mode)
+        val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val} if t.eval_interval else {}
+        self.val_loaders = {
+            name: self._loader(d, "val", 1, "sequential") for name, d in val_dirs.items()
+        }
+        self.step = self.tokens = 0
+        self.tokens_per_step = cfg.global_batch(self.world) * m.block_size
+        self.flops_per_token = flops_per_token(self.model, m.block_size)
+        self.peak = peak_flops(device, t.dtype)
+        self.tokenizer = get_tokenizer(self.manifest["encoding"]) if t.sample_tokens else None
+        self.stop = StopFlag()
+        self.pending: list[dict] = []  # steps not yet read back from the device
+        self.nonfinite_run = 0
+        self.abort_at: int | None = None  # step at which max_nonfinite_steps was reached
+
+    def _loader(self, data_dir: str, split: str, grad_accum: int, mode: str) -> TokenLoader:
+        t = self.cfg.train
+        return TokenLoader(
+            data_dir,
+            split,
+            block_size=self.cfg.model.block_size,
+            micro_batch_size=t.micro_batch_size,
+            grad_accum=grad_accum,
+            rank=self.rank,
+            world_size=self.world,
+            seed=t.seed,
+            mode=mode,
+        )
+
+    # -- resume and save ----------------------------------------------------------------
+
+    def resume(self) -> Path | None:
+        """Continue from the latest usable checkpoint of ``out_dir`` (a damaged newest one is
+        skipped with a warning naming the file); None when starting afresh. ConfigError if
+        the checkpoint belongs to another model, data set or ZeRO world."""
+        for path in reversed(ckpt.complete_checkpoints(self.out_dir)):
+            saved = ckpt.read_trainer_state(path)
+            ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
+            try:
+                saved = ckpt.load_checkpoint(self.engine, path)
+            except ckpt.CheckpointError as err:
+                if dist.is_main():
+                    print(f"train.py: warning: skipping checkpoint {path}: {err}", file=sys.stderr)
+                continue
+            self.load_state_dict(saved)
+            return path
+        return None
+
+    def state_dict(self) -> dict:
+        """``trainer.json``: everything besides DeepSpeed's state needed to continue exactly."""
+        import deepspeed
+
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "loader": self.loader.state_dict(),
+            "world_size": self.world,
+            "config": dataclasses.asdict(self.cfg),
+            "data_fingerprint": ckpt.data_fingerprint(self.manifest),
+            "versions": {
+                "torch": torch.__version__,
+                "deepspeed": deepspeed.__version__,
+                "gpt": __version__,
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens = state["step"], state["tokens"]
+        self.loader.load_state_dict(state["loader"])
+
+    def save(self) -> Path:
+        """Collective: a complete checkpoint of the current step (metrics flushed first, so
+        metrics.jsonl and the checkpoint agree)."""
+        self.flush()
+        return ckpt.save_checkpoint(
+            self.engine,
+            self.out_dir,
+            self.step,
+            self.state_dict(),
+            self.cfg.train.keep_checkpoints,
+            self.manifest["encoding"],
+        )
+
+    # -- one step, validation ---------------------------------------------------------
+
+    def set_lr(self) -> float:
+        lr = lr_at(self.step, self.cfg.optim, self.cfg.train.max_steps)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches (the engine steps the optimizer
+        on the last); the sum of their losses on this rank, a float64 device scalar (summed
+        as Python floats would be; not read here)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.train.grad_accum):
+            x, y = (self._to_device(b) for b in self.loader.next_batch())
+            _, loss = self.engine(x, y)
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach().double()
+        return loss_sum
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned: the copy overlaps compute, no stream sync
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss of every validation set, averaged over ranks (uncompiled)."""
+        t = self.cfg.train
+        self.engine.eval()
+        with eager(self.engine.module):
+            means = torch.stack(
+                [
+                    validation_loss(self.engine, v, t.eval_steps, self.device)
+                    for v in self.val_loaders.values()
+                ]
+            )
+        self.engine.train()
+        means = (dist.all_reduce(means / self.world)).tolist()
+        return {
+            ("val_loss" if name == "val" else f"val_loss/{name}"): mean
+            for name, mean in zip(self.val_loaders, means, strict=True)
+        }
+
+    def samples(self) -> dict[str, str]:
+        """Collective (ZeRO-3 gathers the parameters): a sample of every sample prompt."""
+        t = self.cfg.train
+        with ckpt.full_parameters(self.engine), eager(self.engine.module) as model:
+            return eval_samples(model, self.tokenizer, t.sample_prompts, t.sample_tokens, t.seed)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def fit(self) -> int:
+        """Train to ``max_steps``; returns the exit status (0, NONFINITE_EXIT, 128 + signal)."""
+        t = self.cfg.train
+        self.start_logging()
+        last_saved = self.step
+        while self.step < t.max_steps:
+            lr = self.set_lr()
+            loss_sum = self.train_step()
+            self.step += 1
+            self.tokens += self.tokens_per_step
+            self.pending.append(
+                {"step": self.step, "lr": lr, "loss_sum": loss_sum, **self._flags()}
+            )
+            done = self.step == t.max_steps
+            evaluate = bool(t.eval_interval) and (self.step % t.eval_interval == 0 or done)
+            signum = self.stop_requested()
+            save = bool(signum) or self.step % t.ckpt_interval == 0 or done
+            if save or evaluate or self.step % t.log_interval == 0:
+                self.flush(evaluate)  # the only place that waits for the device
+            if self.abort_at is not None:
+                return self.abort_nonfinite()
+            if save:  # skipped steps left the parameters as they were: safe to save
+                self.save()
+                last_saved = self.step
+            if signum:
+                return self.stopped(signum)
+        self.bar.close()
+        if last_saved != self.step:  # resumed at max_steps from an earlier checkpoint
+            self.save()
+        if dist.is_main():
+            where = self.out_dir / ckpt.CHECKPOINTS
+            print(f"done: {self.step} steps, {self.tokens:,} tokens; checkpoints in {where}")
+        return 0
+
+    def start_logging(self) -> None:
+        t, main = self.cfg.train, dist.is_main()
+        config = dataclasses.asdict(self.cfg)
+        wandb_run = start_wandb(main and t.wandb, self.out_dir, t.wandb_project, config)
+        self.log = MetricsLog(self.out_dir, main, self.step, wandb_run)
+        self.bar = tqdm(
+            total=t.max_steps, initial=self.step, disable=not main, dynamic_ncols=True, leave=False
+        )
+        self.window_start = time.perf_counter()
+
+    def _flags(self) -> dict:
+        """The step's non-finite flag and gradient norm as the optimizer left them: device
+        scalars from GuardedAdamW; a DeepSpeed wrapper (fp16) that skipped before calling it
+        reports its own host flag."""
+        skipped = self.optimizer.skipped
+        if skipped is None:
+            skipped = float(bool(getattr(self.engine.optimizer, "overflow", False)))
+        self.optimizer.skipped = None
+        return {"skipped": skipped, "grad_norm": self.engine.get_global_grad_norm()}
+
+    def flush(self, evaluate: bool = False) -> None:
+        """Read the pending steps back from the device (one synchronisation) and log them;
+        evaluate after the last if asked. Records are written for every log_interval-th
+        step, the last step, evaluations and every skipped (non-finite) step."""
+        if not self.pending:
+            return
+        t, n = self.cfg.train, len(self.pending)
+        sums = torch.stack([p["loss_sum"] for p in self.pending])
+        losses = (dist.all_reduce(sums) / (t.grad_accum * self.world)).tolist()
+        skipped = _read([p["skipped"] for p in self.pending])
+        norms = _read([p["grad_norm"] for p in self.pending])
+        now = time.perf_counter()
+        step_s, self.window_start = (now - self.window_start) / n, now
+        for i, p in enumerate(self.pending):
+            bad = bool(skipped[i]) or not math.isfinite(losses[i])
+            self.nonfinite_run = self.nonfinite_run + 1 if bad else 0
+            if self.nonfinite_run >= t.max_nonfinite_steps and self.abort_at is None:
+                self.abort_at = p["step"]
+            record = {
+                "step": p["step"],
+                "tokens": p["step"] * self.tokens_per_step,
+                "loss": losses[i],
+                "lr": p["lr"],
+                "grad_norm": norms[i],
+                "tokens_per_s": self.tokens_per_step / step_s,
+                "step_ms": 1000 * step_s,
+            }
+            if self.peak:
+                record["mfu"] = self.flops_per_token * record["tokens_per_s"] / self.peak
+            if bad:
+                record["skipped"] = True
+            evaluated = evaluate and i == n - 1
+            if bad or evaluated or p["step"] % t.log_interval == 0 or p["step"] == t.max_steps:
+                self.write(record, evaluated)
+        self.bar.update(n)
+        self.pending = []
+
+    def write(self, record: dict, evaluate: bool) -> None:
+        """Print and log one step's record, with an evaluation (losses and samples) first if
+        asked."""
+        t, main = self.cfg.train, dist.is_main()
+        if main:
+            self.bar.write(
+                f"step {record['step']:6d} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                f"grad norm {record['grad_norm'] or float('nan'):.3f} | "
+                f"{record['tokens_per_s']:,.0f} tok/s | {record['step_ms']:.0f} ms"
+                + (" | SKIPPED: non-finite" if record.get("skipped") else "")
+            )
+        if evaluate:
+            record.update(self.validate())
+            if self.tokenizer is not None and t.sample_prompts:
+                record["samples"] = self.samples()
+            if main:
+                losses = [f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val")]
+                self.bar.write("  " + " | ".join(losses))
+                for prompt, text in record.get("samples", {}).items():
+                    self.bar.write("  sample: " + (prompt + text).replace("\n", "\n    "))
+        self.log.write(record)
+
+    def stop_requested(self) -> int:
+        """The signal number if any rank was signalled (every rank agrees), else 0."""
+        (signum,) = dist.vote_max([self.stop.signum])
+        return signum
+
+    def stopped(self, signum: int) -> int:
+        if dist.is_main():
+            print(
+                f"train.py: stopped by a signal ({signal.Signals(signum).name}) after step "
+                f"{self.step}; checkpoint {ckpt.latest_checkpoint(self.out_dir)} saved; run "
+                "the same command to resume",
+                file=sys.stderr,
+            )
+        return 128 + signum
+
+    def abort_nonfinite(self) -> int:
+        if dist.is_main():
+            print(
+                f"train.py: aborting: {self.cfg.train.max_nonfinite_steps} consecutive "
+                f"non-finite steps up to step {self.abort_at}; they left the parameters "
+                "unchanged. The last complete checkpoint is "
+                f"{ckpt.latest_checkpoint(self.out_dir)}; lower optim.lr or check the data, "
+                "then run the same command to resume.",
+                file=sys.stderr,
+            )
+        return NONFINITE_EXIT
+
+
+def _read(values: list) -> list[float | None]:
+    """Host floats of per-step values that are device scalars, floats or None (one
+    synchronisation for all the device scalars)."""
+    tensors = [v for v in values if torch.is_tensor(v)]
+    read = iter(torch.stack([v.float() for v in tensors]).tolist() if tensors else [])
+    return [next(read) if torch.is_tensor(v) else (None if v is None else float(v)) for v in values]
