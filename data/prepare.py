@@ -235,7 +235,7 @@ def _write_dataset(
 
 def main(argv: list[str] | None = None) -> None:
     """Exit status 0 on success, 2 for bad input or options, 1 when the environment fails
-    (a download, a full disk); DIR is unchanged unless the status is 0."""
+    (a download, a full disk), 130 on Ctrl-C; DIR is unchanged unless the status is 0."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Tokenize corpora into binary token shards plus DIR/manifest.json.",
@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     except (RuntimeError, OSError) as e:
         print(f"{PROG}: error: {e} ({args.out} is unchanged)", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted ({args.out} is unchanged)", file=sys.stderr)
+        sys.exit(130)
     for split in SPLITS:
         s = manifest["splits"][split]
         print(
@@ -299,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{len(s['shards'])} shards"
         )
     if not manifest["splits"]["val"]["tokens"]:
-        print("val is empty: training on this data set needs evaluation turned off")
+        print("val is empty: train on this data set with train.eval_interval = 0")
     print(f"wrote {args.out / MANIFEST}")
 
 

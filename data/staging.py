@@ -120,6 +120,13 @@ class Staging:
     def _check_destination(self) -> None:
         if not self.out.is_dir():
             return
+        # DIR is replaced as a whole: never with the shell, the corpus or a home inside it.
+        cwd = Path.cwd().resolve()
+        if cwd == self.out or self.out in cwd.parents:
+            raise ValueError(
+                f"--out {self.out} contains the current directory, and prepare replaces DIR as "
+                "a whole; run it from elsewhere"
+            )
         foreign = foreign_entries(self.out)
         if foreign and not self.overwrite:
             shown = ", ".join(foreign[:5]) + (f", ... ({len(foreign)} in all)" * (len(foreign) > 5))
@@ -127,19 +134,15 @@ class Staging:
                 f"--out {self.out} holds files prepare did not write ({shown}); choose another "
                 f"--out, or pass --overwrite to replace {self.out} and everything in it"
             )
-        if not foreign:
-            return
-        # --overwrite deletes DIR as a whole: never with the corpus or the shell inside it.
         for path in self.inputs:
             if self.out in Path(path).resolve().parents:
                 raise ValueError(
                     f"source {path} lies inside --out {self.out}, which --overwrite would "
                     "delete; choose another --out"
                 )
-        for name, inside in (("the current directory", Path.cwd()), ("your home", Path.home())):
-            inside = inside.resolve()
-            if inside == self.out or self.out in inside.parents:
-                raise ValueError(f"--out {self.out} contains {name}; refusing to --overwrite it")
+        home = Path.home().resolve()
+        if home == self.out or self.out in home.parents:
+            raise ValueError(f"--out {self.out} contains your home; refusing to --overwrite it")
 
     def _lock(self) -> None:
         while True:

@@ -141,6 +141,28 @@ def test_overwrite_never_deletes_a_source_or_the_working_directory(tmp_path, mon
     with pytest.raises(ValueError, match=r"contains the current directory"):
         run_prepare(tmp_path / "other.txt", out, overwrite=True)
     assert (out / "doc.txt").read_text() == "my only copy"
+    ours = tmp_path / "ours"
+    run_prepare(tmp_path / "other.txt", ours)
+    monkeypatch.chdir(ours)  # even a data set prepare wrote: the shell would be left in a ghost
+    with pytest.raises(ValueError, match=r"contains the current directory"):
+        run_prepare(tmp_path / "other.txt", ours)
+
+
+def test_environment_failure_exits_1_and_keeps_the_dataset(dataset, monkeypatch, capsys):
+    src, out = dataset
+    before = snapshot(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "_write_dataset", disk_full)
+    with pytest.raises(SystemExit) as info:
+        prepare_module.main([str(src), "--out", str(out), "--encoding", "bytes"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    prefix = "python -m gpt.data.prepare: error: [Errno 28] No space left on device"
+    assert err == f"{prefix} ({out} is unchanged)\n"
+    assert snapshot(out) == before and siblings(out) == []
 
 
 def test_out_is_a_file(tmp_path):
