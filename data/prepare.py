@@ -123,12 +123,6 @@ def prepare(
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     files = check_sources(sources)
-    if fetch and encoding in FETCHABLE:
-        fetch_ranks(encoding)  # set-up time: the one place a run may download ranks
-    for source in sources:
-        if fetch and isinstance(resolve_source(source), str):
-            fetch_recipe(source)
-    tokenizer = get_tokenizer(encoding)
     settings = dict(
         encoding=encoding,
         val_fraction=val_fraction,
@@ -137,7 +131,14 @@ def prepare(
         text_field=text_field,
         command=command,
     )
+    # Entered first, so that a refused DIR is reported before any download.
     with Staging(Path(out), overwrite=overwrite, inputs=tuple(files)) as stage:
+        if fetch and encoding in FETCHABLE:
+            fetch_ranks(encoding)  # set-up time: the one place a run may download ranks
+        for source in sources:
+            if fetch and source in RECIPES:
+                fetch_recipe(source)
+        tokenizer = get_tokenizer(encoding)
         manifest = _write_dataset(stage.path, sources, tokenizer, workers, progress, **settings)
         stage.commit()
     return manifest
