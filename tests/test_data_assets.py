@@ -26,3 +26,19 @@ def test_missing_tool_is_a_runtime_error(monkeypatch, tmp_path):
     monkeypatch.setattr(assets.shutil, "which", lambda tool: None)
     with pytest.raises(RuntimeError, match="`apt-get` not found: fetching Debian package kjv"):
         assets.apt_download("kjv", tmp_path)
+
+
+def test_cli_failed_fetch_exits_1_without_traceback(monkeypatch, capsys):
+    from gpt.data import tokenizer
+
+    def offline(name):
+        raise RuntimeError("could not download openai-whisper==20250625 from PyPI")
+
+    monkeypatch.setattr(tokenizer, "fetch_ranks", offline)
+    with pytest.raises(SystemExit) as info:
+        assets.main(["gpt2"])
+    assert info.value.code == 1
+    assert capsys.readouterr().err == (
+        "python -m gpt.data.assets: error: gpt2: could not download openai-whisper==20250625 "
+        "from PyPI\n"
+    )

@@ -1,16 +1,16 @@
 """Tests for gpt.data.prepare and gpt.data.recipes: round trip, parallel == serial, errors."""
 
 import json
-import random
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpt.data import prepare as prepare_module
-from gpt.data.prepare import _is_val, prepare
+from gpt.data.prepare import is_val, prepare
 from gpt.data.recipes import iter_documents
 from gpt.data.shards import open_split, read_manifest
 from gpt.data.tokenizer import get_tokenizer
@@ -64,22 +64,23 @@ def test_round_trip(tmp_path, encoding):
     train, val = decode_split(out, "train"), decode_split(out, "val")
     assert sorted(train + val) == sorted(docs)
     assert len(val) == 10 and manifest["splits"]["val"]["documents"] == 10
-    # The documented rule, computed independently: seed 0 shifts by Random(0).random().
-    shift = random.Random(0).random()
-    assert val == [d for i, d in enumerate(docs) if _is_val(i, 0.25, shift)]
-    assert train == [d for i, d in enumerate(docs) if not _is_val(i, 0.25, shift)]
+    # The documented rule, computed independently: with f = 1/4 and seed 0, document i is val
+    # when floor((i+1)/4 + 1/2) > floor(i/4 + 1/2), i.e. i = 1, 5, 9, ...
+    assert val == [d for i, d in enumerate(docs) if i % 4 == 1]
+    assert train == [d for i, d in enumerate(docs) if i % 4 != 1]
     assert len(manifest["splits"]["train"]["shards"]) > 3
     assert manifest["encoding"] == encoding
     assert manifest["n_vocab"] == get_tokenizer(encoding).n_vocab
 
 
 def test_val_selection_is_exact_and_seeded():
-    for fraction in (0.01, 0.1, 0.33):
-        picks = [_is_val(i, fraction, 0.5) for i in range(1000)]
-        assert sum(picks) == round(1000 * fraction)
-    a = [_is_val(i, 0.1, 0.05) for i in range(100)]
-    b = [_is_val(i, 0.1, 0.55) for i in range(100)]
+    for fraction in (Fraction(1, 100), Fraction(1, 10), Fraction(33, 100)):
+        picks = [is_val(i, fraction, 0) for i in range(1000)]
+        assert sum(picks) == 1000 * fraction
+    a = [is_val(i, Fraction(1, 10), 0) for i in range(100)]
+    b = [is_val(i, Fraction(1, 10), 5) for i in range(100)]
     assert sum(a) == sum(b) == 10 and a != b
+    assert [i for i, v in enumerate(a) if v][:3] == [4, 14, 24]  # floor(i/10 + 1/2) steps
 
 
 def test_parallel_equals_serial(tmp_path, monkeypatch):
@@ -141,16 +142,17 @@ def test_rerun_removes_stale_shards(tmp_path):
     ]
 
 
-def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
+def test_interrupted_run_leaves_the_old_dataset(tmp_path, monkeypatch):
     make_corpus(tmp_path)
     out = tmp_path / "out"
     prepare(
         sources(tmp_path), out, "bytes", 0.1, 30, 1, text_field="body", progress=False, fetch=False
     )
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def dying_documents(*args, **kwargs):
         yield from list(iter_documents(*args, **kwargs))[:25]
-        raise KeyboardInterrupt  # stands in for a kill mid-run
+        raise KeyboardInterrupt  # stands in for Ctrl-C mid-run (SIGKILL: test_data_reliability)
 
     monkeypatch.setattr(prepare_module, "iter_documents", dying_documents)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
@@ -160,21 +162,15 @@ def test_killed_run_leaves_no_complete_looking_output(tmp_path, monkeypatch):
             out,
             "bytes",
             0.1,
-            30,
+            10,
             1,
             text_field="body",
             progress=False,
             fetch=False,
         )
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(ValueError, match="manifest.json not found"):
-        open_split(out, "train")
-    # Whatever has its final name is a complete, valid shard; the partial one is a .tmp.
-    from gpt.data.shards import open_shard
-
-    for path in out.glob("*.bin"):
-        open_shard(path)
-    assert list(out.glob("*.tmp"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(open_split(out, "train")) > 1
 
 
 def test_empty_input_and_bad_sources(tmp_path):
@@ -203,21 +199,26 @@ def test_empty_input_and_bad_sources(tmp_path):
         )
 
 
-def test_cli_from_repo_root(tmp_path):
+def test_cli_from_any_directory(tmp_path):
     (tmp_path / "doc.txt").write_text("hello world")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data.prepare", str(tmp_path / "doc.txt"), "--out", str(out)]
+    cmd = [sys.executable, "-m", "gpt.data.prepare", "doc.txt", "--out", "out"]
     cmd += ["--encoding", "bytes", "--val-fraction", "0", "--workers", "2"]
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "train: 1 documents, 12 tokens, 1 shards" in result.stdout
+    assert "val is empty" in result.stdout
     manifest = read_manifest(out)
-    assert (
-        manifest["command"].startswith("python -m data.prepare ")
-        and "--workers 2" in (manifest["command"])
+    assert manifest["command"] == (
+        "python -m gpt.data.prepare doc.txt --out out --encoding bytes --val-fraction 0 --workers 2"
     )
     assert decode_split(out, "train") == ["hello world"] and decode_split(out, "val") == []
     bad = subprocess.run(
-        cmd[:3] + ["nope.txt", "--out", str(out)], cwd=REPO, capture_output=True, text=True
+        cmd[:3] + ["nope.txt", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True
     )
     assert bad.returncode == 2 and "'nope.txt' is neither a recipe" in bad.stderr
+    # The old spelling still works from the repository root, where data/ is a folder.
+    old = subprocess.run(
+        [sys.executable, "-m", "data.prepare", "-h"], cwd=REPO, capture_output=True
+    )
+    assert old.returncode == 0 and b"usage: python -m gpt.data.prepare" in old.stdout

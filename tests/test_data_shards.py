@@ -117,12 +117,16 @@ def test_manifest_checks(tmp_path):
         "encoding": "bytes",
         "n_vocab": 257,
         "eot": 256,
-        "splits": {"train": {"documents": 1, "tokens": 15, "shards": entries}},
+        "splits": {
+            "train": {"documents": 1, "tokens": 15, "shards": entries},
+            "val": {"documents": 0, "tokens": 0, "shards": []},
+        },
     }
     write_manifest(tmp_path, manifest)
     assert [len(a) for a in open_split(tmp_path, "train")] == [10, 5]
-    with pytest.raises(ValueError, match="no split 'val'; has \\['train'\\]"):
-        open_split(tmp_path, "val")
+    assert open_split(tmp_path, "val") == []
+    with pytest.raises(ValueError, match="no split 'test'; has \\['train', 'val'\\]"):
+        open_split(tmp_path, "test")
     # A shard replaced after the manifest was written is caught by count/CRC.
     write_split(tmp_path, np.arange(1, 16))
     with pytest.raises(ValueError, match="train_000000.bin: header .* manifest says"):
