@@ -8,7 +8,9 @@ Transformer literature compares: post-norm (Vaswani et al. 2017), sinusoidal pos
 SwiGLU (Shazeer 2020) and grouped-query attention (Ainslie et al. 2023).
 
 Parameter names follow Hugging Face's GPT-2 (``transformer.h.N.attn.c_attn`` ...) so that
-weight conversion in ``gpt/convert/gpt2.py`` is a rename plus a transpose.
+weight conversion in ``gpt/convert/gpt2.py`` is a rename plus a transpose; ``llama.py`` beside
+it maps the Llama switches. The LM head may be untied, and its rows (with the embedding's)
+padded to a fast matmul shape: logits and loss cover the real vocabulary only.
 """
 
 from __future__ import annotations
