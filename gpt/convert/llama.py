@@ -126,7 +126,7 @@ def state_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         parts = {"attn.c_attn.weight": (QKV, qkv_rows), "mlp.c_fc.weight": (GATE_UP, gate_up_rows)}
         names, rows = parts[rest]
         for part, piece in zip(names, tensor.split(rows), strict=True):
-            out[prefix + part] = piece.clone()  # a view would share storage: safetensors refuses
+            out[prefix + part] = piece
     return out
 
 
