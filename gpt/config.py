@@ -79,6 +79,13 @@ class ModelConfig:
     )
     norm_eps: float = option(1e-5, "Epsilon of LayerNorm / RMSNorm.", above=0)
     rope_theta: float = option(10000.0, "Base of the rotary frequencies.", above=0)
+    tie_embeddings: bool = option(True, "LM head shares the token embedding's weights (GPT-2).")
+    vocab_multiple: int = option(
+        1,
+        "Round the embedding and LM-head rows up to a multiple of this (1: no padding); 64 "
+        "makes GPT-2's 50257 a fast 50304.",
+        min=1,
+    )
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +98,11 @@ class ModelConfig:
         if self.mlp == "swiglu":  # same parameter count as a 4x MLP (Shazeer 2020)
             return 8 * -(-self.n_embd // 3)  # 8/3 * n_embd rounded up to a multiple of 8
         return 4 * self.n_embd
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     def validate(self) -> None:
         """Raise ConfigError for out-of-range or inconsistent values; called when a model is

@@ -8,7 +8,9 @@ Transformer literature compares: post-norm (Vaswani et al. 2017), sinusoidal pos
 SwiGLU (Shazeer 2020) and grouped-query attention (Ainslie et al. 2023).
 
 Parameter names follow Hugging Face's GPT-2 (``transformer.h.N.attn.c_attn`` ...) so that
-weight conversion in ``gpt/convert/gpt2.py`` is a rename plus a transpose.
+weight conversion in ``gpt/convert/gpt2.py`` is a rename plus a transpose; ``llama.py`` beside
+it maps the Llama switches. The LM head may be untied, and its rows (with the embedding's)
+padded to a fast matmul shape: logits and loss cover the real vocabulary only.
 """
 
 from __future__ import annotations
@@ -163,9 +165,10 @@ class GPT(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        rows = cfg.padded_vocab_size  # >= vocab_size; rows past vocab_size are never used
         t = nn.ModuleDict(
             {
-                "wte": nn.Embedding(cfg.vocab_size, cfg.n_embd),
+                "wte": nn.Embedding(rows, cfg.n_embd),
                 "drop": nn.Dropout(cfg.dropout),
                 "h": nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer)),
                 # post-norm blocks already end in a norm, so only pre-norm needs a final one
@@ -175,8 +178,9 @@ class GPT(nn.Module):
         if cfg.position_encoding == "learned":
             t["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.transformer = t
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.lm_head.weight = t.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
+        self.lm_head = nn.Linear(cfg.n_embd, rows, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = t.wte.weight  # weight tying (Press & Wolf 2017), as GPT-2
         # fixed tables are buffers, not parameters, and are not saved (persistent=False)
         if cfg.position_encoding == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), False)
@@ -189,6 +193,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        with torch.no_grad():  # padding rows: no token reads them, no logit comes from them
+            t.wte.weight[cfg.vocab_size :].zero_()
+            self.lm_head.weight[cfg.vocab_size :].zero_()
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -238,19 +245,24 @@ class GPT(nn.Module):
             x = block(x, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, vocab)
+        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded vocab)
+        V = self.cfg.vocab_size
         if targets is None:
-            return logits
+            return logits[..., :V]  # a view: the padding columns are never seen
+        if logits.size(-1) > V:
+            # -inf padding columns get no probability mass and no gradient, so the loss is
+            # that of the real vocabulary; in place, because a sliced copy would cost a pass
+            logits[..., V:] = float("-inf")
         loss = F.cross_entropy(
             logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
         )
-        return logits, loss
+        return logits[..., :V], loss
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> GPT:
-        """Load a model directory: a Hugging Face GPT-2 checkpoint or one of our exports.
-        ``overrides`` replace ModelConfig fields that do not change the weights' shapes
-        (e.g. attention="naive", dropout=0.1)."""
+        """Load a model directory: one written by ``save_pretrained``, or a Hugging Face GPT-2
+        or Llama checkpoint. ``overrides`` replace ModelConfig fields that keep the weights'
+        shapes (e.g. attention="naive", dropout=0.1) or pad them (vocab_multiple=64)."""
         from gpt.convert import WEIGHTS, read_model_dir
 
         cfg, state, _ = read_model_dir(path)
@@ -262,8 +274,24 @@ class GPT(nn.Module):
 
     def load_weights(self, state: dict[str, Tensor], source: str | Path) -> None:
         """Take every parameter from ``state`` (our names); ValueError naming ``source`` if a
-        name or a shape does not match. Works on a model built on the meta device."""
+        name or a shape does not match. A tied model's ``lm_head.weight`` may be left out;
+        embedding rows of the real vocabulary only are padded with zeros. Works on a model
+        built on the meta device."""
+        cfg, wte, head = self.cfg, "transformer.wte.weight", "lm_head.weight"
+        state = dict(state)
+        if cfg.tie_embeddings and head in state and wte in state:
+            if not torch.equal(state.pop(head), state[wte]):
+                raise ValueError(
+                    f"{source}: lm_head.weight differs from transformer.wte.weight but the "
+                    "config ties them (tie_embeddings = true)"
+                )
+        for name in (wte, head):  # exports hold the real vocabulary; padding rows are unread
+            if name in state and state[name].shape[0] == cfg.vocab_size < cfg.padded_vocab_size:
+                pad = cfg.padded_vocab_size - cfg.vocab_size
+                state[name] = F.pad(state[name], (0, 0, 0, pad))
         expected = dict(self.state_dict())
+        if cfg.tie_embeddings:
+            expected.pop(head)  # the same tensor as wte
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -277,15 +305,18 @@ class GPT(nn.Module):
                     f"{source}: {name} has shape {tuple(tensor.shape)}, the config needs "
                     f"{tuple(expected[name].shape)}"
                 )
-        if not torch.equal(state["lm_head.weight"], state["transformer.wte.weight"]):
-            raise ValueError(
-                f"{source}: lm_head.weight differs from wte; only tied LM heads are supported"
-            )
-        self.load_state_dict(state, assign=True)
-        self.lm_head.weight = self.transformer.wte.weight  # assign=True broke the tie
+        self.load_state_dict(state, strict=False, assign=True)  # every name checked above
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # assign=True broke the tie
 
-    def save_pretrained(self, path: str | Path, tokenizer: str | None = None) -> None:
-        """Write ``config.json`` + ``model.safetensors`` in Hugging Face GPT-2 layout."""
+    def save_pretrained(
+        self, path: str | Path, tokenizer: str | None = None, architecture: str = "auto"
+    ) -> str:
+        """Write ``config.json`` + ``model.safetensors`` (the real vocabulary's rows only).
+        ``architecture``: "auto" (GPT-2 or Llama layout when the switches allow, else our
+        own), "transformers" (GPT-2 or Llama, else ValueError naming the switches), "gpt2",
+        "llama" or "gpt" (ours). ``tokenizer`` (an encoding name) is recorded, and gives
+        the exported end-of-text id. Returns the layout written: "gpt2", "llama" or "gpt"."""
         from gpt.convert import write_model_dir
 
-        write_model_dir(path, self.cfg, self.state_dict(), tokenizer)
+        return write_model_dir(path, self.cfg, self.state_dict(), tokenizer, architecture)

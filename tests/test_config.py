@@ -173,6 +173,7 @@ def test_train_help_and_config_errors_exit_non_zero():
 # is valid, so there is nothing out of range to try.
 SPECIAL = {
     "model.bias": None,
+    "model.tie_embeddings": None,
     "model.attention": ("flash9", "model.attention = 'flash9' cannot be used here"),
     "model.n_kv_head": (0, "model.n_kv_head (0) must be a positive divisor"),
     "data.dir": ("/no/such/dir", "data.dir: data directory /no/such/dir does not exist"),

@@ -23,6 +23,8 @@ SWITCHES = {
     "gqa2": dict(n_kv_head=2),
     "mqa": dict(n_kv_head=1),
     "nobias": dict(bias=False),
+    "untied": dict(tie_embeddings=False),
+    "padded": dict(vocab_multiple=64),  # 67 -> 128 rows
     "mixed": dict(
         norm_position="post", position_encoding="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2
     ),
@@ -116,7 +118,7 @@ def reference_logits(model: GPT, idx: torch.Tensor) -> torch.Tensor:
             x = norm(x + mlp(x, pre + ".mlp"), pre + ".ln_2")
     if cfg.norm_position == "pre":
         x = norm(x, "transformer.ln_f")
-    return x @ sd["transformer.wte.weight"].T
+    return x @ sd["lm_head.weight"][: cfg.vocab_size].T
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
@@ -261,6 +263,7 @@ def test_sequence_longer_than_block_size_is_an_error():
         (dict(n_embd=36, position_encoding="rope"), r"even head dimension; n_embd / n_head = 9"),
         (dict(dropout=1.0), r"model.dropout must be in \[0, 1\), got 1.0"),
         (dict(n_layer=0), r"model.n_layer must be a positive integer, got 0"),
+        (dict(vocab_multiple=0), r"model.vocab_multiple must be a positive integer.*got 0"),
         (dict(attention="flash9"), r"unknown attention backend 'flash9'; valid names"),
     ],
 )
@@ -274,3 +277,45 @@ def test_swiglu_hidden_width_matches_a_4x_mlp_in_parameters():
     assert cfg.mlp_hidden == 2048 and 3 * cfg.mlp_hidden * 768 == 8 * 768 * 768
     assert ModelConfig(**{**SMALL, "mlp": "swiglu"}).mlp_hidden == 128  # 8/3*48 = 128
     assert ModelConfig(**{**SMALL, "n_embd": 40, "n_head": 4, "mlp": "swiglu"}).mlp_hidden == 112
+
+
+@pytest.mark.parametrize(
+    "vocab_size, multiple, tied", [(67, 64, True), (67, 64, False), (50, 7, True), (128, 64, True)]
+)
+def test_padded_vocabulary_changes_nothing_but_the_matmul_shape(vocab_size, multiple, tied):
+    """A padded model with the same real weights gives the same logits, loss and gradients,
+    bit for bit; its padding rows get no gradient, so they stay zero."""
+    cfg = dict(SMALL, vocab_size=vocab_size, tie_embeddings=tied)
+    plain = GPT(ModelConfig(**cfg))
+    padded = GPT(ModelConfig(**cfg, vocab_multiple=multiple))
+    rows = -(-vocab_size // multiple) * multiple
+    assert padded.transformer.wte.weight.shape[0] == padded.lm_head.weight.shape[0] == rows
+    assert not padded.transformer.wte.weight[vocab_size:].any()
+    padded.load_weights(plain.state_dict(), "plain")  # real rows in, zero rows appended
+    idx, targets = torch.randint(0, vocab_size, (2, 11)), torch.randint(0, vocab_size, (2, 11))
+    targets[0, 3] = -1
+    (l1, loss1), (l2, loss2) = plain(idx, targets), padded(idx, targets)
+    assert l2.shape == (2, 11, vocab_size) and torch.equal(l1, l2) and torch.equal(loss1, loss2)
+    loss1.backward()
+    loss2.backward()
+    grads = dict(plain.named_parameters())
+    for name, p in padded.named_parameters():
+        assert torch.equal(p.grad[: grads[name].shape[0]], grads[name].grad), name
+        assert not p.grad[grads[name].shape[0] :].any(), name
+    with torch.no_grad():
+        logits = padded(idx)
+    assert logits.shape == (2, 11, vocab_size) and torch.equal(logits, l1.detach())
+    assert logits.stride(1) == rows  # a view of the padded logits, not a copy
+
+
+def test_untied_head_is_its_own_parameter():
+    torch.manual_seed(0)
+    tied, untied = make(), make(tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    assert untied.num_params() == tied.num_params() + 67 * 48
+    assert abs(untied.lm_head.weight.std().item() - 0.02) < 0.002  # GPT-2's init, as wte
+    idx = torch.randint(0, 67, (2, 9))
+    _, loss = untied(idx, idx)
+    loss.backward()
+    assert untied.lm_head.weight.grad.abs().sum() > 0
+    assert not torch.equal(untied.lm_head.weight.grad, untied.transformer.wte.weight.grad)

@@ -3,27 +3,92 @@
 A model directory is what ``GPT.save_pretrained`` writes and ``GPT.from_pretrained`` reads:
 exports of this project, the ``model/`` folder of every checkpoint, and Hugging Face
 checkpoints of a supported architecture. This module does the file work (formats, errors
-that name the file, atomic writes); the per-architecture mapping of config keys and weight
-names lives beside it (``gpt2.py``). It never imports the model, so the model can import it.
+that name the file and key, atomic writes) and picks the layout; the per-architecture
+mapping of config keys and weight names lives beside it (``gpt2.py``, ``llama.py``). It
+never imports the model, so the model can import it.
 
-Only safetensors are read: a pickle (``.bin``, ``.pt``, ...) can run arbitrary code when
-loaded, so it is refused rather than unpickled.
+Three layouts, told apart by ``model_type`` in config.json:
+
+- ``gpt2``: transformers' ``GPT2LMHeadModel`` (layernorm, pre-norm, learned positions, gelu
+  or relu, biases, no GQA);
+- ``llama``: transformers' ``LlamaForCausalLM`` (rmsnorm, pre-norm, rope, swiglu, no biases,
+  any GQA);
+- none: ours, for every other combination of switches. It claims no transformers
+  architecture, so no tool loads it as something it is not; only ``from_pretrained`` reads it.
+
+Every directory we write also holds our full ModelConfig under ``gpt_config``; on reading,
+the transformers keys must agree with it. Embedding and LM-head rows are the real vocabulary
+only (``vocab_size``, never the padded one). Only safetensors are read: a pickle (``.bin``,
+``.pt``, ...) can run arbitrary code when loaded, so it is refused rather than unpickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from gpt.config import ConfigError, ModelConfig
-from gpt.convert import gpt2
+from gpt.convert import gpt2, llama
 from gpt.fileio import write_atomic
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ARCHITECTURES = {"gpt2": gpt2, "llama": llama}  # transformers' model_type -> mapping
+LAYOUTS = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's architecture
+REQUIRED = object()
+
+
+class ConfigKeys:
+    """Typed access to a config.json object: every error names the file and the key."""
+
+    def __init__(self, values: dict, file: Path, prefix: str = ""):
+        self.values, self.file, self.prefix = values, file, prefix
+
+    def get(self, key: str, tp: Any, default: Any = REQUIRED) -> Any:
+        """``values[key]`` checked against type ``tp`` (int, float, bool, str, dict or a
+        union with None); ``default`` when absent, ConfigError when absent and required."""
+        if key not in self.values:
+            if default is REQUIRED:
+                raise ConfigError(f"{self.file}: missing key {self.prefix}{key}")
+            return default
+        value = self.values[key]
+        if not _has_type(value, tp):
+            raise ConfigError(
+                f"{self.file}: {self.prefix}{key} must be {_type_name(tp)}, got {value!r}"
+            )
+        members = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+        if float in members and isinstance(value, int):  # JSON 1 for 1.0
+            value = float(value)
+        return value
+
+    def section(self, key: str) -> ConfigKeys:
+        """The nested object at ``key`` (empty when absent or null)."""
+        return ConfigKeys(self.get(key, dict | None, None) or {}, self.file, f"{key}.")
+
+
+def _has_type(value: Any, tp: Any) -> bool:
+    if isinstance(tp, types.UnionType):
+        return any(_has_type(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp in (int, float) and isinstance(value, bool):  # JSON true is not a number
+        return False
+    return isinstance(value, (int, float) if tp is float else tp)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, "null" if tp is type(None) else "an object"
+    )
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -48,22 +113,76 @@ def read_config_json(path: str | Path) -> dict:
     return hf
 
 
+def _validated(cfg: ModelConfig, file: Path) -> ModelConfig:
+    try:
+        cfg.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None
+    return cfg
+
+
+def _our_config(keys: ConfigKeys) -> ModelConfig:
+    """The ModelConfig recorded under ``gpt_config``; absent fields take their defaults (an
+    export older than the field)."""
+    section = ConfigKeys(keys.get("gpt_config", dict), keys.file, "gpt_config.")
+    hints = typing.get_type_hints(ModelConfig)
+    unknown = sorted(set(section.values) - set(hints))
+    if unknown:
+        raise ConfigError(
+            f"{keys.file}: unknown gpt_config keys {unknown}; valid: {', '.join(hints)}"
+        )
+    return ModelConfig(**{key: section.get(key, hints[key]) for key in section.values})
+
+
+def model_config(hf: dict, file: Path) -> tuple[ModelConfig, str]:
+    """(config, layout: "gpt2", "llama" or "gpt") of a parsed config.json. For our own
+    exports the transformers keys must agree with ``gpt_config``: a hand edit of one but not
+    the other would otherwise load silently wrong."""
+    keys = ConfigKeys(hf, file)
+    model_type = keys.get("model_type", str | None, None)
+    if model_type is not None and model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"{file}: model_type {model_type!r} is not supported; valid: "
+            f"{', '.join(ARCHITECTURES)} (or a directory written by GPT.save_pretrained)"
+        )
+    if "gpt_config" not in hf:
+        if model_type is None:
+            raise ConfigError(
+                f"{file}: neither model_type (a transformers checkpoint: "
+                f"{', '.join(ARCHITECTURES)}) nor gpt_config (written by GPT.save_pretrained)"
+            )
+        return _validated(ARCHITECTURES[model_type].config_from_hf(keys), file), model_type
+    cfg = _validated(_our_config(keys), file)
+    if model_type is None:
+        return cfg, "gpt"
+    mapping = ARCHITECTURES[model_type]
+    problems = mapping.unsupported(cfg)
+    if problems:
+        raise ConfigError(
+            f"{file}: model_type = {model_type!r} contradicts gpt_config: "
+            f"{mapping.CLASS} cannot represent {', '.join(problems)}"
+        )
+    theirs = mapping.config_from_hf(keys)
+    for name, key in mapping.KEYS.items():
+        if getattr(theirs, name) != getattr(cfg, name):
+            raise ConfigError(
+                f"{file}: {key} = {getattr(theirs, name)!r} contradicts gpt_config "
+                f"({name} = {getattr(cfg, name)!r}); make them agree"
+            )
+    return cfg, model_type
+
+
 def read_model_config(path: str | Path) -> ModelConfig:
     """The ModelConfig of model directory ``path`` (config.json only; no weights read)."""
     config_file = Path(path) / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json here; is this a model directory?")
-    hf = read_config_json(path)
-    try:
-        return gpt2.config_from_hf(hf, config_file)
-    except (KeyError, TypeError) as err:  # a missing key, a wrong type, a malformed value
-        raise ConfigError(
-            f"{config_file}: not a usable model config ({type(err).__name__}: {err})"
-        ) from None
+    return model_config(read_config_json(path), config_file)[0]
 
 
 def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
-    """(config, weights in our names and layouts, the raw config.json) of a model directory."""
+    """(config, weights in our names and layouts (float32, the real vocabulary's rows; a tied
+    LM head may be absent), the raw config.json) of a model directory."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -85,7 +204,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             f"{path}: no model.safetensors here (sharded checkpoints are not supported)"
         )
     hf = read_config_json(path)
-    cfg = read_model_config(path)
+    cfg, layout = model_config(hf, config_file)
     try:
         state = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:
@@ -93,7 +212,13 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             f"{weights_file}: cannot read the weights ({err}); the file is damaged or "
             "truncated: export or copy it again"
         ) from None
-    return cfg, gpt2.state_from_hf(state), hf
+    if layout in ARCHITECTURES:
+        state = ARCHITECTURES[layout].state_from_hf(state, cfg)
+    state = {
+        name: (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
+        for name, t in state.items()
+    }
+    return cfg, state, hf
 
 
 def tokenizer_name(path: str | Path) -> str | None:
@@ -101,21 +226,74 @@ def tokenizer_name(path: str | Path) -> str | None:
     return read_config_json(path).get("gpt_tokenizer")
 
 
+def choose_layout(cfg: ModelConfig, architecture: str = "auto") -> str:
+    """The layout ``save_pretrained(architecture=...)`` writes: "gpt2", "llama" or "gpt".
+    ValueError naming the switches when a transformers architecture is asked for and none
+    represents the model."""
+    if architecture not in LAYOUTS:
+        raise ValueError(f"architecture {architecture!r} is not valid; choose one of {LAYOUTS}")
+    if architecture == "gpt":
+        return "gpt"
+    problems = {name: mapping.unsupported(cfg) for name, mapping in ARCHITECTURES.items()}
+    wanted = [architecture] if architecture in ARCHITECTURES else list(ARCHITECTURES)
+    for name in wanted:
+        if not problems[name]:
+            return name
+    if architecture == "auto":
+        return "gpt"
+    why = "; ".join(
+        f"{ARCHITECTURES[name].CLASS} cannot represent {', '.join(problems[name])}"
+        for name in wanted
+    )
+    raise ValueError(
+        f"cannot export this model to transformers: {why}. Our own layout "
+        "(architecture='gpt') keeps every switch and GPT.from_pretrained reads it."
+    )
+
+
+def eos_token_id(cfg: ModelConfig, tokenizer: str | None) -> int | None:
+    """The end-of-text id written to config.json: the tokenizer's, GPT-2's 50256 for its
+    50257-token vocabulary when no tokenizer is known, else None (unknown)."""
+    if tokenizer is not None:
+        from gpt.data.tokenizer import get_tokenizer
+
+        return get_tokenizer(tokenizer).eot
+    return 50256 if cfg.vocab_size == 50257 else None
+
+
 def write_model_dir(
     path: str | Path,
     cfg: ModelConfig,
     state: dict[str, torch.Tensor],
     tokenizer: str | None = None,
-) -> None:
+    architecture: str = "auto",
+) -> str:
     """Write config.json + model.safetensors, each atomically: an interrupted save never
-    leaves a half-written file under a final name. ``tokenizer`` (an encoding name of
-    gpt.data.tokenizer) is recorded as ``gpt_tokenizer``."""
+    leaves a half-written file under a final name. ``architecture`` as ``choose_layout``;
+    ``tokenizer`` (an encoding name of gpt.data.tokenizer) is recorded as ``gpt_tokenizer``
+    and gives the end-of-text id. Returns the layout written."""
     from safetensors.torch import save
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_atomic(path / WEIGHTS, save(gpt2.state_to_hf(state), metadata={"format": "pt"}))
-    config = gpt2.hf_config(cfg)
+    layout = choose_layout(cfg, architecture)
+    rows = {"transformer.wte.weight", "lm_head.weight"}
+    ours = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue  # the token embedding; every loader re-ties it
+        tensor = tensor.detach().to("cpu")
+        ours[name] = tensor[: cfg.vocab_size] if name in rows else tensor  # no padding rows
+    config: dict = {}
+    if layout in ARCHITECTURES:
+        mapping = ARCHITECTURES[layout]
+        ours = mapping.state_to_hf(ours, cfg)
+        eos = eos_token_id(cfg, tokenizer)
+        config = mapping.hf_config(cfg) | {"bos_token_id": eos, "eos_token_id": eos}
+    config["gpt_config"] = dataclasses.asdict(cfg)
     if tokenizer is not None:
         config["gpt_tokenizer"] = tokenizer
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    weights = {name: t.contiguous() for name, t in ours.items()}
+    write_atomic(path / WEIGHTS, save(weights, metadata={"format": "pt"}))
     write_atomic(path / CONFIG, json.dumps(config, indent=2) + "\n")
+    return layout
