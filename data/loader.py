@@ -41,6 +41,12 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
+def split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) windows -> inputs x and targets y, each (B, T) int64."""
+    batch = torch.from_numpy(windows)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
 class TokenLoader:
     """Batches (x, y) of shape (micro_batch_size, block_size) for one rank; see module doc."""
 
@@ -50,12 +56,12 @@ class TokenLoader:
         split: str,
         block_size: int,
         micro_batch_size: int,
+        *,
         grad_accum: int = 1,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         mode: str = "random",
-        *,
         encoding: str | None = None,
         vocab_size: int | None = None,
         verify: str = "full",
@@ -144,15 +150,18 @@ class TokenLoader:
             _splitmix64(self._key + (k.astype(np.uint64) + np.uint64(1)) * _GOLDEN) % n_starts
         ).astype(np.int64)
 
+    def sequences(self, k: np.ndarray) -> np.ndarray:
+        """Sequences number ``k`` of the stream (any indices), (len(k), T+1) int64."""
+        starts = self._starts_of(np.asarray(k, dtype=np.int64))
+        return np.stack([self._window(int(s)) for s in starts]).astype(np.int64)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's next micro-batch: x, y int64 tensors of shape (B, T), y = x shifted by 1."""
         m = self.micro_batch_size
         first = self.position + self.rank * m
-        k = np.arange(first, first + m, dtype=np.int64)
-        windows = np.stack([self._window(int(s)) for s in self._starts_of(k)]).astype(np.int64)
+        windows = self.sequences(np.arange(first, first + m, dtype=np.int64))
         self.position += m * self.world_size
-        batch = torch.from_numpy(windows)  # (B, T+1)
-        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        return split_xy(windows)
 
     def reset(self) -> None:
         """Start again from the first sequence (used before each evaluation)."""

@@ -131,6 +131,9 @@ class DataConfig:
     extra_val: dict[str, str] = option(
         {}, "Extra validation sets, name = prepared dir; logged as val_loss/<name>."
     )
+    name: str = option(
+        "", "Name of data.dir's validation set: also logged as val_loss/<name> (e.g. domain)."
+    )
 
 
 @dataclass
@@ -179,6 +182,27 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    freeze_embeddings: bool = option(
+        False, "Freeze the token and position embeddings (and a head tied to them)."
+    )
+    freeze_blocks: int = option(0, "Freeze the first this many Transformer blocks.", min=0)
+    lora_rank: int = option(0, "LoRA rank (0: off); the base weights are then all frozen.", min=0)
+    lora_alpha: float = option(
+        16.0, "LoRA scale numerator: the update is alpha/rank * B A.", above=0
+    )
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch's input.", min=0, below=1)
+    lora_targets: list[str] = option(
+        ["attn.c_attn", "attn.c_proj"],
+        "Projections that get adapters: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj.",
+    )
+    replay_dir: str = option("", "A second (general) prepared data set to replay from.")
+    replay_fraction: float = option(
+        0.0, "Fraction of every batch's sequences drawn from replay_dir.", min=0, below=1
+    )
+
+
+@dataclass
 class BenchConfig:
     steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).", min=0)
     warmup: int = option(
@@ -196,8 +220,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     deepspeed: dict = field(default_factory=dict)  # passed through to DeepSpeed untouched
+
+    @property
+    def given(self) -> set[str]:
+        """The ``section.key`` names set by the config file or the command line (not left at
+        their defaults); ``train.init_from`` uses it to tell a contradiction from a default."""
+        return self.__dict__.setdefault("_given", set())
 
     @property
     def zero_stage(self) -> int:
@@ -213,7 +244,8 @@ class Config:
         data manifest; without it the checks against the data are skipped."""
         for section in SECTION_TYPES:
             validate_ranges(getattr(self, section), section)
-        self.model.validate()
+        if self.train.init_from == "scratch":  # else the shape comes from the checkpoint
+            self.model.validate()
         from gpt.attention import attention_status  # the registry knows what runs here
 
         status = attention_status()
@@ -252,6 +284,30 @@ class Config:
             )
         if not t.out_dir:
             raise ConfigError("train.out_dir must not be empty")
+        f = self.finetune
+        adapting = [
+            f"finetune.{k} = {_toml_value(getattr(f, k))}"
+            for k in ("lora_rank", "freeze_embeddings", "freeze_blocks")
+            if getattr(f, k)
+        ]
+        if adapting and t.init_from == "scratch":
+            raise ConfigError(
+                f"{', '.join(adapting)}: adapting needs a trained model; set train.init_from "
+                "to it (a run directory, checkpoint or model directory)"
+            )
+        from gpt.lora import TARGETS
+
+        bad = sorted(set(f.lora_targets) - set(TARGETS))
+        if bad or (f.lora_rank and not f.lora_targets):
+            raise ConfigError(
+                f"finetune.lora_targets = {f.lora_targets!r}: choose one or more of "
+                f"{', '.join(TARGETS)}"
+            )
+        if bool(f.replay_fraction) != bool(f.replay_dir):
+            raise ConfigError(
+                f"finetune.replay_fraction = {f.replay_fraction} and finetune.replay_dir = "
+                f"{f.replay_dir!r}: set both (a fraction > 0 of a prepared data set) or neither"
+            )
         if t.init_from != "scratch" and not Path(t.init_from).exists():
             raise ConfigError(
                 f"train.init_from = {t.init_from!r}: no such file or directory; give a run "
@@ -263,9 +319,16 @@ class Config:
     def validate_data(self, manifests: dict[str, dict]) -> None:
         """Checks of the config against the prepared data (see ``validate``)."""
         t, m = self.train, self.model
+        if self.finetune.freeze_blocks > m.n_layer:
+            raise ConfigError(
+                f"finetune.freeze_blocks = {self.finetune.freeze_blocks}, but the model has "
+                f"{m.n_layer} blocks"
+            )
         window = m.block_size + 1  # one sequence: block_size inputs and the next token
         sets = [("train", "data.dir", self.data.dir)]
         sets += [(n, f"data.extra_val.{n}", d) for n, d in self.data.extra_val.items()]
+        if self.finetune.replay_dir:
+            sets.append(("replay", "finetune.replay_dir", self.finetune.replay_dir))
         for name, key, directory in sets:
             manifest = manifests[name]
             if manifest["n_vocab"] > m.vocab_size:
@@ -273,9 +336,9 @@ class Config:
                     f"{key} = {directory} uses {manifest['encoding']} with "
                     f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}"
                 )
-            splits = ["train", "val"] if name == "train" else ["val"]
+            splits = {"train": ["train", "val"], "replay": ["train"]}.get(name, ["val"])
             if not t.eval_interval:
-                splits = splits[:1] if name == "train" else []
+                splits = [s for s in splits if s == "train"]
             for split in splits:
                 tokens = manifest["splits"].get(split, {}).get("tokens", 0)
                 if tokens < window:
@@ -330,6 +393,7 @@ SECTION_TYPES = {
     "data": DataConfig,
     "train": TrainConfig,
     "optim": OptimConfig,
+    "finetune": FinetuneConfig,
     "bench": BenchConfig,
 }
 
@@ -393,6 +457,7 @@ def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     if tp is float or (isinstance(tp, types.UnionType) and float in typing.get_args(tp)):
         value = float(value) if isinstance(value, int) else value
     setattr(getattr(cfg, section), key, value)
+    cfg.given.add(f"{section}.{key}")
 
 
 def _parse_value(text: str) -> Any:

@@ -57,10 +57,11 @@ def records(out: Path) -> list[dict]:
 
 
 def losses(out: Path) -> dict[int, float]:
-    """Training loss by step; asserts that no step was logged twice."""
+    """Training loss by step (step 0 of a fine-tuning run has none); asserts that no step was
+    logged twice."""
     steps = [r["step"] for r in records(out)]
     assert steps == sorted(set(steps)), f"{out}/metrics.jsonl repeats or reorders steps: {steps}"
-    return {r["step"]: r["loss"] for r in records(out)}
+    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
 
 
 def final_params(out: Path) -> dict[str, torch.Tensor]:

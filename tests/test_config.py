@@ -99,8 +99,8 @@ def test_none_resets_an_optional_value():
         ),
         (
             "[modle]\nn_layer = 3\n",
-            r"c.toml: unknown section \[modle\]; valid: model, data, train, optim, bench, "
-            "deepspeed",
+            r"c.toml: unknown section \[modle\]; valid: model, data, train, optim, finetune, "
+            "bench, deepspeed",
         ),
         ('[model]\nn_layer = "3"\n', r"c.toml: model.n_layer must be int, got '3' \(str\)"),
         ("[model]\nn_layer = 3.0\n", r"model.n_layer must be int, got 3.0 \(float\)"),
@@ -186,6 +186,10 @@ SPECIAL = {
     "train.sample_prompts": None,
     "bench.backends": (["fast"], "bench.backends: unknown attention backend(s) fast"),
     "bench.compile": None,
+    "data.name": None,
+    "finetune.freeze_embeddings": (True, "finetune.freeze_embeddings = true: adapting needs"),
+    "finetune.lora_targets": (["attn.q"], "finetune.lora_targets = ['attn.q']: choose one"),
+    "finetune.replay_dir": ("/no/such", "finetune.replay_fraction = 0.0 and finetune.replay_dir"),
 }
 
 

@@ -17,9 +17,10 @@ from gpt.data.shards import read_manifest
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import init_distributed, world_size_from_env
+from gpt.train.finetune import init_model_config
 from gpt.train.lock import RunLock, RunLocked
 from gpt.train.throughput import run_benchmark
-from gpt.train.trainer import Trainer, init_model_config
+from gpt.train.trainer import Trainer
 
 
 def read_manifests(cfg: Config) -> dict[str, dict]:
@@ -27,6 +28,8 @@ def read_manifests(cfg: Config) -> dict[str, dict]:
     ConfigError naming the key when one cannot be read."""
     sets = {"train": ("data.dir", cfg.data.dir)}
     sets.update({n: (f"data.extra_val.{n}", d) for n, d in cfg.data.extra_val.items()})
+    if cfg.finetune.replay_dir:
+        sets["replay"] = ("finetune.replay_dir", cfg.finetune.replay_dir)
     manifests = {}
     for name, (key, directory) in sets.items():
         try:

@@ -11,6 +11,8 @@ This is the one module that knows the layout. A run directory holds::
         trainer.json                      step, tokens, data loader state, versions, config
         rng_rank{r}.json                  RNG states of python, numpy and torch per rank
         model/                            config.json + model.safetensors (GPT.from_pretrained)
+        adapters/                         instead of model/ in a LoRA run: the adapters only,
+                                          and which base they adapt (load_model merges them)
         checksums.json                    sha256 of every file above
         COMPLETE                          written last, after every rank finished
     out_dir/checkpoints/latest            name of the newest complete checkpoint
@@ -47,6 +49,7 @@ LATEST = "latest"
 CHECKSUMS = "checksums.json"
 TRAINER_STATE = "trainer.json"
 RUN_INFO = "run.json"
+ADAPTERS = "adapters"
 
 
 class CheckpointError(RuntimeError):
@@ -106,6 +109,33 @@ def resolve_model_dir(path: str | Path) -> Path:
         f"{path}: not a model directory (config.json + model.safetensors), a checkpoint "
         f"({COMPLETE} + model/) or a run directory (checkpoints/)"
     )
+
+
+def load_model(path: str | Path, **overrides):
+    """The GPT at ``path`` (a model directory, a checkpoint or a run directory), with the
+    adapters of a LoRA checkpoint merged into its base: a plain model either way.
+    ``overrides`` as for ``GPT.from_pretrained``."""
+    from gpt.lora import add_lora, merge_lora
+    from gpt.model import GPT
+
+    path = Path(path)
+    found = path if (path / COMPLETE).is_file() else latest_checkpoint(path)
+    adapters = found / ADAPTERS if found is not None else None
+    if adapters is None or not adapters.is_dir() or (path / "config.json").is_file():
+        return GPT.from_pretrained(resolve_model_dir(path), **overrides)
+    from safetensors.torch import load_file
+
+    info = json.loads((adapters / "adapter.json").read_text())
+    model = load_model(info["base"], **overrides)
+    add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"])
+    state = load_file(adapters / "adapters.safetensors")
+    missing = set(state) ^ set(n for n, _ in model.named_parameters() if ".lora_" in n)
+    if missing:
+        raise CheckpointError(
+            f"{adapters}: adapters do not fit the base model: {sorted(missing)[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return merge_lora(model)
 
 
 def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -277,11 +307,13 @@ def save_checkpoint(
     trainer_state: dict,
     keep: int,
     tokenizer: str | None = None,
+    adapters: dict | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes the checkpoint of ``step`` under a temporary
     name, records the checksums, marks it COMPLETE once every rank finished, renames it,
     points ``latest`` at it and deletes all but the newest ``keep`` (0: keep all). Refuses
-    (RuntimeError) non-finite parameters."""
+    (RuntimeError) non-finite parameters. ``adapters`` (LoRA: rank, alpha, targets, base)
+    saves the adapters and their optimizer state only, not the frozen base."""
     model = engine.module
     if not parameters_finite(model):
         raise RuntimeError(f"step {step}: parameters are not finite; checkpoint not written")
@@ -293,11 +325,19 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
+    with _frozen_tied_weights_excluded(engine):
+        engine.save_checkpoint(
+            str(tmp / "ds"),
+            tag="state",
+            save_latest=False,
+            exclude_frozen_parameters=bool(adapters),
+        )
     write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
     dist.barrier()
     with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
-        if rank == 0:
+        if rank == 0 and adapters:
+            _save_adapters(model, tmp / ADAPTERS, adapters)
+        elif rank == 0:
             model.save_pretrained(tmp / "model", tokenizer)
     if rank == 0:
         write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
@@ -313,6 +353,38 @@ def save_checkpoint(
             shutil.rmtree(doomed)
     dist.barrier()
     return final
+
+
+@contextlib.contextmanager
+def _frozen_tied_weights_excluded(engine):
+    """DeepSpeed's ``exclude_frozen_parameters`` looks frozen weights up by their first name
+    only, so a tied head (``lm_head.weight`` is ``transformer.wte.weight``) would be saved
+    whole; drop every name of every frozen tensor."""
+    original = engine.module_state_dict
+
+    def state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # back to the class's method
+
+
+def _save_adapters(model: torch.nn.Module, path: Path, info: dict) -> None:
+    from safetensors.torch import save
+
+    from gpt.lora import lora_state
+
+    state = {k: v.detach().cpu().contiguous() for k, v in lora_state(model).items()}
+    write_atomic(path / "adapters.safetensors", save(state))
+    write_atomic(path / "adapter.json", json.dumps(info, indent=1) + "\n")
 
 
 # DeepSpeed's own plain classes found in its optimizer states (ZeRO 1-3); nothing else that
@@ -379,11 +451,15 @@ def read_trainer_state(ckpt: Path) -> dict:
 
 def load_checkpoint(engine, ckpt: Path) -> dict:
     """Collective: restores engine (model, optimizer) and this rank's RNG; returns the
-    trainer state saved with it. CheckpointError (on every rank alike) if it is damaged."""
+    trainer state saved with it. CheckpointError (on every rank alike) if it is damaged. A
+    LoRA checkpoint restores the adapters; the frozen base is the model's own."""
     verify_checksums(ckpt)
     trainer_state = read_trainer_state(ckpt)
+    strict = not (ckpt / ADAPTERS).is_dir()
     with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(str(ckpt / "ds"), tag="state")
+        load_path, _ = engine.load_checkpoint(
+            str(ckpt / "ds"), tag="state", load_module_strict=strict
+        )
     if load_path is None:
         raise CheckpointError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt / f"rng_rank{dist.rank()}.json"

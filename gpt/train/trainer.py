@@ -22,15 +22,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from gpt import GPT, __version__
-from gpt.config import Config, ModelConfig
-from gpt.convert import read_model_config
+from gpt import __version__
+from gpt.config import Config
 from gpt.data.loader import TokenLoader
+from gpt.data.replay import ReplayLoader
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.validation import eager, eval_samples, validation_loss
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import build_engine
+from gpt.train.finetune import build_model
 from gpt.train.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
 from gpt.train.optim import lr_at
 
@@ -52,24 +53,6 @@ class StopFlag:
         self.signum = signum
 
 
-def init_model_config(cfg: Config) -> ModelConfig:
-    """The model config of train.init_from (its shape), with the config's attention backend
-    and dropout, which do not change the weights."""
-    model_dir = ckpt.resolve_model_dir(cfg.train.init_from)
-    saved = read_model_config(model_dir)
-    return dataclasses.replace(saved, attention=cfg.model.attention, dropout=cfg.model.dropout)
-
-
-def build_model(cfg: Config) -> GPT:
-    """A fresh model of ``cfg.model`` (seeded: identical on every rank), or the weights of
-    train.init_from (``cfg.model`` must then be ``init_model_config(cfg)``)."""
-    torch.manual_seed(cfg.train.seed)
-    if cfg.train.init_from == "scratch":
-        return GPT(cfg.model)
-    model_dir = ckpt.resolve_model_dir(cfg.train.init_from)
-    return GPT.from_pretrained(model_dir, attention=cfg.model.attention, dropout=cfg.model.dropout)
-
-
 class Trainer:
     """One training run: the model, its engine and loaders, the step counter, and the loop."""
 
@@ -81,6 +64,10 @@ class Trainer:
         self.model = build_model(cfg).to(device)
         self.engine, self.optimizer = build_engine(self.model, cfg, self.world)
         self.loader = self._loader(cfg.data.dir, "train", t.grad_accum, cfg.data.mode)
+        f = cfg.finetune
+        if f.replay_fraction:
+            replay = self._loader(f.replay_dir, "train", t.grad_accum, cfg.data.mode)
+            self.loader = ReplayLoader(self.loader, replay, f.replay_fraction)
         val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val} if t.eval_interval else {}
         self.val_loaders = {
             name: self._loader(d, "val", 1, "sequential") for name, d in val_dirs.items()
@@ -152,15 +139,21 @@ class Trainer:
 
     def save(self) -> Path:
         """Collective: a complete checkpoint of the current step (metrics flushed first, so
-        metrics.jsonl and the checkpoint agree)."""
+        metrics.jsonl and the checkpoint agree). A LoRA run saves its adapters only."""
         self.flush()
+        f = self.cfg.finetune
+        adapters = None
+        if f.lora_rank:
+            base = str(Path(self.cfg.train.init_from).resolve())
+            adapters = dict(rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets, base=base)
         return ckpt.save_checkpoint(
             self.engine,
             self.out_dir,
             self.step,
             self.state_dict(),
             self.cfg.train.keep_checkpoints,
-            self.manifest["encoding"],
+            tokenizer=self.manifest["encoding"],
+            adapters=adapters,
         )
 
     # -- one step, validation ---------------------------------------------------------
@@ -202,10 +195,13 @@ class Trainer:
             )
         self.engine.train()
         means = (dist.all_reduce(means / self.world)).tolist()
-        return {
+        losses = {
             ("val_loss" if name == "val" else f"val_loss/{name}"): mean
             for name, mean in zip(self.val_loaders, means, strict=True)
         }
+        if self.cfg.data.name and "val_loss" in losses:
+            losses[f"val_loss/{self.cfg.data.name}"] = losses["val_loss"]
+        return losses
 
     def samples(self) -> dict[str, str]:
         """Collective (ZeRO-3 gathers the parameters): a sample of every sample prompt."""
@@ -219,6 +215,8 @@ class Trainer:
         """Train to ``max_steps``; returns the exit status (0, NONFINITE_EXIT, 128 + signal)."""
         t = self.cfg.train
         self.start_logging()
+        if self.step == 0 and t.init_from != "scratch" and t.eval_interval:
+            self.log_start()  # where fine-tuning starts from: the base model's losses
         last_saved = self.step
         while self.step < t.max_steps:
             lr = self.set_lr()
@@ -253,11 +251,22 @@ class Trainer:
         t, main = self.cfg.train, dist.is_main()
         config = dataclasses.asdict(self.cfg)
         wandb_run = start_wandb(main and t.wandb, self.out_dir, t.wandb_project, config)
-        self.log = MetricsLog(self.out_dir, main, self.step, wandb_run)
+        # a fresh start (no checkpoint) keeps nothing of an earlier attempt's metrics
+        self.log = MetricsLog(self.out_dir, main, self.step if self.step else -1, wandb_run)
         self.bar = tqdm(
             total=t.max_steps, initial=self.step, disable=not main, dynamic_ncols=True, leave=False
         )
         self.window_start = time.perf_counter()
+
+    def log_start(self) -> None:
+        """Step 0: validation losses of the loaded weights, before any update."""
+        record = {"step": 0, "tokens": 0, **self.validate()}
+        if dist.is_main():
+            self.bar.write(
+                "  step 0: "
+                + " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val"))
+            )
+        self.log.write(record)
 
     def _flags(self) -> dict:
         """The step's non-finite flag and gradient norm as the optimizer left them: device

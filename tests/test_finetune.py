@@ -1,0 +1,267 @@
+"""Fine-tuning: init_from loads weights exactly with a fresh optimizer; a contradicting [model]
+key is refused; freezing keeps frozen weights bitwise; LoRA trains adapters only, saves them
+alone, and merges into a plain model equal to the adapted one (and loadable by transformers);
+replay mixes the requested fraction, exactly and resumably; step 0 is evaluated."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from runs import config, copy_run_at, losses, records, torchrun
+from safetensors.torch import load_file
+
+from gpt.cli import train
+from gpt.data.loader import TokenLoader
+from gpt.data.prepare import prepare
+from gpt.data.replay import ReplayLoader
+from gpt.lora import add_lora, merge_lora
+from gpt.model import GPT
+from gpt.train.checkpoint import latest_checkpoint, load_model
+
+transformers.logging.set_verbosity_error()
+
+FINETUNE = """
+[data]
+dir = "{domain}"
+name = "domain"
+extra_val = {{general = "{general}"}}
+[train]
+out_dir = "{out}"
+init_from = "{base}"
+max_steps = 6
+micro_batch_size = 4
+grad_accum = 2
+eval_interval = 3
+eval_steps = 2
+ckpt_interval = 3
+log_interval = 1
+seed = 11
+wandb = false
+sample_tokens = 0
+[optim]
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 2
+"""
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data_dir):
+    """A base model pretrained on the general corpus (10 steps of the tiny config)."""
+    tmp = tmp_path_factory.mktemp("base")
+    path, out = config(tmp, data_dir, "base")
+    assert train.main([str(path), "--train.eval_interval=0"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def domain(tmp_path_factory):
+    """A small 'domain' corpus unlike the general one: code-like text."""
+    root = tmp_path_factory.mktemp("domain")
+    docs = root / "docs"
+    docs.mkdir()
+    for i in range(12):
+        lines = [f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(12)]
+        (docs / f"m{i}.py").write_text("".join(lines))
+    prepare([str(docs)], root / "data", encoding="bytes", val_fraction=0.25, progress=False)
+    return root / "data"
+
+
+def finetune_config(tmp_path, name, base, domain, general, **finetune):
+    text = FINETUNE.format(domain=domain, general=general, out=tmp_path / name, base=base)
+    if finetune:
+        text += "[finetune]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in finetune.items())
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path, tmp_path / name
+
+
+def first_batch_loss(model: GPT, domain, seed=11) -> float:
+    loader = TokenLoader(domain, "train", 16, 4, seed=seed)
+    with torch.no_grad():
+        a = model(*loader.next_batch())[1].item()
+        b = model(*loader.next_batch())[1].item()
+    return (a + b) / 2
+
+
+def params(path) -> dict[str, torch.Tensor]:
+    return dict(load_model(path).state_dict())
+
+
+def test_init_from_loads_the_weights_exactly_with_a_fresh_optimizer(
+    tmp_path, base, domain, data_dir
+):
+    path, out = finetune_config(tmp_path, "full", base, domain, data_dir)
+    assert train.main([str(path)]) == 0
+    logged = records(out)
+    start = logged[0]
+    assert start["step"] == 0 and "loss" not in start  # evaluated before any update
+    assert {"val_loss", "val_loss/domain", "val_loss/general"} <= start.keys()
+    assert start["val_loss"] == start["val_loss/domain"]
+    base_model = GPT.from_pretrained(latest_checkpoint(base) / "model").eval()
+    # the first step's loss is the base model's loss on the fine-tuning run's first batch
+    assert logged[1]["step"] == 1 and logged[1]["loss"] == first_batch_loss(base_model, domain)
+    assert logged[1]["lr"] == pytest.approx(3e-3 / 2)  # its own schedule, from step 0
+    state = torch.load(  # our own run's DeepSpeed file: trusted
+        latest_checkpoint(out) / "ds" / "state" / "mp_rank_00_model_states.pt", weights_only=False
+    )
+    steps = {int(v["step"]) for v in state["optimizer"]["state"].values()}
+    assert steps == {6}  # a fresh AdamW: 6 updates here, none carried over from the base
+    trainer_state = json.loads((latest_checkpoint(out) / "trainer.json").read_text())
+    assert trainer_state["step"] == 6 and trainer_state["loader"]["position"] == 6 * 8
+
+
+def test_a_contradicting_model_key_is_refused_with_the_fields_named(
+    tmp_path, base, domain, data_dir, capsys
+):
+    path, out = finetune_config(tmp_path, "bad", base, domain, data_dir)
+    args = [str(path), "--model.n_layer=4", "--model.n_embd=64", "--model.dropout=0.1"]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert "model.n_layer = 4 (the checkpoint has 2)" in err
+    assert "model.n_embd = 64 (the checkpoint has 32)" in err
+    assert "dropout" not in err.split("the config sets")[1].split(". Remove")[0]
+    assert not out.exists()
+    # keys equal to the checkpoint's, and the backend / dropout, are fine
+    ok = [str(path), "--model.n_layer=2", "--model.attention=naive", "--train.max_steps=1"]
+    assert train.main([*ok, "--model.dropout=0.1", "--train.eval_interval=0"]) == 0
+
+
+def test_frozen_embeddings_and_blocks_stay_bitwise_unchanged(tmp_path, base, domain, data_dir):
+    path, out = finetune_config(
+        tmp_path, "frozen", base, domain, data_dir, freeze_embeddings=True, freeze_blocks=1
+    )
+    assert train.main([str(path)]) == 0
+    before, after = params(base), params(out)
+    frozen = [
+        k
+        for k in before
+        if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))
+    ]
+    trained = [k for k in before if k.startswith(("transformer.h.1.", "transformer.ln_f"))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    assert all(not torch.equal(before[k], after[k]) for k in trained)
+
+
+def test_lora_trains_adapters_only_and_merges_into_an_equal_plain_model(
+    tmp_path, base, domain, data_dir
+):
+    path, out = finetune_config(
+        tmp_path, "lora", base, domain, data_dir, lora_rank=4, lora_alpha=8.0,
+        lora_targets=["attn.c_attn", "mlp.c_fc"],
+    )  # fmt: skip
+    assert train.main([str(path)]) == 0
+    ckpt = latest_checkpoint(out)
+    assert not (ckpt / "model").exists()  # adapters only, not another copy of the base
+    adapters = load_file(ckpt / "adapters" / "adapters.safetensors")
+    assert sorted(adapters) == sorted(
+        f"transformer.h.{i}.{layer}.lora_{m}"
+        for i in range(2)
+        for layer in ("attn.c_attn", "mlp.c_fc")
+        for m in "AB"
+    )
+    ds_state = torch.load(ckpt / "ds" / "state" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert set(ds_state["module"]) == set(adapters)  # the frozen base is not saved again
+    # the adapted model (base + adapters, unmerged) against the merged plain model
+    base_model = GPT.from_pretrained(latest_checkpoint(base) / "model")
+    adapted = add_lora(GPT.from_pretrained(latest_checkpoint(base) / "model"), 4, 8.0, 0.0,
+                       ["attn.c_attn", "mlp.c_fc"])  # fmt: skip
+    adapted.load_state_dict(adapters, strict=False)
+    merged = load_model(out).eval()
+    idx = torch.randint(0, 257, (3, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(idx), adapted.eval()(idx), rtol=0, atol=1e-5)
+        assert (merged(idx) - base_model.eval()(idx)).abs().max() > 1e-3  # it did learn
+    # only the adapted projections changed; everything else is the base's, bitwise
+    for name, tensor in base_model.state_dict().items():
+        changed = not torch.equal(tensor, merged.state_dict()[name])
+        assert changed == name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")), name
+    # the merged model exports to a plain Hugging Face model with the same logits
+    merged.save_pretrained(tmp_path / "hf", tokenizer="bytes", architecture="transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, merged(idx), rtol=0, atol=1e-5)
+
+
+def test_merge_lora_equals_the_adapted_model_in_float32():
+    torch.manual_seed(0)
+    from gpt.config import ModelConfig
+
+    model = GPT(ModelConfig(vocab_size=50, block_size=9, n_layer=2, n_head=3, n_embd=24)).eval()
+    add_lora(model, 3, 6.0, 0.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.normal_(0, 0.3)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
+    idx = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        adapted = model(idx)
+        merged = merge_lora(model)(idx)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+    assert not any(".lora_" in n for n, _ in model.named_parameters())
+
+
+def test_replay_mixes_the_fraction_exactly_and_independently_of_the_world(domain, data_dir):
+    def mixed(world, rank, fraction=0.1):
+        def loader(d):
+            return TokenLoader(d, "train", 16, 6 // world, rank=rank, world_size=world, seed=3)
+
+        return ReplayLoader(loader(domain), loader(data_dir), fraction)
+
+    one = mixed(1, 0)
+    batches, replayed = [], 0
+    for _ in range(40):  # 240 sequences
+        batches.append(torch.cat(one.next_batch(), dim=1))
+        replayed += one.last_replayed
+    assert replayed == 24  # exactly floor(240 * 0.1): within +-2% of the setting, trivially
+    # two ranks of 3 sequences each draw the same global batches
+    halves = [mixed(2, r) for r in range(2)]
+    two = [torch.cat([torch.cat(h.next_batch(), dim=1) for h in halves]) for _ in range(40)]
+    assert all(torch.equal(a, b) for a, b in zip(batches, two, strict=True))
+    # resumed from a saved state, it continues with the same batches
+    again = mixed(1, 0)
+    for _ in range(17):
+        again.next_batch()
+    resumed = mixed(1, 0)
+    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
+    for i in range(17, 40):
+        assert torch.equal(torch.cat(resumed.next_batch(), dim=1), batches[i])
+    with pytest.raises(ValueError, match="replay fraction 1/10, this run has 1/5"):
+        mixed(1, 0, 0.2).load_state_dict(again.state_dict())
+
+
+def test_replay_training_resumes_exactly(tmp_path, base, domain, data_dir):
+    replay = dict(replay_dir=str(data_dir), replay_fraction=0.25)
+    path_a, out_a = finetune_config(tmp_path, "straight", base, domain, data_dir, **replay)
+    assert train.main([str(path_a)]) == 0
+    path_b, out_b = finetune_config(tmp_path, "resumed", base, domain, data_dir, **replay)
+    copy_run_at(out_a, out_b, 3)
+    assert train.main([str(path_b)]) == 0
+    assert losses(out_a) == losses(out_b) and len(losses(out_a)) == 6
+    assert [r["step"] for r in records(out_b)] == list(range(7))  # step 0 once, no repeats
+    state = json.loads((latest_checkpoint(out_b) / "trainer.json").read_text())["loader"]
+    assert state["position"] == 48 and state["fraction"] == "1/4"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_lora_under_zero_on_two_processes_matches_one(tmp_path, base, domain, data_dir, stage):
+    lora = dict(lora_rank=4, lora_alpha=8.0)
+    path_1, out_1 = finetune_config(tmp_path, "one", base, domain, data_dir, **lora)
+    assert train.main([str(path_1)]) == 0
+    path_2, out_2 = finetune_config(tmp_path, "two", base, domain, data_dir, **lora)
+    torchrun(path_2, "--train.micro_batch_size=2", f"--deepspeed.zero_optimization.stage={stage}")
+    one, two = losses(out_1), losses(out_2)
+    assert one.keys() == two.keys() and len(one) == 6
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
+    a = load_file(latest_checkpoint(out_1) / "adapters" / "adapters.safetensors")
+    b = load_file(latest_checkpoint(out_2) / "adapters" / "adapters.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
