@@ -372,39 +372,35 @@ _INTERPRET_BLOCKS = (32, 16)
 # Lengths enter the key as buckets (tuning.length_bucket); Triton appends the dtypes.
 AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "BLOCK_D", "IS_CAUSAL"]
 # The candidates measured when this kernel was the best on an H100 (issue 17): (held rows,
-# streamed rows) x warps x stages, 20 in all, before pruning.
-GPU_TILES = [
-    tuning.Tile(held, streamed, warps, stages)
-    for held, streamed in [(128, 64), (128, 32), (64, 64), (64, 32), (32, 32)]
-    for warps in (4, 8)
-    for stages in (2, 3)
-]
-# What each kernel keeps on chip (tuning.Footprint): forward Q held, K and V streamed, one
-# (M, D) accumulator; dQ also holds dO and has P and dP alive; dK/dV hold K and V, stream
-# Q and dO, and accumulate dK and dV.
+# streamed rows) x 4 or 8 warps x 2 or 3 stages. For the forward and dQ kernels 2 and 3
+# stages compile to byte-identical code (their masked pointer loads are not pipelined:
+# gpt.kernels.resources shows the same shared memory and registers, and the cubins'
+# hashes match), so only 2 is tried there: 10 candidates instead of 20, none lost.
+_PAIRS = [(128, 64), (128, 32), (64, 64), (64, 32), (32, 32)]
+GPU_TILES = {
+    "fwd": [tuning.Tile(h, s, w, 2) for h, s in _PAIRS for w in (4, 8)],
+    "dq": [tuning.Tile(h, s, w, 2) for h, s in _PAIRS for w in (4, 8)],
+    "dkdv": [tuning.Tile(h, s, w, st) for h, s in _PAIRS for w in (4, 8) for st in (2, 3)],
+}
+# What each kernel keeps in shared memory (tuning.Footprint): forward and dQ hold Q (dQ
+# also dO), stream K and V; dK/dV hold K and V, stream Q and dO.
 FOOTPRINTS = {
-    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2, acc_d=1, acc_scores=1),
-    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2, acc_d=1, acc_scores=2),
-    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2, acc_d=2, acc_scores=2),
+    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2),
+    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2),
+    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2),
 }
 
 
 def autotuned(kernel, role: str, tiles=None, do_bench=None):
-    """``kernel`` wrapped in triton.autotune: on a GPU over ``tiles`` (default GPU_TILES)
-    pruned per head dim and dtype, in the interpreter over its one fixed configuration (a
-    single configuration is never timed). ``do_bench`` replaces Triton's timer (tests)."""
+    """``kernel`` wrapped in triton.autotune: on a GPU over ``tiles`` (default
+    GPU_TILES[role]) pruned per head dim and dtype, in the interpreter over its one fixed
+    configuration (a single configuration is never timed). ``do_bench`` replaces Triton's
+    timer (tests)."""
     holds_queries = role != "dkdv"
     if tiles is None:
         m, n = _INTERPRET_BLOCKS
-        tiles = [tuning.Tile(m, n, 4, 2)] if _INTERPRET else GPU_TILES
-    # This kernel was measured with all 20 candidates: prune only those that cannot fit
-    # shared memory or would certainly spill registers, so its best choice stays in.
-    prune = functools.partial(
-        tuning.prune,
-        footprint=FOOTPRINTS[role],
-        holds_queries=holds_queries,
-        registers=tuning.HARD_REGISTER_LIMIT,
-    )
+        tiles = [tuning.Tile(m, n, 4, 2)] if _INTERPRET else GPU_TILES[role]
+    prune = functools.partial(tuning.prune, footprint=FOOTPRINTS[role], holds_queries=holds_queries)
     return triton.autotune(
         configs=tuning.configs(tiles, holds_queries),
         key=AUTOTUNE_KEY,

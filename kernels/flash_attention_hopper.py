@@ -27,7 +27,9 @@ to say (kernels/NOTES.md).
    last query tiles see the most keys; in dK/dV the first key tiles are seen by the most
    queries), so that long programs start early and short ones fill the tail. With
    ``GPT_FLASH_PROGRAMS_PER_SM=n`` the launch is persistent: n programs per multiprocessor
-   loop over the tiles in that order (default 0: one program per tile).
+   loop over the tiles in that order (default 0: one program per tile; the persistent
+   loop is compiled only when asked for, as it costs registers: at D = 128 the dK/dV
+   kernel spills with it and does not without it).
 5. *Configurations per head dim and dtype* from small tables (gpt.kernels.tuning), keyed
    on length buckets; packed tiles of at most 16 rows (decoding) get a fixed 16-row tile
    and no autotuning.
@@ -63,8 +65,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TMA_ENABLED = os.environ.get("GPT_FLASH_TMA", "1") != "0"
 PROGRAMS_ENV = "GPT_FLASH_PROGRAMS_PER_SM"
 # The interpreter runs programs one after another: a few programs looping over many tiles
-# exercise the persistent loop at no cost.
-_INTERPRET_PROGRAMS = 3
+# exercise the persistent loop at no cost (None: one program per tile, as on a GPU).
+_INTERPRET_PROGRAMS: int | None = 3
 
 
 # --------------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ def _fwd_key_tiles(
 
 
 @triton.jit
-def _fwd_kernel(
+def _fwd_tile(
+    tile,  # which tile (module docstring, item 4)
     Q, K_DESC, V_DESC, K, V, OUT, LSE,  # K_DESC, V_DESC: descriptors with USE_TMA, else K, V
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -167,6 +170,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Forward of one tile of BLOCK_M packed query rows."""
     # One tile = BLOCK_M packed rows (position r // GROUP, head r % GROUP) of one (batch,
     # kv head); a program handles tiles pid, pid + programs, ... (one, unless persistent).
     offset = S - T
@@ -176,54 +180,91 @@ def _fwd_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for tile in range(tl.program_id(0), n_row_tiles * n_bh, tl.num_programs(0)):
-        i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
-        b32 = bh // H_KV
-        b = b32.to(tl.int64)  # b * stride_qb can pass 2**31 elements for large batches
-        h_kv = bh % H_KV
-        rows = i * BLOCK_M + offs_r  # (BLOCK_M,) packed rows
-        t = rows // GROUP  # their positions
-        h = h_kv * GROUP + rows % GROUP  # their query heads
-        row_ok = rows < n_rows
-        qo_mask = row_ok[:, None] & d_ok[None, :]
+    i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
+    b32 = bh // H_KV
+    b = b32.to(tl.int64)  # b * stride_qb can pass 2**31 elements for large batches
+    h_kv = bh % H_KV
+    rows = i * BLOCK_M + offs_r  # (BLOCK_M,) packed rows
+    t = rows // GROUP  # their positions
+    h = h_kv * GROUP + rows % GROUP  # their query heads
+    row_ok = rows < n_rows
+    qo_mask = row_ok[:, None] & d_ok[None, :]
 
-        # --- Stays in SRAM for the whole tile -----------------------------------------
-        q_off = b * stride_qb + h * stride_qh + t * stride_qt
-        q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
-        m_i = tl.full([BLOCK_M], _MIN_INIT, dtype=tl.float32)  # running row max (base 2)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
+    # --- Stays in SRAM for the whole tile -----------------------------------------
+    q_off = b * stride_qb + h * stride_qh + t * stride_qt
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+    m_i = tl.full([BLOCK_M], _MIN_INIT, dtype=tl.float32)  # running row max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
 
-        # Key tiles [0, full_end) are seen whole by every row of the tile: with a causal
-        # mask, those ending at or before the first row's last key (t_first + offset);
-        # without, all complete tiles. [full_end, hi) holds the diagonal or ragged tiles.
-        t_first = (i * BLOCK_M) // GROUP
-        t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
-        if IS_CAUSAL:
-            full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(S, t_last + offset + 1)
-        else:
-            full_end = (S // BLOCK_N) * BLOCK_N
-            hi = S
-        k_base = K + b * stride_kb + h_kv * stride_kh
-        v_base = V + b * stride_vb + h_kv * stride_vh
-        acc, m_i, l_i = _fwd_key_tiles(
-            acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-            stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
-            False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    # Key tiles [0, full_end) are seen whole by every row of the tile: with a causal
+    # mask, those ending at or before the first row's last key (t_first + offset);
+    # without, all complete tiles. [full_end, hi) holds the diagonal or ragged tiles.
+    t_first = (i * BLOCK_M) // GROUP
+    t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
+    if IS_CAUSAL:
+        full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(S, t_last + offset + 1)
+    else:
+        full_end = (S // BLOCK_N) * BLOCK_N
+        hi = S
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    acc, m_i, l_i = _fwd_key_tiles(
+        acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+        stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
+        False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    acc, m_i, l_i = _fwd_key_tiles(
+        acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+        stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
+        True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
+    acc = acc / l_safe[:, None]
+    o_off = b * stride_ob + h * stride_oh + t * stride_ot
+    o_ptrs = OUT + o_off[:, None] + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=qo_mask)
+    tl.store(LSE + (b * H + h) * T + t, m_i + tl.log2(l_safe), mask=row_ok)
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K_DESC, V_DESC, K, V, OUT, LSE,  # K_DESC, V_DESC: descriptors with USE_TMA, else K, V
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_ob, stride_oh, stride_ot, stride_od,
+    B, H, H_KV, T, S, D,
+    qk_scale,  # softmax scale * log2(e)
+    T_BUCKET, S_BUCKET,  # T and S rounded up to powers of two: the autotune key, unused here
+    PERSISTENT: tl.constexpr,  # loop over tiles (GPT_FLASH_PROGRAMS_PER_SM)
+    GROUP: tl.constexpr,  # query heads per K/V head
+    IS_CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        n_tiles = tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _fwd_tile(
+                tile, Q, K_DESC, V_DESC, K, V, OUT, LSE, stride_qb, stride_qh, stride_qt, stride_qd,
+                stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
+                stride_vd, stride_ob, stride_oh, stride_ot, stride_od, B, H, H_KV, T, S, D,
+                qk_scale, T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D,
+            )  # fmt: skip
+    else:
+        _fwd_tile(
+            tl.program_id(0), Q, K_DESC, V_DESC, K, V, OUT, LSE, stride_qb, stride_qh, stride_qt,
+            stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
+            stride_vd, stride_ob, stride_oh, stride_ot, stride_od, B, H, H_KV, T, S, D, qk_scale,
+            T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        acc, m_i, l_i = _fwd_key_tiles(
-            acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-            stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
-            True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
-        acc = acc / l_safe[:, None]
-        o_off = b * stride_ob + h * stride_oh + t * stride_ot
-        o_ptrs = OUT + o_off[:, None] + offs_d[None, :] * stride_od
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=qo_mask)
-        tl.store(LSE + (b * H + h) * T + t, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,7 +310,8 @@ def _dkdv_query_tiles(
 
 
 @triton.jit
-def _dkdv_kernel(
+def _dkdv_tile(
+    tile,  # which tile (module docstring, item 4)
     Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -287,6 +329,7 @@ def _dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """dK and dV of one tile of BLOCK_N keys."""
     # One tile = BLOCK_N keys of one (batch, kv head), held in SRAM with their dK and dV
     # while the Q/dO tiles of every query head of the group stream past (the sum over
     # the group happens here, without atomics). The first key tiles are the heaviest when
@@ -297,55 +340,94 @@ def _dkdv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for tile in range(tl.program_id(0), n_key_tiles * n_bh, tl.num_programs(0)):
-        j, bh = _tile_coords(tile, n_bh, n_key_tiles, False)
-        b32 = bh // H_KV
-        b = b32.to(tl.int64)
-        h_kv = bh % H_KV
-        start_n = j * BLOCK_N
-        keys = start_n + offs_n
-        kv_mask = (keys < S)[:, None] & d_ok[None, :]
+    j, bh = _tile_coords(tile, n_bh, n_key_tiles, False)
+    b32 = bh // H_KV
+    b = b32.to(tl.int64)
+    h_kv = bh % H_KV
+    start_n = j * BLOCK_N
+    keys = start_n + offs_n
+    kv_mask = (keys < S)[:, None] & d_ok[None, :]
 
-        # --- Stays in SRAM: this tile of K and V and its two gradient accumulators -------
-        k_ptrs = K + b * stride_kb + h_kv * stride_kh
-        k = tl.load(k_ptrs + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                    mask=kv_mask, other=0.0)  # fmt: skip
-        v_ptrs = V + b * stride_vb + h_kv * stride_vh
-        v = tl.load(v_ptrs + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                    mask=kv_mask, other=0.0)  # fmt: skip
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # --- Stays in SRAM: this tile of K and V and its two gradient accumulators -------
+    k_ptrs = K + b * stride_kb + h_kv * stride_kh
+    k = tl.load(k_ptrs + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    v_ptrs = V + b * stride_vb + h_kv * stride_vh
+    v = tl.load(v_ptrs + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                mask=kv_mask, other=0.0)  # fmt: skip
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-        # Query rows m see key n when n <= m + offset. Rows before `lo` see none of this
-        # tile; rows from `mid` on see all of it; the tiles in [lo, mid) are masked.
-        if IS_CAUSAL:
-            lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
-            first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-            mid = tl.cdiv(first_full, BLOCK_M) * BLOCK_M
-        else:
-            lo = 0
-            mid = 0
-        for g in range(0, GROUP):
-            h = h_kv * GROUP + g
-            q_base = Q + b * stride_qb + h * stride_qh
-            do_base = DO + b * stride_dob + h * stride_doh
-            lse_base = LSE + (b * H + h) * T
-            delta_base = DELTA + (b * H + h) * T
-            dk, dv = _dkdv_query_tiles(
-                dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
-                b32, h, stride_qt, stride_qd, stride_dot, stride_dod, lo, mid, T, D, offset,
-                qk_scale, True, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
+    # Query rows m see key n when n <= m + offset. Rows before `lo` see none of this
+    # tile; rows from `mid` on see all of it; the tiles in [lo, mid) are masked.
+    if IS_CAUSAL:
+        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+        first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+        mid = tl.cdiv(first_full, BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    for g in range(0, GROUP):
+        h = h_kv * GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LSE + (b * H + h) * T
+        delta_base = DELTA + (b * H + h) * T
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
+            b32, h, stride_qt, stride_qd, stride_dot, stride_dod, lo, mid, T, D, offset,
+            qk_scale, True, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
+        )  # fmt: skip
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
+            b32, h, stride_qt, stride_qd, stride_dot, stride_dod, mid, T, T, D, offset,
+            qk_scale, False, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
+        )  # fmt: skip
+
+    dk_off = b * stride_dkb + h_kv * stride_dkh
+    dk_off += keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+    tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # DK and DV share one layout
+    B, H, H_KV, T, S, D,
+    qk_scale, sm_scale,
+    T_BUCKET, S_BUCKET,  # the autotune key, unused here
+    PERSISTENT: tl.constexpr,  # loop over tiles (GPT_FLASH_PROGRAMS_PER_SM)
+    GROUP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        for tile in range(tl.program_id(0), tl.cdiv(S, BLOCK_N) * B * H_KV, tl.num_programs(0)):
+            _dkdv_tile(
+                tile, Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh,
+                stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb,
+                stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+                stride_dkb, stride_dkh, stride_dkt, stride_dkd, B, H, H_KV, T, S, D, qk_scale,
+                sm_scale, T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M,
+                BLOCK_N, BLOCK_D,
             )  # fmt: skip
-            dk, dv = _dkdv_query_tiles(
-                dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
-                b32, h, stride_qt, stride_qd, stride_dot, stride_dod, mid, T, T, D, offset,
-                qk_scale, False, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
-            )  # fmt: skip
-
-        dk_off = b * stride_dkb + h_kv * stride_dkh
-        dk_off += keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-        tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    else:
+        _dkdv_tile(
+            tl.program_id(0), Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb,
+            stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb,
+            stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
+            stride_dkb, stride_dkh, stride_dkt, stride_dkd, B, H, H_KV, T, S, D, qk_scale, sm_scale,
+            T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -383,7 +465,8 @@ def _dq_key_tiles(
 
 
 @triton.jit
-def _dq_kernel(
+def _dq_tile(
+    tile,  # which tile (module docstring, item 4)
     Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -401,6 +484,7 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """dQ of one tile of BLOCK_M packed query rows."""
     # The forward's tiling (packed rows, same order, same two loops) with dQ as the output.
     offset = S - T
     n_rows = T * GROUP
@@ -409,52 +493,92 @@ def _dq_kernel(
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    for tile in range(tl.program_id(0), n_row_tiles * n_bh, tl.num_programs(0)):
-        i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
-        b32 = bh // H_KV
-        b = b32.to(tl.int64)
-        h_kv = bh % H_KV
-        rows = i * BLOCK_M + offs_r
-        t = rows // GROUP
-        h = h_kv * GROUP + rows % GROUP
-        row_ok = rows < n_rows
-        qd_mask = row_ok[:, None] & d_ok[None, :]
+    i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
+    b32 = bh // H_KV
+    b = b32.to(tl.int64)
+    h_kv = bh % H_KV
+    rows = i * BLOCK_M + offs_r
+    t = rows // GROUP
+    h = h_kv * GROUP + rows % GROUP
+    row_ok = rows < n_rows
+    qd_mask = row_ok[:, None] & d_ok[None, :]
 
-        # --- Stays in SRAM: Q and dO tiles, L and delta, the dQ accumulator --------------
-        q_off = b * stride_qb + h * stride_qh + t * stride_qt
-        q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do_off = b * stride_dob + h * stride_doh + t * stride_dot
-        do = tl.load(DO + do_off[:, None] + offs_d[None, :] * stride_dod, mask=qd_mask,
-                     other=0.0)  # fmt: skip
-        # rows past the end: L = +inf makes their P exactly 0
-        lse = tl.load(LSE + (b * H + h) * T + t, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + (b * H + h) * T + t, mask=row_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # --- Stays in SRAM: Q and dO tiles, L and delta, the dQ accumulator --------------
+    q_off = b * stride_qb + h * stride_qh + t * stride_qt
+    q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do_off = b * stride_dob + h * stride_doh + t * stride_dot
+    do = tl.load(DO + do_off[:, None] + offs_d[None, :] * stride_dod, mask=qd_mask,
+                 other=0.0)  # fmt: skip
+    # rows past the end: L = +inf makes their P exactly 0
+    lse = tl.load(LSE + (b * H + h) * T + t, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + (b * H + h) * T + t, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        t_first = (i * BLOCK_M) // GROUP
-        t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
-        if IS_CAUSAL:
-            full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
-            hi = tl.minimum(S, t_last + offset + 1)
-        else:
-            full_end = (S // BLOCK_N) * BLOCK_N
-            hi = S
-        k_base = K + b * stride_kb + h_kv * stride_kh
-        v_base = V + b * stride_vb + h_kv * stride_vh
-        dq = _dq_key_tiles(
-            dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-            stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
-            False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    t_first = (i * BLOCK_M) // GROUP
+    t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
+    if IS_CAUSAL:
+        full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(S, t_last + offset + 1)
+    else:
+        full_end = (S // BLOCK_N) * BLOCK_N
+        hi = S
+    k_base = K + b * stride_kb + h_kv * stride_kh
+    v_base = V + b * stride_vb + h_kv * stride_vh
+    dq = _dq_key_tiles(
+        dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+        stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
+        False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    dq = _dq_key_tiles(
+        dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+        stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
+        True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+
+    dq_off = b * stride_dqb + h * stride_dqh + t * stride_dqt
+    dq_ptrs = DQ + dq_off[:, None] + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_kt, stride_kd,
+    stride_vb, stride_vh, stride_vt, stride_vd,
+    stride_dob, stride_doh, stride_dot, stride_dod,
+    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
+    B, H, H_KV, T, S, D,
+    qk_scale, sm_scale,
+    T_BUCKET, S_BUCKET,  # the autotune key, unused here
+    PERSISTENT: tl.constexpr,  # loop over tiles (GPT_FLASH_PROGRAMS_PER_SM)
+    GROUP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    if PERSISTENT:
+        n_tiles = tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV
+        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+            _dq_tile(
+                tile, Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
+                stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh,
+                stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb,
+                stride_dqh, stride_dqt, stride_dqd, B, H, H_KV, T, S, D, qk_scale, sm_scale,
+                T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                BLOCK_D,
+            )  # fmt: skip
+    else:
+        _dq_tile(
+            tl.program_id(0), Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh,
+            stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh,
+            stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb,
+            stride_dqh, stride_dqt, stride_dqd, B, H, H_KV, T, S, D, qk_scale, sm_scale, T_BUCKET,
+            S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
         )  # fmt: skip
-        dq = _dq_key_tiles(
-            dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-            stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
-            True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
-
-        dq_off = b * stride_dqb + h * stride_dqh + t * stride_dqt
-        dq_ptrs = DQ + dq_off[:, None] + offs_d[None, :] * stride_dqd
-        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -463,38 +587,72 @@ def _dq_kernel(
 
 # Autotune key: length buckets (tuning.length_bucket), head dim, mask, group, load path;
 # Triton appends the tensors' dtypes.
-AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "BLOCK_D", "IS_CAUSAL", "GROUP", "USE_TMA"]
+AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "BLOCK_D", "IS_CAUSAL", "GROUP", "USE_TMA", "PERSISTENT"]
 DECODE_ROWS = 16  # packed rows (T * GROUP) up to which the fixed decode tile is used
 Tile = tuning.Tile
-# Candidates (held rows, streamed rows, warps, stages), best guess first: quick mode
-# (tests) keeps the first that fits. 128-row tiles need 8 warps for their accumulators at
-# D = 128 (two warpgroups of 64 rows each); 16-row tiles serve decoding. To be narrowed
-# from H100 measurements (kernels/NOTES.md).
+# Candidates per kernel and head-dim class (the largest BLOCK_D they serve), as (held rows,
+# streamed rows, warps, stages), best guess first: quick mode (tests) keeps the first that
+# fits. Chosen from the compiler's resource report for an H100 (gpt.kernels.resources,
+# bench/results/resources-sm90/): none of them spills registers at its head dim, which
+# rules out, e.g., 128-row dQ tiles and every dK/dV tile above 64 keys x 32 queries at
+# D = 128. Which is fastest is for GPU measurements to say (kernels/NOTES.md).
 GPU_TILES = {
-    "fwd": [Tile(128, 64, 8, 3), Tile(128, 128, 8, 2), Tile(128, 64, 4, 3), Tile(64, 64, 4, 3),
-            Tile(64, 32, 4, 4), Tile(DECODE_ROWS, 64, 4, 3), Tile(DECODE_ROWS, 128, 4, 2)],
-    "dq": [Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2),
-           Tile(DECODE_ROWS, 64, 4, 2)],
-    "dkdv": [Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 4, 2)],
+    "fwd": {
+        64: [Tile(128, 64, 4, 3), Tile(128, 128, 8, 3), Tile(128, 64, 8, 3), Tile(64, 64, 4, 3),
+             Tile(128, 32, 4, 3)],
+        128: [Tile(128, 64, 8, 3), Tile(128, 128, 8, 2), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3),
+              Tile(64, 128, 8, 2)],
+        256: [Tile(64, 64, 8, 2), Tile(64, 64, 4, 2), Tile(64, 32, 4, 3)],
+    },
+    "dq": {
+        64: [Tile(128, 64, 8, 3), Tile(128, 32, 8, 3), Tile(64, 64, 4, 3), Tile(64, 32, 8, 2)],
+        128: [Tile(64, 64, 8, 2), Tile(64, 64, 4, 3), Tile(64, 32, 8, 2), Tile(32, 64, 4, 2)],
+        256: [Tile(64, 32, 8, 2), Tile(32, 64, 8, 2), Tile(32, 32, 4, 2)],
+    },
+    "dkdv": {  # held = keys (BLOCK_N), streamed = queries (BLOCK_M)
+        64: [Tile(128, 64, 8, 3), Tile(64, 64, 8, 2), Tile(128, 32, 8, 2), Tile(64, 32, 8, 2)],
+        128: [Tile(64, 32, 8, 2), Tile(32, 32, 4, 2), Tile(32, 64, 4, 2)],
+        256: [Tile(32, 32, 8, 2), Tile(32, 16, 8, 2)],
+    },
 }  # fmt: skip
+# Decode-sized calls (at most DECODE_ROWS packed query rows; forward only in practice).
+DECODE_TILES = {"fwd": [Tile(DECODE_ROWS, 64, 4, 3), Tile(DECODE_ROWS, 128, 4, 2)],
+                "dq": [Tile(DECODE_ROWS, 64, 4, 2)], "dkdv": []}  # fmt: skip
 # The interpreter's one configuration per kernel: small unequal tiles, so that short test
 # sequences span several tiles and every way of straddling the diagonal occurs.
 INTERPRET_TILES = {role: [Tile(32, 16, 4, 2)] for role in GPU_TILES}
 FOOTPRINTS = {  # see gpt.kernels.flash_attention.FOOTPRINTS
-    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2, acc_d=1, acc_scores=1),
-    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2, acc_d=1, acc_scores=2),
-    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2, acc_d=2, acc_scores=2),
+    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2),
+    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2),
+    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2),
 }
 
 
-def _keep_tile(tile: Tile, args: dict, role: str) -> bool:
+def _head_dim_class(block_d: int) -> int:
+    return min(c for c in (64, 128, 256) if c >= block_d)
+
+
+def _rank_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> int:
+    """A tile's place in its head dim's table (or the decode table): the order to try."""
+    if tables is None:
+        return 0
+    decode = DECODE_TILES[role]
+    table = tables[_head_dim_class(args["BLOCK_D"])]
+    return decode.index(tile) if tile in decode else table.index(tile) if tile in table else 99
+
+
+def _keep_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> bool:
     """Decode-sized calls (packed query rows <= DECODE_ROWS) take the 16-row tiles only,
     others never: a decode step is then never timed, and prefill never wastes 3/4 of a
-    tile. dK/dV holds keys, whose count is not small when decoding: no rule."""
-    if role == "dkdv":
-        return True
-    decode = args["T_BUCKET"] * args["GROUP"] <= DECODE_ROWS
-    return (tile.held <= DECODE_ROWS) == decode
+    tile. dK/dV holds keys, whose count is not small when decoding: no such rule. With
+    ``tables`` (the default GPU tables), only the tiles listed for the call's head dim."""
+    if role != "dkdv":
+        decode = args["T_BUCKET"] * args["GROUP"] <= DECODE_ROWS
+        if (tile.held <= DECODE_ROWS) != decode:
+            return False
+        if decode:
+            return True
+    return tables is None or tile in tables[_head_dim_class(args["BLOCK_D"])]
 
 
 def _descriptor_blocks(nargs: dict) -> None:
@@ -507,17 +665,23 @@ def _descriptor_blocks(nargs: dict) -> None:
 
 
 def autotuned(kernel, role: str, tiles: list[Tile] | None = None, do_bench=None):
-    """``kernel`` wrapped in triton.autotune over ``tiles`` (default: GPU_TILES[role] on a
-    GPU, the one INTERPRET_TILES configuration in the interpreter, which is never timed),
-    pruned per call by tuning.prune. ``do_bench`` replaces Triton's timer (tests)."""
+    """``kernel`` wrapped in triton.autotune over ``tiles`` (default: GPU_TILES[role] for
+    every head dim and DECODE_TILES on a GPU, the one INTERPRET_TILES configuration in the
+    interpreter, which is never timed), pruned per call by tuning.prune and _keep_tile.
+    ``do_bench`` replaces Triton's timer (tests)."""
     holds_queries = role != "dkdv"
-    if tiles is None:
-        tiles = (INTERPRET_TILES if _INTERPRET else GPU_TILES)[role]
+    tables = None
+    if tiles is None and _INTERPRET:
+        tiles = INTERPRET_TILES[role]
+    elif tiles is None:
+        tables = GPU_TILES[role]
+        tiles = [t for table in tables.values() for t in table] + DECODE_TILES[role]
     prune = functools.partial(
         tuning.prune,
         footprint=FOOTPRINTS[role],
         holds_queries=holds_queries,
-        keep=functools.partial(_keep_tile, role=role),
+        keep=functools.partial(_keep_tile, role=role, tables=tables),
+        rank=functools.partial(_rank_tile, role=role, tables=tables),
     )
     return triton.autotune(
         configs=tuning.configs(tiles, holds_queries, pre_hook=_descriptor_blocks),
@@ -540,15 +704,17 @@ def _programs_per_sm() -> int:
     return int(value)
 
 
-def _grid(n_rows: int, block: str, n_bh: int, device: torch.device):
-    """1-D grid over the tiles; capped at a few programs in the interpreter, and at
-    GPT_FLASH_PROGRAMS_PER_SM per multiprocessor on a GPU when that is set (persistent)."""
+def _programs_cap(device: torch.device) -> int | None:
+    """How many programs a persistent launch may start (None: one program per tile): a few
+    in the interpreter, GPT_FLASH_PROGRAMS_PER_SM per multiprocessor on a GPU if set."""
     if _INTERPRET:
-        cap = _INTERPRET_PROGRAMS
-    elif per_sm := _programs_per_sm():
-        cap = per_sm * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        cap = None
+        return _INTERPRET_PROGRAMS
+    per_sm = _programs_per_sm()
+    return per_sm * torch.cuda.get_device_properties(device).multi_processor_count or None
+
+
+def _grid(n_rows: int, block: str, n_bh: int, cap: int | None):
+    """1-D grid over the tiles of n_bh (batch, kv head) pairs, at most ``cap`` programs."""
 
     def grid(meta):
         tiles = triton.cdiv(n_rows, meta[block]) * n_bh
@@ -602,13 +768,14 @@ def _attention_fwd(
     lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     use_tma = _tma_ready(k, v)
     k_desc, v_desc = _descriptors(use_tma, k, v)
-    _fwd[_grid(T * group, "BLOCK_M", B * H_kv, q.device)](
+    cap = _programs_cap(q.device)
+    _fwd[_grid(T * group, "BLOCK_M", B * H_kv, cap)](
         q, k_desc, v_desc, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         B, H, H_kv, T, S, D,
         scale * _LOG2E,
         tuning.length_bucket(T), tuning.length_bucket(S),
-        GROUP=group, IS_CAUSAL=causal, USE_TMA=use_tma,
+        PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=use_tma,
         DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
     )  # fmt: skip
     return o, lse
@@ -650,22 +817,25 @@ def _attention_bwd(
     )  # fmt: skip
     qdo_tma = _tma_ready(q, do)
     q_desc, do_desc = _descriptors(qdo_tma, q, do)
-    _dkdv[_grid(S, "BLOCK_N", B * H_kv, q.device)](
+    cap = _programs_cap(q.device)
+    _dkdv[_grid(S, "BLOCK_N", B * H_kv, cap)](
         q_desc, do_desc, q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         B, H, H_kv, T, S, D,
         scale * _LOG2E, scale, *key,
-        GROUP=group, IS_CAUSAL=causal, USE_TMA=qdo_tma, DOT_PRECISION=precision,
+        PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=qdo_tma,
+        DOT_PRECISION=precision,
         BLOCK_D=block_d,
     )  # fmt: skip
     kv_tma = _tma_ready(k, v)
     k_desc, v_desc = _descriptors(kv_tma, k, v)
-    _dq[_grid(T * group, "BLOCK_M", B * H_kv, q.device)](
+    _dq[_grid(T * group, "BLOCK_M", B * H_kv, cap)](
         q, k_desc, v_desc, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         B, H, H_kv, T, S, D,
         scale * _LOG2E, scale, *key,
-        GROUP=group, IS_CAUSAL=causal, USE_TMA=kv_tma, DOT_PRECISION=precision,
+        PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=kv_tma,
+        DOT_PRECISION=precision,
         BLOCK_D=block_d,
     )  # fmt: skip
     return dq, dk, dv
