@@ -633,9 +633,13 @@ def _head_dim_class(block_d: int) -> int:
 
 
 def _rank_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> int:
-    """A tile's place in its head dim's table (or the decode table): the order to try."""
+    """A tile's place in its head dim's table (or the decode table): the order to try.
+    float32 (IEEE products, on the FMA units with operands in registers: the tables'
+    16-bit tiles spill there) tries the smallest tiles first."""
     if tables is None:
         return 0
+    if args["Q"].element_size() == 4:
+        return tile.held * tile.streamed
     decode = DECODE_TILES[role]
     table = tables[_head_dim_class(args["BLOCK_D"])]
     return decode.index(tile) if tile in decode else table.index(tile) if tile in table else 99

@@ -166,7 +166,12 @@ def main(argv: list[str] | None = None) -> list:
         from gpt.fileio import write_atomic
 
         command = " ".join(["python -m gpt.kernels.resources", *(argv or sys.argv[1:])])
-        text = json.dumps({"command": command, "target": "cuda sm_90", "rows": rows}, indent=1)
+        import torch
+        import triton
+
+        versions = {"triton": triton.__version__, "torch": torch.__version__}
+        record = {"command": command, "target": "cuda sm_90", "versions": versions, "rows": rows}
+        text = json.dumps(record, indent=1)
         write_atomic(args.out, text + "\n")
     return rows
 

@@ -10,6 +10,7 @@ an explicit causal mask (tests/kernel_testing.py).
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -216,60 +217,34 @@ def test_torch_compile_fullgraph_runs_kernel():
 
 
 # Compiles every kernel with Triton's real compiler (TTIR -> PTX -> cubin with the ptxas bundled
-# in the wheel) for an H100 (sm_90), no GPU needed. The interpreter is more permissive than
-# the compiler, so this catches code that interprets but would not compile. It runs in a
-# subprocess because TRITON_INTERPRET=1 replaces triton.language in this one.
-_COMPILE_SCRIPT = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpt.kernels.flash_attention as fa
-
-dtype, causal = sys.argv[1], sys.argv[2] == "1"
-head_dim, big, small, stages = map(int, sys.argv[3:])
-precision = "ieee" if dtype == "fp32" else "tf32"
-for kernel, blocks in [
-    (fa._flash_attention_fwd_kernel, (big, small)),
-    (fa._flash_attention_bwd_delta_kernel, (big, None)),
-    (fa._flash_attention_bwd_dkdv_kernel, (small, big)),
-    (fa._flash_attention_bwd_dq_kernel, (big, small)),
-]:
-    values = {"IS_CAUSAL": causal, "DOT_PRECISION": precision, "BLOCK_M": blocks[0],
-              "BLOCK_N": blocks[1], "BLOCK_D": head_dim}
-    signature, constexprs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in values:
-            signature[name], constexprs[(i,)] = "constexpr", values[name]
-        elif name in ("LSE", "DELTA"):
-            signature[name] = "*fp32"
-        elif name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
-            signature[name] = "*" + dtype
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    opts = {"num_warps": 8 if big >= 128 else 4, "num_stages": stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    print(kernel.__name__, compiled.metadata.shared)
-"""
+# in the wheel) for an H100 (sm_90), no GPU needed, and reads the cubins' resource usage
+# (gpt.kernels.resources). The interpreter is more permissive than the compiler, so this
+# catches code that interprets but would not compile. It runs in a subprocess because
+# TRITON_INTERPRET=1 replaces triton.language in this one. Quick mode: each kernel's first
+# candidate, the one the GPU tests use.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "dtype, causal, head_dim, big, small, stages",
-    [("bf16", 1, 128, 128, 64, 3), ("fp16", 0, 64, 64, 32, 2), ("fp32", 1, 32, 32, 32, 2)],
-    ids=["bf16-causal-D128-largest", "fp16-full-D64", "fp32-causal-D32"],
-)
-def test_kernels_compile_for_h100(dtype, causal, head_dim, big, small, stages):
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_h100(tmp_path, dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(a) for a in (dtype, causal, head_dim, big, small, stages)]
+    env["GPT_FLASH_TUNE"] = "quick"
+    out = tmp_path / "resources.json"
+    head_dims = ["64", "128"] if dtype == "bf16" else ["32"]
     run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "gpt.kernels.resources", "--dtype", dtype, "--head-dims",
+         *head_dims, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    shared = [int(line.split()[1]) for line in run.stdout.splitlines()]
-    assert len(shared) == 4 and max(shared) <= 232448, run.stdout  # H100: 227 KiB per block
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 3 * len(head_dims)  # 2 backends x 3 kernels x head dims
+    for row in rows:
+        assert "error" not in row and row["fits"], row
+        # triton-hopper's tables hold no tile that spills in 16-bit dtypes; float32's IEEE
+        # products run on FMA units with operands in registers and spill in both kernels
+        if row["backend"] == "triton-hopper" and dtype == "bf16":
+            assert row["stack_bytes"] == 0, row
 
 
 # --------------------------------------------------------------------------------------
