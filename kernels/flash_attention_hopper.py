@@ -632,17 +632,15 @@ def _head_dim_class(block_d: int) -> int:
     return min(c for c in (64, 128, 256) if c >= block_d)
 
 
-def _rank_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> int:
-    """A tile's place in its head dim's table (or the decode table): the order to try.
+def _rank_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> tuple[int, int]:
+    """The order to try tiles in: their place in the head dim's table (or the decode table).
     float32 (IEEE products, on the FMA units with operands in registers: the tables'
     16-bit tiles spill there) tries the smallest tiles first."""
     if tables is None:
-        return 0
-    if args["Q"].element_size() == 4:
-        return tile.held * tile.streamed
-    decode = DECODE_TILES[role]
-    table = tables[_head_dim_class(args["BLOCK_D"])]
-    return decode.index(tile) if tile in decode else table.index(tile) if tile in table else 99
+        return (0, 0)
+    decode, table = DECODE_TILES[role], tables[_head_dim_class(args["BLOCK_D"])]
+    place = decode.index(tile) if tile in decode else table.index(tile) if tile in table else 99
+    return (tile.held * tile.streamed if args["Q"].element_size() == 4 else 0, place)
 
 
 def _keep_tile(tile: Tile, args: dict, role: str, tables: dict | None) -> bool:

@@ -99,7 +99,7 @@ def prune(
     footprint: Footprint,
     holds_queries: bool,
     keep: Callable[[Tile, dict], bool] | None = None,
-    rank: Callable[[Tile, dict], int] | None = None,
+    rank: Callable[[Tile, dict], tuple] | None = None,
     **kwargs,
 ) -> list[triton.Config]:
     """Triton's ``early_config_prune``: the candidates that pass ``keep`` and fit in shared
