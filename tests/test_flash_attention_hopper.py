@@ -35,7 +35,7 @@ def quick_tuning(monkeypatch):
 # (T, S, D, causal, group, H_kv, B, dtype, layout). Every T, D and group meets causal and
 # full; group 3 packs rows across tile edges unevenly; D = 20 in float16 has 40-byte rows,
 # too narrow for tensor descriptors (pointer loads); T = 129 x group 4 makes 17 tiles for 3
-# programs; (50, 93) is a causal T < S (bottom-right mask).
+# programs; (50, 93) is a causal T < S (bottom-right mask), (70, 23) cross-attention T > S.
 CASES = [
     (1, 1, 16, True, 1, 1, 2, torch.float32, "bhtd"),
     (1, 70, 64, False, 4, 2, 1, torch.float16, "bthd"),
@@ -48,6 +48,7 @@ CASES = [
     (200, 200, 64, True, 1, 2, 1, torch.float16, "bhtd"),
     (100, 100, 128, True, 2, 1, 1, torch.float32, "bthd"),
     (50, 93, 32, True, 2, 1, 1, torch.float32, "bhtd"),
+    (70, 23, 32, False, 2, 1, 1, torch.float32, "bthd"),  # more queries than keys
 ]
 
 
