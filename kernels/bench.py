@@ -2,13 +2,15 @@
 
     python -m gpt.kernels.bench                # small sweep on the CPU, full sweep on a GPU
     python -m gpt.kernels.bench --full --backends sdpa-flash triton --dtypes bf16
+    python -m gpt.kernels.bench --shapes 4x16x4096x128 4x32/8x4096x128 --masks causal
 
 Sweeps backends (the registry's `naive`, `sdpa`, `triton` and every other registered name,
 plus each of PyTorch's SDPA kernels forced on its own: `sdpa-flash`, `sdpa-efficient`,
 `sdpa-cudnn`, `sdpa-math`, where the device has it) × sequence length T × head dimension D ×
 causal/full × dtype. As in the FlashAttention papers (Dao et al. 2022, arXiv:2205.14135;
 Dao 2023, arXiv:2307.08691) batch × T is fixed (16k tokens) and so is the hidden size
-heads × D (2048), so every point does the same work per token.
+heads × D (2048), so every point does the same work per token. Or ``--shapes``: a list of
+``BxHxTxD`` (``BxH/H_kvxTxD`` for grouped-query attention) × causal/full × dtype.
 
 For each shape, one set of random inputs q, k, v, dO and their float64 reference output
 and gradients (explicit formulas, `reference_attention`). Each backend then:
@@ -38,6 +40,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -69,6 +72,7 @@ FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # multiples of the forw
 # Triton's interpreter runs each program in Python (~15 µs per score on 2 cores): it skips
 # shapes with more scores B·H·T² than this, which would take minutes.
 INTERPRET_MAX_SCORES = 2**17
+INTERPRETED = ("triton", "triton-hopper")  # Triton kernels: the interpreter runs them on a CPU
 REFERENCE_CHUNK_BYTES = 1 << 30  # float64 score matrices per chunk of heads
 SWEEPS = {  # tokens = batch × T, hidden = heads × D
     "full": dict(seq_lens=[512, 1024, 2048, 4096, 8192, 16384], head_dims=[64, 128],
@@ -78,13 +82,13 @@ SWEEPS = {  # tokens = batch × T, hidden = heads × D
 }  # fmt: skip
 ERRORS = ("err_out", "err_dq", "err_dk", "err_dv")  # relative errors of O, dQ, dK, dV
 FIELDS = [  # every record has exactly these keys (results.csv columns, in order)
-    "backend", "dtype", "batch", "heads", "seq_len", "head_dim", "causal", "status",
+    "backend", "dtype", "batch", "heads", "kv_heads", "seq_len", "head_dim", "causal", "status",
     "reason", "tolerance", *ERRORS,
     *(f"{p}_{m}" for m in ("ms", "reps", "tflops", "pct_peak", "peak_mem_bytes") for p in PHASES),
 ]  # fmt: skip
 TIMINGS = FIELDS[FIELDS.index("fwd_ms") :]
 SETTINGS = ("seq_lens", "head_dims", "dtypes", "masks", "tokens", "hidden", "batch", "heads",
-            "seed")  # fmt: skip
+            "shapes", "seed")  # fmt: skip
 POSITIVE = ("seq_lens", "head_dims", "tokens", "hidden", "batch", "heads", "max_reps", "threads")
 TIMING_METHOD = {"cuda": "CUDA events", "cpu": "wall clock (time.perf_counter)"}
 MEMORY_METHOD = {
@@ -102,6 +106,11 @@ class Shape:
     head_dim: int
     causal: bool
     dtype: str
+    kv_heads: int = 0  # K/V heads (grouped-query attention); 0: as many as query heads
+
+    def __post_init__(self):
+        if not self.kv_heads:
+            object.__setattr__(self, "kv_heads", self.heads)
 
     def forward_flops(self) -> float:
         flops = 4.0 * self.batch * self.heads * self.seq_len**2 * self.head_dim
@@ -116,8 +125,27 @@ class Timing:
     budget_s: float  # time a phase until min_reps calls *and* this many seconds
 
 
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    """ "4x32/8x4096x128" -> (batch 4, heads 32, kv heads 8, T 4096, D 128)."""
+    match = re.fullmatch(r"(\d+)x(\d+)(?:/(\d+))?x(\d+)x(\d+)", text)
+    if not match:
+        raise ValueError(f"shape {text!r} is not BxHxTxD or BxH/H_kvxTxD (e.g. 4x32/8x4096x128)")
+    B, H, H_kv, T, D = (int(g) if g else None for g in match.groups())
+    H_kv = H if H_kv is None else H_kv
+    if min(B, H, H_kv, T, D) < 1 or H % H_kv:
+        raise ValueError(f"shape {text!r}: sizes must be >= 1 and H a multiple of H_kv")
+    return B, H, H_kv, T, D
+
+
 def sweep_shapes(args: argparse.Namespace) -> list[Shape]:
-    """The grid of shapes; batch = tokens // T and heads = hidden // D unless fixed."""
+    """The grid of shapes; batch = tokens // T and heads = hidden // D unless fixed; or the
+    list given by --shapes."""
+    if args.shapes:
+        return [
+            Shape(B, H, T, D, mask == "causal", dtype, kv_heads=H_kv)
+            for dtype in args.dtypes for mask in args.masks
+            for B, H, H_kv, T, D in map(parse_shape, args.shapes)
+        ]  # fmt: skip
     return [
         Shape(args.batch or max(1, args.tokens // T), args.heads or max(1, args.hidden // D),
               T, D, mask == "causal", dtype)
@@ -131,17 +159,20 @@ def reference_attention(q, k, v, do, causal: bool, scale: float) -> tuple[Tensor
 
     O = P V with P = softmax(scale · Q Kᵀ + mask); dV = Pᵀ dO; dP = dO Vᵀ;
     dS = P ∘ (dP − rowsum(dO ∘ O)); dQ = scale · dS K; dK = scale · dSᵀ Q.
-    Computed over chunks of the B·H heads so that a chunk's three (T, S) float64 matrices
-    stay under REFERENCE_CHUNK_BYTES (unless one head alone is larger). No grouped-query
-    heads (the benchmark has none).
+    The causal mask is aligned bottom-right (query i sees keys <= i + S - T). With
+    grouped-query attention each K/V head is repeated for its query heads and its dK, dV
+    are the sums over them. Computed over chunks of the B·H heads so that a chunk's three
+    (T, S) float64 matrices stay under REFERENCE_CHUNK_BYTES (unless one head alone is
+    larger).
     """
     B, H, T, D = q.shape
-    S = k.shape[2]
-    assert k.shape[1] == H, "the reference has no grouped-query attention"
+    H_kv, S = k.shape[1], k.shape[2]
+    group = H // H_kv
+    k, v = (x.repeat_interleave(group, dim=1) if group > 1 else x for x in (k, v))
     flat = [x.reshape(B * H, -1, D) for x in (q, k, v, do)]  # (B·H, T or S, D)
     results = [torch.empty_like(flat[i]) for i in (0, 0, 1, 2)]  # like q, q, k, v
     chunk = max(1, REFERENCE_CHUNK_BYTES // (3 * T * S * 8))
-    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1)
+    future = torch.ones(T, S, dtype=torch.bool, device=q.device).triu(S - T + 1)
     for i in range(0, B * H, chunk):
         q64, k64, v64, do64 = (x[i : i + chunk].double() for x in flat)
         s = (q64 @ k64.mT) * scale  # (n, T, S)
@@ -155,7 +186,10 @@ def reference_attention(q, k, v, do, causal: bool, scale: float) -> tuple[Tensor
         values = (o, ds @ k64 * scale, ds.mT @ q64 * scale, p.mT @ do64)
         for out, value in zip(results, values, strict=True):
             out[i : i + chunk] = value
-    return tuple(x.reshape(B, H, -1, D) for x in results)
+    o, dq, dk, dv = (x.reshape(B, H, -1, D) for x in results)
+    if group > 1:  # (B, H, S, D) -> (B, H_kv, S, D): sum over each K/V head's query heads
+        dk, dv = (x.view(B, H_kv, group, S, D).sum(2) for x in (dk, dv))
+    return o, dq, dk, dv
 
 
 def relative_error(x: Tensor, ref: Tensor) -> float:
@@ -285,7 +319,7 @@ def bench_backend(name, fn, shape, inputs, ref, device, timing, peak) -> dict:
     """One record: check ``fn`` against ``ref``; if right, time it and measure its memory.
     ``peak`` is the device's peak FLOP/s for the dtype, or None."""
     q, k, v, do = inputs
-    interpreted = name == "triton" and device.type == "cpu"
+    interpreted = name in INTERPRETED and device.type == "cpu"
     if interpreted and shape.batch * shape.heads * shape.seq_len**2 > INTERPRET_MAX_SCORES:
         why = f"Triton interpreter: B·H·T² > {INTERPRET_MAX_SCORES} scores take minutes"
         return blank_record(name, shape, status="skipped", reason=why)
@@ -350,9 +384,11 @@ def run_sweep(shapes, fns, device, timing, seed: int = 0, progress: bool = True)
     bar = tqdm(total=len(shapes) * len(fns), disable=not progress, unit="run", leave=False)
     for shape in shapes:
         gen = torch.Generator(device).manual_seed(seed)
-        dims = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
+        q_dims = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
+        kv_dims = (shape.batch, shape.kv_heads, shape.seq_len, shape.head_dim)
         try:
-            inputs = [torch.randn(dims, generator=gen, device=device) for _ in range(4)]
+            dims = (q_dims, kv_dims, kv_dims, q_dims)  # q, k, v, dO
+            inputs = [torch.randn(d, generator=gen, device=device) for d in dims]
             inputs = [x.to(DTYPES[shape.dtype]).requires_grad_(i < 3) for i, x in enumerate(inputs)]
             ref = reference_attention(*inputs, shape.causal, 1.0 / math.sqrt(shape.head_dim))
         except RuntimeError as err:
@@ -397,6 +433,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help="heads × D (heads = hidden // D)")
     p.add_argument("--batch", type=int, help="a fixed batch size instead of tokens // T")
     p.add_argument("--heads", type=int, help="a fixed number of heads instead of hidden // D")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="BxHxTxD",
+        help="explicit shapes instead of the grid, e.g. 4x16x4096x128 4x32/8x4096x128",
+    )
     p.add_argument("--warmup", type=int, help="untimed calls before timing (GPU 5, CPU 1)")
     p.add_argument("--min-reps", type=int, help="timed calls at least (GPU 10, CPU 5)")
     p.add_argument("--max-reps", type=int, default=100, help="timed calls at most")
@@ -417,6 +459,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     full = args.full or (args.device.type == "cuda" and not args.small)
     for key, value in SWEEPS["full" if full else "small"].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    for text in args.shapes or []:
+        try:
+            parse_shape(text)
+        except ValueError as err:
+            p.error(f"--shapes: {err}")
     for key in POSITIVE:
         values = getattr(args, key)
         if values is not None and min(values if isinstance(values, list) else [values]) < 1:

@@ -86,9 +86,20 @@ def write_results(results: dict, out: Path) -> list[Path]:
     paths[2].write_text(results["command"] + "\n")
     paths[3].write_text(summary_markdown(results))
     for dtype in results["settings"]["dtypes"]:
+        if results["settings"].get("shapes"):  # a list of shapes: bars per shape
+            paths.append(plot_shapes(results, dtype, out / f"tflops-{dtype}.png"))
+            continue
         paths.append(plot_tflops(results, dtype, out / f"tflops-{dtype}.png"))
         paths.append(plot_memory(results, dtype, out / f"memory-{dtype}.png"))
     return paths
+
+
+def shape_label(record: dict) -> str:
+    """ "4, 32/8, 4096, 128" (B, H/H_kv, T, D), as issue 17's table writes shapes."""
+    heads = str(record["heads"])
+    if record.get("kv_heads") not in (None, record["heads"]):
+        heads += f"/{record['kv_heads']}"
+    return f"{record['batch']}, {heads}, {record['seq_len']}, {record['head_dim']}"
 
 
 def _panels(records: list[dict]) -> list[tuple[int, bool]]:
@@ -105,8 +116,12 @@ def _cell(record: dict, phase: str) -> str:
 
 
 def summary_markdown(results: dict, phase: str = "fwd_bwd") -> str:
-    """One Markdown table per dtype, head dim and mask: backends × T, TFLOP/s of ``phase``."""
+    """One Markdown table per dtype, head dim and mask: backends × T, TFLOP/s of ``phase``;
+    for a list of shapes (--shapes), one per dtype and mask: shapes × backends, forward and
+    forward + backward TFLOP/s."""
     device = results["device"]
+    if results["settings"].get("shapes"):
+        return _summary_by_shape(results)
     lines = [
         f"# Attention benchmark: {device['name']}",
         "",
@@ -132,6 +147,82 @@ def summary_markdown(results: dict, phase: str = "fwd_bwd") -> str:
                 cells = [_cell(by_t[T], phase) if T in by_t else "" for T in seq_lens]
                 lines.append(f"| {backend} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _header(results: dict) -> list[str]:
+    return [
+        f"# Attention benchmark: {results['device']['name']}",
+        "",
+        f"`{results['command']}`, {results['date']}, {results['wall_s']:.0f} s, load average "
+        f"{results['load_average']['start'][0]:.2f} at the start.",
+        "",
+    ]
+
+
+def _summary_by_shape(results: dict) -> str:
+    lines = _header(results) + [
+        "TFLOP/s forward / forward + backward (4·B·H·T²·D, halved when causal; forward + "
+        "backward counted as 3.5x the forward); WRONG: failed the check against float64; "
+        "OOM: out of memory; n/a: the kernel refuses the shape; skip: not run here.",
+    ]
+    records = results["results"]
+    backends = list(dict.fromkeys(r["backend"] for r in records))
+    for dtype in results["settings"]["dtypes"]:
+        for causal in (True, False):
+            panel = [r for r in records if r["dtype"] == dtype and r["causal"] == causal]
+            if not panel:
+                continue
+            lines += ["", f"**{dtype}, {'causal' if causal else 'full'}**", ""]
+            lines.append("| shape (B, H/H_kv, T, D) | " + " | ".join(backends) + " |")
+            lines.append("|---|" + "---|" * len(backends))
+            by = {(shape_label(r), r["backend"]): r for r in panel}
+            for label in dict.fromkeys(shape_label(r) for r in panel):
+                cells = []
+                for backend in backends:
+                    r = by.get((label, backend))
+                    if r is None:
+                        cells.append("")
+                    elif r["status"] != "ok":
+                        cells.append(STATUS_WORDS.get(r["status"], r["status"]))
+                    else:
+                        cells.append(f"{r['fwd_tflops']:.3g} / {r['fwd_bwd_tflops']:.3g}")
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_shapes(results: dict, dtype: str, png: Path) -> Path:
+    """Bars of TFLOP/s per shape and backend: a row per phase, a column per mask."""
+    records = [r for r in results["results"] if r["dtype"] == dtype]
+    styles = _backend_styles(records)
+    masks = [c for c in (True, False) if any(r["causal"] == c for r in records)]
+    plt, fig, axes = _figure(len(PHASE_TITLES), max(1, len(masks)))
+    fig.set_layout_engine("constrained")
+    for col, causal in enumerate(masks):
+        panel = [r for r in records if r["causal"] == causal]
+        labels = list(dict.fromkeys(shape_label(r) for r in panel))
+        width = 0.8 / max(1, len(styles))
+        for row, phase in enumerate(PHASE_TITLES):
+            ax = axes[row, col]
+            for i, (backend, style) in enumerate(styles.items()):
+                by = {shape_label(r): r for r in panel if r["backend"] == backend}
+                xs = [x + i * width for x, label in enumerate(labels)
+                      if label in by and by[label]["status"] == "ok"]  # fmt: skip
+                ys = [by[label][f"{phase}_tflops"] for label in labels
+                      if label in by and by[label]["status"] == "ok"]  # fmt: skip
+                ax.bar(xs, ys, width, label=backend, color=style["color"])
+            ax.set_xticks([x + 0.4 - width / 2 for x in range(len(labels))], labels,
+                          rotation=20, fontsize=7)  # fmt: skip
+            ax.set_title(f"{PHASE_TITLES[phase]}, {'causal' if causal else 'full'}")
+            ax.set_ylabel("TFLOP/s")
+    handles = {}
+    for ax in axes.flat:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="outside right center")
+    fig.suptitle(f"Attention TFLOP/s by shape, {dtype}, {results['device']['name']}")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 def _figure(n_rows: int, n_cols: int):

@@ -30,15 +30,19 @@ dtype; P and dS are cast back to the input dtype before they feed a matrix produ
 the paper. Tiles are padded to powers of two: rows past T, keys past S and head-dim
 columns past D are loaded as zeros and masked, so any T >= 1 and any D <= 256 work.
 
-Masking. A score s[m, n] is kept when key n exists (n < S) and, if causal, n <= m.
-Masked scores are set to -inf before the softmax, so their weight is exactly 0. The
-running maximum starts at a large *finite* negative number (not -inf) so that a row whose
-first tiles are entirely masked computes exp2(-inf - finite) = 0 rather than
-exp2(-inf + inf) = NaN; a row with no visible key at all (never the case for T == S)
+Masking. A score s[m, n] is kept when key n exists (n < S) and, if causal, n <= m + S - T:
+the causal mask is aligned to the bottom-right corner (FlashAttention-2's convention), so
+with a KV cache (T new queries after S - T cached keys) query m sees the whole cache and
+the new keys up to its own position; for T == S it is the usual n <= m. Causal needs
+T <= S. Masked scores are set to -inf before the softmax, so their weight is exactly 0.
+The running maximum starts at a large *finite* negative number (not -inf) so that a row
+whose first tiles are entirely masked computes exp2(-inf - finite) = 0 rather than
+exp2(-inf + inf) = NaN; a row with no visible key at all (never the case for T <= S)
 would end with l = 0, which we also guard.
 
-Block sizes are autotuned on a GPU (key: sequence lengths, head dim, causality and,
-automatically, the tensors' dtypes). Under the Triton interpreter (TRITON_INTERPRET=1,
+Block sizes are autotuned on a GPU (key: sequence lengths rounded up to a power of two,
+head dim, causality and, automatically, the tensors' dtypes; candidates pruned per head
+dim and dtype: see gpt.kernels.tuning). Under the Triton interpreter (TRITON_INTERPRET=1,
 CPU, for correctness only) autotuning cannot time anything, so one fixed configuration
 is used: BLOCK_M = 32 query rows by BLOCK_N = 16 keys in the forward and dQ kernels and
 the mirror image in the dK/dV kernel. Unequal blocks make tiles straddle the causal
@@ -47,6 +51,7 @@ diagonal in every way, and small blocks make short test sequences span several t
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -55,6 +60,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from gpt.kernels import tuning
 from gpt.kernels.reference import check_shapes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -77,6 +83,7 @@ def _flash_attention_fwd_kernel(
     stride_ob, stride_oh, stride_ot, stride_od,
     H, T, S, D, GROUP,  # GROUP = H // H_kv query heads share one K/V head
     qk_scale,  # softmax scale * log2(e)
+    T_BUCKET, S_BUCKET,  # T and S rounded up to powers of two: the autotune key, unused here
     IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -108,8 +115,9 @@ def _flash_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
 
-    # Causal: keys past the last row of this tile are invisible to all of its rows.
-    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    # Causal (bottom-right): row m sees keys n <= m + S - T, so keys past the last row of
+    # this tile, shifted by S - T, are invisible to all of its rows.
+    hi = tl.minimum(S, start_m + BLOCK_M + S - T) if IS_CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S
@@ -129,7 +137,7 @@ def _flash_attention_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         keep = col_ok[None, :]
         if IS_CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
+            keep = keep & (offs_m[:, None] + (S - T) >= cols[None, :])
         s = tl.where(keep, s, float("-inf"))
 
         # Online softmax (Algorithm 1, lines 8-10): raise the max, rescale what we have.
@@ -193,6 +201,7 @@ def _flash_attention_bwd_dkdv_kernel(
     H, H_KV, T, S, D, GROUP,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
+    T_BUCKET, S_BUCKET,  # the autotune key, unused here
     IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -224,9 +233,9 @@ def _flash_attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Causal: queries before this key tile cannot see it; start at the Q tile holding row
-    # start_n (rounded down to a tile boundary, so the diagonal tile is masked below).
-    lo = (start_n // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
+    # Causal: queries before row start_n - (S - T) cannot see this key tile; start at the Q
+    # tile holding that row (rounded down to a tile boundary; the diagonal is masked below).
+    lo = (tl.maximum(start_n - (S - T), 0) // BLOCK_M) * BLOCK_M if IS_CAUSAL else 0
     # Grouped-query attention: every query head of the group read this K/V head, so its
     # gradient is the sum over the group; accumulate it here, in SRAM.
     for g in range(0, GROUP):
@@ -255,7 +264,7 @@ def _flash_attention_bwd_dkdv_kernel(
             sT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             keep = key_ok[:, None] & row_ok[None, :]  # (BLOCK_N, BLOCK_M)
             if IS_CAUSAL:
-                keep = keep & (offs_n[:, None] <= rows[None, :])
+                keep = keep & (offs_n[:, None] <= rows[None, :] + (S - T))
             # masking the scores (not the exponentials) keeps exp2 from overflowing on
             # large masked scores: exp2(-inf) is exactly 0
             sT = tl.where(keep, sT, float("-inf"))
@@ -286,6 +295,7 @@ def _flash_attention_bwd_dq_kernel(
     H, T, S, D, GROUP,
     qk_scale,  # softmax scale * log2(e)
     sm_scale,  # softmax scale
+    T_BUCKET, S_BUCKET,  # the autotune key, unused here
     IS_CAUSAL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -320,7 +330,7 @@ def _flash_attention_bwd_dq_kernel(
 
     k_base = K + b * stride_kb + h_kv * stride_kh
     v_base = V + b * stride_vb + h_kv * stride_vh
-    hi = tl.minimum(S, start_m + BLOCK_M) if IS_CAUSAL else S
+    hi = tl.minimum(S, start_m + BLOCK_M + S - T) if IS_CAUSAL else S
     for start_n in range(0, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S
@@ -339,7 +349,7 @@ def _flash_attention_bwd_dq_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         keep = row_ok[:, None] & col_ok[None, :]
         if IS_CAUSAL:
-            keep = keep & (offs_m[:, None] >= cols[None, :])
+            keep = keep & (offs_m[:, None] + (S - T) >= cols[None, :])
         s = tl.where(keep, s, float("-inf"))
         p = tl.exp2(s - lse[:, None])  # (BLOCK_M, BLOCK_N), exactly 0 where masked
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
@@ -359,40 +369,49 @@ def _flash_attention_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N) for the interpreter. The dK/dV kernel uses them swapped, so that in
 # every kernel the tile held in SRAM is the 32-row one.
 _INTERPRET_BLOCKS = (32, 16)
-_AUTOTUNE_KEY = ["T", "S", "BLOCK_D", "IS_CAUSAL"]  # Triton appends the tensors' dtypes
+# Lengths enter the key as buckets (tuning.length_bucket); Triton appends the dtypes.
+AUTOTUNE_KEY = ["T_BUCKET", "S_BUCKET", "BLOCK_D", "IS_CAUSAL"]
+# The candidates measured when this kernel was the best on an H100 (issue 17): (held rows,
+# streamed rows) x 4 or 8 warps x 2 or 3 stages. For the forward and dQ kernels 2 and 3
+# stages compile to byte-identical code (their masked pointer loads are not pipelined:
+# gpt.kernels.resources shows the same shared memory and registers, and the cubins'
+# hashes match), so only 2 is tried there: 10 candidates instead of 20, none lost.
+_PAIRS = [(128, 64), (128, 32), (64, 64), (64, 32), (32, 32)]
+GPU_TILES = {
+    "fwd": [tuning.Tile(h, s, w, 2) for h, s in _PAIRS for w in (4, 8)],
+    "dq": [tuning.Tile(h, s, w, 2) for h, s in _PAIRS for w in (4, 8)],
+    "dkdv": [tuning.Tile(h, s, w, st) for h, s in _PAIRS for w in (4, 8) for st in (2, 3)],
+}
+# What each kernel keeps in shared memory (tuning.Footprint): forward and dQ hold Q (dQ
+# also dO), stream K and V; dK/dV hold K and V, stream Q and dO.
+FOOTPRINTS = {
+    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2),
+    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2),
+    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2),
+}
 
 
-def _gpu_configs(kernel_holds_queries: bool) -> list[triton.Config]:
-    configs = []
-    for big, small in [(128, 64), (128, 32), (64, 64), (64, 32), (32, 32)]:
-        for warps in (4, 8):
-            for stages in (2, 3):
-                m, n = (big, small) if kernel_holds_queries else (small, big)
-                configs.append(
-                    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-                )
-    return configs
+def autotuned(kernel, role: str, tiles=None, do_bench=None):
+    """``kernel`` wrapped in triton.autotune: on a GPU over ``tiles`` (default
+    GPU_TILES[role]) pruned per head dim and dtype, in the interpreter over its one fixed
+    configuration (a single configuration is never timed). ``do_bench`` replaces Triton's
+    timer (tests)."""
+    holds_queries = role != "dkdv"
+    if tiles is None:
+        m, n = _INTERPRET_BLOCKS
+        tiles = [tuning.Tile(m, n, 4, 2)] if _INTERPRET else GPU_TILES[role]
+    prune = functools.partial(tuning.prune, footprint=FOOTPRINTS[role], holds_queries=holds_queries)
+    return triton.autotune(
+        configs=tuning.configs(tiles, holds_queries),
+        key=AUTOTUNE_KEY,
+        prune_configs_by={"early_config_prune": prune},
+        do_bench=do_bench,
+    )(kernel)
 
 
-def _autotuned(kernel, kernel_holds_queries: bool):
-    """The kernel wrapped in triton.autotune on a GPU; as is in the interpreter."""
-    if _INTERPRET:
-        return kernel
-    configs = _gpu_configs(kernel_holds_queries)
-    return triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel)
-
-
-_fwd_kernel = _autotuned(_flash_attention_fwd_kernel, kernel_holds_queries=True)
-_dq_kernel = _autotuned(_flash_attention_bwd_dq_kernel, kernel_holds_queries=True)
-_dkdv_kernel = _autotuned(_flash_attention_bwd_dkdv_kernel, kernel_holds_queries=False)
-
-
-def _blocks(kernel_holds_queries: bool) -> dict[str, int]:
-    """Block-size kwargs for a launch: fixed in the interpreter, chosen by autotune on GPU."""
-    if not _INTERPRET:
-        return {}
-    m, n = _INTERPRET_BLOCKS
-    return {"BLOCK_M": m, "BLOCK_N": n} if kernel_holds_queries else {"BLOCK_M": n, "BLOCK_N": m}
+_fwd_kernel = autotuned(_flash_attention_fwd_kernel, "fwd")
+_dq_kernel = autotuned(_flash_attention_bwd_dq_kernel, "dq")
+_dkdv_kernel = autotuned(_flash_attention_bwd_dkdv_kernel, "dkdv")
 
 
 def _grid(length: int, block: str, programs: int):
@@ -428,10 +447,10 @@ def _flash_attention_fwd(
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, T, S, D, H // k.shape[1],
         scale * _LOG2E,
+        tuning.length_bucket(T), tuning.length_bucket(S),
         IS_CAUSAL=causal,
         DOT_PRECISION=_dot_precision(q.dtype),
         BLOCK_D=_block_d(D),
-        **_blocks(kernel_holds_queries=True),
     )  # fmt: skip
     return o, lse
 
@@ -474,16 +493,16 @@ def _flash_attention_bwd(
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, H_kv, T, S, D, group,
         scale * _LOG2E, scale,
+        tuning.length_bucket(T), tuning.length_bucket(S),
         IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
-        **_blocks(kernel_holds_queries=False),
     )  # fmt: skip
     _dq_kernel[_grid(T, "BLOCK_M", B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, D, group,
         scale * _LOG2E, scale,
+        tuning.length_bucket(T), tuning.length_bucket(S),
         IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
-        **_blocks(kernel_holds_queries=True),
     )  # fmt: skip
     return dq, dk, dv
 
@@ -511,22 +530,22 @@ def _backward(ctx, do: Tensor, _dlse: Tensor | None):
 _flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
-) -> Tensor:
-    """Exact softmax(q kᵀ · scale) v without materialising the scores; differentiable.
-
-    q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h reads
-    K/V head h // (H // H_kv)). ``causal`` needs T == S. ``scale`` defaults to 1/sqrt(D).
-    Inputs may be float32, float16 or bfloat16 (not in the interpreter) and need not be
-    contiguous; the output is a contiguous (B, H, T, D) tensor of q's dtype.
-    """
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kernel: str) -> None:
+    """The registry's shape contract plus what the kernels support; ``kernel`` names the
+    caller in the error messages."""
     if not _INTERPRET and not q.is_cuda:
         raise RuntimeError(
-            "flash_attention needs CUDA tensors on an NVIDIA GPU, or TRITON_INTERPRET=1 set "
+            f"{kernel} needs CUDA tensors on an NVIDIA GPU, or TRITON_INTERPRET=1 set "
             f"before start-up to run in Triton's interpreter on the CPU; got a {q.device} tensor"
         )
-    check_shapes(q, k, v, causal)
+    # The causal lengths are checked here: the kernels mask bottom-right (module docstring)
+    # and so accept T <= S, where the older contract in check_shapes asked for T == S.
+    check_shapes(q, k, v, causal=False)
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal attention needs T <= S (the mask is aligned to the last key); got "
+            f"T={q.shape[2]}, S={k.shape[2]}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -535,6 +554,20 @@ def flash_attention(
         raise ValueError(f"head dim {q.shape[-1]} unsupported; at most 256")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"empty sequence: T={q.shape[2]}, S={k.shape[2]}")
+
+
+def flash_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
+) -> Tensor:
+    """Exact softmax(q kᵀ · scale + mask) v without materialising the scores; differentiable.
+
+    q: (B, H, T, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (query head h reads
+    K/V head h // (H // H_kv)). ``causal`` needs T <= S: query i sees keys up to
+    i + S - T (bottom-right alignment). ``scale`` defaults to 1/sqrt(D).
+    Inputs may be float32, float16 or bfloat16 (not in the interpreter) and need not be
+    contiguous; the output is a contiguous (B, H, T, D) tensor of q's dtype.
+    """
+    check_inputs(q, k, v, causal, "flash_attention")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = _flash_attention_fwd(q, k, v, causal, scale)
     return out

@@ -74,27 +74,33 @@ TINY = ["--head-dims", "16", "--tokens", "80", "--hidden", "32", "--threads", "1
 FAST = ["--warmup", "0", "--min-reps", "2", "--budget", "0", "--no-progress"]
 
 
-CASES = [
-    (1, 1, True),
-    (17, 17, True),
-    (33, 33, True),
-    (1, 1, False),
-    (33, 33, False),
-    (5, 19, False),
+CASES = [  # (T, S, causal, GQA group)
+    (1, 1, True, 1),
+    (17, 17, True, 1),
+    (33, 33, True, 1),
+    (1, 1, False, 1),
+    (33, 33, False, 1),
+    (5, 19, False, 1),
+    (5, 19, True, 1),  # causal T < S: the mask aligned bottom-right
+    (1, 19, True, 3),
+    (17, 17, True, 3),
 ]
 
 
-@pytest.mark.parametrize("T,S,causal", CASES)
-def test_reference_matches_float64_autograd(T, S, causal):
+@pytest.mark.parametrize("T,S,causal,group", CASES)
+def test_reference_matches_float64_autograd(T, S, causal, group):
+    """Against autograd through softmax with an explicit bottom-right mask (query i sees
+    keys j <= i + S - T), K/V heads repeated per group."""
     gen = torch.Generator().manual_seed(T + S)
-    q = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(2, 3 * group, T, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(2, 3, S, 8, generator=gen, dtype=torch.float64) for _ in range(2))
     k.requires_grad_(), v.requires_grad_()
-    do = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64)
-    scores = (q @ k.mT) * 0.3
+    do = torch.randn(2, 3 * group, T, 8, generator=gen, dtype=torch.float64)
+    scores = (q @ k.repeat_interleave(group, 1).mT) * 0.3
     if causal:
-        scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf)
-    out = torch.softmax(scores, dim=-1) @ v  # naive_attention's softmax is float32
+        visible = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+        scores = scores.masked_fill(~visible, -math.inf)
+    out = torch.softmax(scores, dim=-1) @ v.repeat_interleave(group, 1)
     expected = (out, *torch.autograd.grad(out, (q, k, v), do))
     got = bench.reference_attention(q, k, v, do, causal, 0.3)
     for name, x, y in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
@@ -207,6 +213,35 @@ def test_bad_arguments_exit_with_status_2(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--seq-lens", "0", "--out", "unused"])
     assert exc.value.code == 2 and "--seq-lens" in capsys.readouterr().err
+
+
+def test_shape_list_with_grouped_query_heads(tmp_path):
+    """--shapes: each shape (one with 4 query heads on 2 K/V heads) x mask, checked against
+    the float64 reference; the summary is issue 17's table, a row per shape."""
+    shapes = ["--shapes", "2x4/2x16x16", "1x2x24x16", "--masks", "causal", "--threads", "1"]
+    argv = ["--backends", "naive", "sdpa", "triton-hopper", *shapes, *FAST, "--out", str(tmp_path)]
+    results = bench.main(argv)
+    records = results["results"]
+    assert results["settings"]["shapes"] == ["2x4/2x16x16", "1x2x24x16"]
+    assert [(r["batch"], r["heads"], r["kv_heads"], r["seq_len"]) for r in records[::3]] == [
+        (2, 4, 2, 16), (1, 2, 2, 24)
+    ]  # fmt: skip
+    by = {(r["backend"], r["seq_len"]): r for r in records}
+    for T in (16, 24):
+        assert by["naive", T]["status"] == by["sdpa", T]["status"] == "ok"
+        assert by["triton-hopper", T]["status"] == "checked"
+        assert max(by["triton-hopper", T][e] for e in bench.ERRORS) < 1e-5
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| shape (B, H/H_kv, T, D) | naive | sdpa | triton-hopper |" in summary
+    assert "| 2, 4/2, 16, 16 |" in summary and "| 1, 2, 24, 16 |" in summary
+    assert (tmp_path / "tflops-fp32.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("shape", ["4x16x4096", "4x3/2x64x64", "0x1x8x8", "axbxcxd"])
+def test_bad_shapes_exit_with_status_2(shape, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--shapes", shape, "--out", "unused"])
+    assert exc.value.code == 2 and "--shapes" in capsys.readouterr().err
 
 
 def test_percentage_of_peak_and_peak_table(monkeypatch):

@@ -3,12 +3,14 @@
 Without a GPU these run in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1),
 which is slow, so the shape grid is a covering design rather than a Cartesian product: every
 value of every axis appears, every (T, D) pair appears once, and the expensive cases are few.
-The reference is naive attention in float64 on the same inputs.
+The reference is attention computed from its definition in float64 on the same inputs, with
+an explicit causal mask (tests/kernel_testing.py).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import subprocess
@@ -16,12 +18,12 @@ import sys
 
 import pytest
 import torch
+from kernel_testing import DEVICE, NAMES, check_against_reference, forward_backward, make_inputs
 
-from gpt.attention import naive_attention
 from gpt.kernels.flash_attention import flash_attention
+from gpt.kernels.flash_attention_hopper import flash_attention_hopper
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 SEQ_LENS = [1, 17, 64, 127, 128, 129, 300]
 HEAD_DIMS = [16, 32, 64, 128]
@@ -58,74 +60,14 @@ def _case_id(case) -> str:
     return f"T{T}-D{D}-{kind}-g{group}-{str(dtype)[6:]}-B{batch}-Hkv{kv_heads}-{layout}{s}"
 
 
-def _inputs(B, H, H_kv, T, S, D, dtype, layout="bhtd", seed=0):
-    """q (B, H, T, D), k, v (B, H_kv, S, D) and a gradient dO for the output.
-
-    With layout "bthd" the tensors are views of (B, T, H, D) storage, as the model's
-    (B, T, H, D) -> (B, H, T, D) transpose produces them: not contiguous.
-    """
-    gen = torch.Generator().manual_seed(seed)
-
-    def make(heads, length):
-        if layout == "bthd":
-            x = torch.randn(B, length, heads, D, generator=gen).transpose(1, 2)
-        else:
-            x = torch.randn(B, heads, length, D, generator=gen)
-        return x.to(device=DEVICE, dtype=dtype)
-
-    q, k, v = make(H, T), make(H_kv, S), make(H_kv, S)
-    do = torch.randn(B, H, T, D, generator=gen).to(device=DEVICE, dtype=dtype)
-    return q, k, v, do
-
-
-def _forward_backward(fn, q, k, v, do, causal, scale):
-    """(O, dQ, dK, dV) of ``fn`` at (q, k, v) with output gradient ``do``."""
-    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, causal=causal, scale=scale)
-    return (out, *torch.autograd.grad(out, (q, k, v), do))
-
-
-def _reference(q, k, v, do, causal, scale):
-    as64 = [x.double() for x in (q, k, v, do)]
-    return _forward_backward(naive_attention, *as64[:3], as64[3], causal, scale)
-
-
-def _max_err(a, ref):
-    return (a.double() - ref).abs().max().item()
-
-
-NAMES = ("O", "dQ", "dK", "dV")
-
-
 def _check_against_reference(q, k, v, do, causal, scale):
-    ours = _forward_backward(flash_attention, q, k, v, do, causal, scale)
-    ref = _reference(q, k, v, do, causal, scale)
-    for name, a, r in zip(NAMES, ours, ref, strict=True):
-        assert a.shape == r.shape and a.dtype == q.dtype, name
-        assert torch.isfinite(a).all(), f"{name} has NaN/inf"
-    if q.dtype == torch.float32:
-        for name, a, r in zip(NAMES, ours, ref, strict=True):
-            # Relative to the largest reference entry. At T = 1 the exact dQ and dK are
-            # identically zero (softmax over one key has zero gradient) and ours are rounding
-            # residue of dP - delta; there the bound is absolute, for unit-scale inputs.
-            rel = _max_err(a, r) / (r.abs().max().item() or 1.0)
-            assert rel <= 1e-4, f"{name}: relative error {rel:.2e} > 1e-4"
-    else:
-        # flash-attn's rule: at most twice the error of PyTorch's own computation in the same
-        # dtype, both measured against the float64 reference. The 1e-5 floor is for entries
-        # that PyTorch gets exactly right (the zero gradients at T = 1).
-        torch_low = _forward_backward(naive_attention, q, k, v, do, causal, scale)
-        for name, a, t, r in zip(NAMES, ours, torch_low, ref, strict=True):
-            err, torch_err = _max_err(a, r), _max_err(t, r)
-            assert err <= 2 * torch_err + 1e-5, (
-                f"{name}: error {err:.2e}, PyTorch's {torch_err:.2e}"
-            )
+    check_against_reference(flash_attention, q, k, v, do, causal, scale)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_matches_float64_reference(case):
     T, D, causal, group, dtype, B, H_kv, layout, scale = case
-    q, k, v, do = _inputs(B, H_kv * group, H_kv, T, T, D, dtype, layout)
+    q, k, v, do = make_inputs(B, H_kv * group, H_kv, T, T, D, dtype, layout)
     _check_against_reference(q, k, v, do, causal, scale)
 
 
@@ -143,16 +85,44 @@ def test_covering_design_is_pairwise_complete():
     assert {c[2] for c in CASES if c[7] == "bthd"} == {True, False}
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_cross_attention_lengths_differ(causal):
+def test_cross_attention_lengths_differ():
     """Non-causal attention with S != T (and S not a multiple of any block size)."""
-    if causal:
-        q, k, v, _ = _inputs(1, 2, 1, 17, 33, 32, torch.float32)
-        with pytest.raises(ValueError, match="T == S"):
-            flash_attention(q, k, v, causal=True)
-        return
-    q, k, v, do = _inputs(1, 2, 1, 17, 33, 32, torch.float32)
+    q, k, v, do = make_inputs(1, 2, 1, 17, 33, 32, torch.float32)
     _check_against_reference(q, k, v, do, causal=False, scale=None)
+
+
+# (T, S, GQA group, D, dtype, layout): causal with T < S, the mask aligned bottom-right (query
+# i sees keys <= i + S - T): a decode step (T = 1), chunked prefill after a cache of odd
+# length, a group of 3 heads, T a multiple of the blocks but S - T not.
+BOTTOM_RIGHT = [
+    (1, 1, 1, 16, torch.float32, "bhtd"),
+    (1, 37, 4, 16, torch.float32, "bthd"),
+    (5, 37, 2, 32, torch.float16, "bhtd"),
+    (17, 33, 1, 32, torch.float32, "bthd"),
+    (31, 100, 3, 16, torch.float32, "bhtd"),
+    (32, 45, 2, 64, torch.float16, "bthd"),
+]
+KERNELS = {"triton": flash_attention, "triton-hopper": flash_attention_hopper}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("case", BOTTOM_RIGHT, ids=lambda c: f"T{c[0]}-S{c[1]}-g{c[2]}-D{c[3]}")
+def test_causal_bottom_right_matches_float64(kernel, case):
+    T, S, group, D, dtype, layout = case
+    q, k, v, do = make_inputs(2, 2 * group, 2, T, S, D, dtype, layout, seed=T + S)
+    check_against_reference(KERNELS[kernel], q, k, v, do, causal=True, scale=None)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_causal_bottom_right_is_the_tail_of_full_causal(kernel):
+    """T queries after S - T cached keys see what the last T rows of a causal pass over all
+    S positions see: a KV cache (or a chunked prefill) changes nothing."""
+    fn = KERNELS[kernel]
+    q, k, v, _ = make_inputs(1, 4, 2, 29, 29, 16, torch.float32, seed=3)
+    whole = fn(q, k, v, causal=True)
+    for T in (1, 7):
+        torch.testing.assert_close(fn(q[:, :, -T:], k, v, causal=True), whole[:, :, -T:],
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -161,8 +131,8 @@ def test_no_nan_in_single_token_and_padded_tail(T, dtype):
     """T = 1 (one visible key per row) and a tail tile that is mostly padding; large scores
     (|s| ~ 1e3) check that the online softmax never overflows."""
     for causal in (True, False):
-        q, k, v, do = _inputs(1, 2, 1, T, T, 16, dtype)
-        outs = _forward_backward(flash_attention, q * 8, k * 8, v, do, causal, None)
+        q, k, v, do = make_inputs(1, 2, 1, T, T, 16, dtype)
+        outs = forward_backward(flash_attention, q * 8, k * 8, v, do, causal, None)
         for name, x in zip(NAMES, outs, strict=True):
             assert torch.isfinite(x).all(), f"{name} has NaN/inf (T={T}, causal={causal})"
 
@@ -170,16 +140,16 @@ def test_no_nan_in_single_token_and_padded_tail(T, dtype):
 @pytest.mark.parametrize("D", [40, 256])
 def test_other_head_dims(D):
     """D = 40 is padded to a 64-wide tile and masked; 256 is the largest supported."""
-    q, k, v, do = _inputs(1, 2, 2, 20, 20, D, torch.float32)
+    q, k, v, do = make_inputs(1, 2, 2, 20, 20, D, torch.float32)
     _check_against_reference(q, k, v, do, causal=True, scale=None)
 
 
 def test_gqa_gradient_is_sum_over_group():
     """dK for one shared K/V head equals the sum of dK over repeated, independent heads."""
-    q, k, v, do = _inputs(1, 4, 1, 17, 17, 16, torch.float32)
-    _, _, dk, dv = _forward_backward(flash_attention, q, k, v, do, True, None)
+    q, k, v, do = make_inputs(1, 4, 1, 17, 17, 16, torch.float32)
+    _, _, dk, dv = forward_backward(flash_attention, q, k, v, do, True, None)
     k4, v4 = k.repeat(1, 4, 1, 1), v.repeat(1, 4, 1, 1)
-    _, _, dk4, dv4 = _forward_backward(flash_attention, q, k4, v4, do, True, None)
+    _, _, dk4, dv4 = forward_backward(flash_attention, q, k4, v4, do, True, None)
     torch.testing.assert_close(dk, dk4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dv, dv4.sum(1, keepdim=True), rtol=1e-5, atol=1e-5)
 
@@ -187,11 +157,11 @@ def test_gqa_gradient_is_sum_over_group():
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: _inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3], None),
-        (lambda: [x.double() for x in _inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3]], "dtype"),
-        (lambda: _inputs(1, 2, 1, 8, 8, 512, torch.float32)[:3], "head dim"),
-        (lambda: _inputs(1, 3, 2, 8, 8, 16, torch.float32)[:3], "multiple"),
-        (lambda: _inputs(1, 2, 1, 8, 9, 16, torch.float32)[:3], "T == S"),
+        (lambda: make_inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3], None),
+        (lambda: [x.double() for x in make_inputs(1, 2, 1, 8, 8, 16, torch.float32)[:3]], "dtype"),
+        (lambda: make_inputs(1, 2, 1, 8, 8, 512, torch.float32)[:3], "head dim"),
+        (lambda: make_inputs(1, 3, 2, 8, 8, 16, torch.float32)[:3], "multiple"),
+        (lambda: make_inputs(1, 2, 1, 9, 8, 16, torch.float32)[:3], "T <= S"),
     ],
     ids=["ok", "float64", "D512", "heads", "causal-lengths"],
 )
@@ -205,7 +175,7 @@ def test_bad_input_raises_value_error(make, match):
 
 
 def test_mixed_dtypes_raise_value_error():
-    q, k, v, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    q, k, v, _ = make_inputs(1, 2, 1, 8, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="share a dtype"):
         flash_attention(q, k.half(), v)
 
@@ -214,14 +184,14 @@ def test_cpu_tensors_without_interpreter_raise_runtime_error(monkeypatch):
     import gpt.kernels.flash_attention as fa
 
     monkeypatch.setattr(fa, "_INTERPRET", False)
-    q, k, v, _ = _inputs(1, 2, 1, 8, 8, 16, torch.float32)
+    q, k, v, _ = make_inputs(1, 2, 1, 8, 8, 16, torch.float32)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         flash_attention(q.cpu(), k.cpu(), v.cpu())
 
 
 def test_custom_op_passes_opcheck():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch."""
-    q, k, v, do = _inputs(1, 2, 1, 17, 17, 16, torch.float32, layout="bthd")
+    q, k, v, do = make_inputs(1, 2, 1, 17, 17, 16, torch.float32, layout="bthd")
     fwd = torch.ops.gpt.flash_attention_fwd.default
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     torch.library.opcheck(fwd, (q, k, v, True, 0.25))
@@ -233,74 +203,48 @@ def test_custom_op_passes_opcheck():
 def test_torch_compile_fullgraph_runs_kernel():
     """torch.compile (Inductor, no graph breaks) treats the op as an opaque call, and the
     compiled forward and backward match eager."""
-    q, k, v, do = _inputs(1, 4, 2, 17, 17, 16, torch.float32)
+    q, k, v, do = make_inputs(1, 4, 2, 17, 17, 16, torch.float32)
 
     def attend(q, k, v, causal=True, scale=None):
         return flash_attention(torch.tanh(q), k, v, causal=causal, scale=scale) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(attend, fullgraph=True)
-    ours = _forward_backward(compiled, q, k, v, do, True, None)
-    eager = _forward_backward(attend, q, k, v, do, True, None)
+    ours = forward_backward(compiled, q, k, v, do, True, None)
+    eager = forward_backward(attend, q, k, v, do, True, None)
     for name, a, b in zip(NAMES, ours, eager, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
 # Compiles every kernel with Triton's real compiler (TTIR -> PTX -> cubin with the ptxas bundled
-# in the wheel) for an H100 (sm_90), no GPU needed. The interpreter is more permissive than
-# the compiler, so this catches code that interprets but would not compile. It runs in a
-# subprocess because TRITON_INTERPRET=1 replaces triton.language in this one.
-_COMPILE_SCRIPT = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpt.kernels.flash_attention as fa
-
-dtype, causal = sys.argv[1], sys.argv[2] == "1"
-head_dim, big, small, stages = map(int, sys.argv[3:])
-precision = "ieee" if dtype == "fp32" else "tf32"
-for kernel, blocks in [
-    (fa._flash_attention_fwd_kernel, (big, small)),
-    (fa._flash_attention_bwd_delta_kernel, (big, None)),
-    (fa._flash_attention_bwd_dkdv_kernel, (small, big)),
-    (fa._flash_attention_bwd_dq_kernel, (big, small)),
-]:
-    values = {"IS_CAUSAL": causal, "DOT_PRECISION": precision, "BLOCK_M": blocks[0],
-              "BLOCK_N": blocks[1], "BLOCK_D": head_dim}
-    signature, constexprs = {}, {}
-    for i, name in enumerate(kernel.arg_names):
-        if name in values:
-            signature[name], constexprs[(i,)] = "constexpr", values[name]
-        elif name in ("LSE", "DELTA"):
-            signature[name] = "*fp32"
-        elif name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
-            signature[name] = "*" + dtype
-        else:
-            signature[name] = "fp32" if name.endswith("scale") else "i32"
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    opts = {"num_warps": 8 if big >= 128 else 4, "num_stages": stages}
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
-    print(kernel.__name__, compiled.metadata.shared)
-"""
+# in the wheel) for an H100 (sm_90), no GPU needed, and reads the cubins' resource usage
+# (gpt.kernels.resources). The interpreter is more permissive than the compiler, so this
+# catches code that interprets but would not compile. It runs in a subprocess because
+# TRITON_INTERPRET=1 replaces triton.language in this one. Quick mode: each kernel's first
+# candidate, the one the GPU tests use.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "dtype, causal, head_dim, big, small, stages",
-    [("bf16", 1, 128, 128, 64, 3), ("fp16", 0, 64, 64, 32, 2), ("fp32", 1, 32, 32, 32, 2)],
-    ids=["bf16-causal-D128-largest", "fp16-full-D64", "fp32-causal-D32"],
-)
-def test_kernels_compile_for_h100(dtype, causal, head_dim, big, small, stages):
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_h100(tmp_path, dtype):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [str(a) for a in (dtype, causal, head_dim, big, small, stages)]
+    env["GPT_FLASH_TUNE"] = "quick"
+    out = tmp_path / "resources.json"
+    head_dims = ["64", "128"] if dtype == "bf16" else ["32"]
     run = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT, *args],
-        env=env, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "gpt.kernels.resources", "--dtype", dtype, "--head-dims",
+         *head_dims, "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
-    shared = [int(line.split()[1]) for line in run.stdout.splitlines()]
-    assert len(shared) == 4 and max(shared) <= 232448, run.stdout  # H100: 227 KiB per block
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 * 3 * len(head_dims)  # 2 backends x 3 kernels x head dims
+    for row in rows:
+        assert "error" not in row and row["fits"], row
+        # triton-hopper's tables hold no tile that spills in 16-bit dtypes; float32's IEEE
+        # products run on FMA units with operands in registers and spill in both kernels
+        if row["backend"] == "triton-hopper" and dtype == "bf16":
+            assert row["stack_bytes"] == 0, row
 
 
 # --------------------------------------------------------------------------------------
@@ -369,7 +313,7 @@ def test_compiled_model_with_triton_runs():
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_low_precision_long_sequence(dtype, D, causal):
-    q, k, v, do = _inputs(2, 8, 2, 2048, 2048, D, dtype, layout="bthd")
+    q, k, v, do = make_inputs(2, 8, 2, 2048, 2048, D, dtype, layout="bthd")
     _check_against_reference(q, k, v, do, causal, None)
 
 
@@ -377,7 +321,7 @@ def test_gpu_low_precision_long_sequence(dtype, D, causal):
 @needs_gpu
 @pytest.mark.parametrize("T, D", [(1, 128), (129, 128), (1000, 128), (4096, 128), (1000, 256)])
 def test_gpu_bf16_ragged_and_long(T, D):
-    q, k, v, do = _inputs(1, 4, 1, T, T, D, torch.bfloat16)
+    q, k, v, do = make_inputs(1, 4, 1, T, T, D, torch.bfloat16)
     _check_against_reference(q, k, v, do, True, None)
 
 
@@ -385,7 +329,7 @@ def test_gpu_bf16_ragged_and_long(T, D):
 @needs_gpu
 def test_gpu_float32_within_1e4():
     """float32 uses IEEE products (not TF32), so the 1e-4 bound holds on hardware too."""
-    q, k, v, do = _inputs(1, 4, 2, 1024, 1024, 64, torch.float32)
+    q, k, v, do = make_inputs(1, 4, 2, 1024, 1024, 64, torch.float32)
     _check_against_reference(q, k, v, do, True, None)
 
 
@@ -404,7 +348,7 @@ def test_gpu_autotune_keys_on_length_dim_dtype_causal():
         (1024, 64, torch.float16, True),
         (512, 64, torch.bfloat16, True),
     ]:
-        q, k, v, _ = _inputs(1, 2, 1, T, T, D, dtype, seed=T + D)
+        q, k, v, _ = make_inputs(1, 2, 1, T, T, D, dtype, seed=T + D)
         flash_attention(q, k, v, causal=causal)
         seen.add((T, D, dtype, causal))
     assert len(fa._fwd_kernel.cache) - before == len(seen)
