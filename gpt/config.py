@@ -244,8 +244,7 @@ class Config:
         data manifest; without it the checks against the data are skipped."""
         for section in SECTION_TYPES:
             validate_ranges(getattr(self, section), section)
-        if self.train.init_from == "scratch":  # else the shape comes from the checkpoint
-            self.model.validate()
+        self.model.validate()
         from gpt.attention import attention_status  # the registry knows what runs here
 
         status = attention_status()

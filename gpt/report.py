@@ -1,40 +1,21 @@
 """Summarise a training run: ``python -m gpt.report RUN_DIR [--png PATH]``.
 
 Prints the final training and validation losses next to the unigram baseline of the run's
-data (the validation loss of a model that ignores context: it predicts every token with
-the token frequencies of the training split), and draws the loss curve from
-``RUN_DIR/metrics.jsonl`` into ``RUN_DIR/loss.png``.
+data (gpt/eval/baseline.py), and draws the loss curves from ``RUN_DIR/metrics.jsonl`` into
+``RUN_DIR/loss.png``: training loss and every validation set (a fine-tuning run's domain and
+general sets as two curves). Works from any directory: the run's relative paths resolve
+against the directory it was started from (recorded in ``RUN_DIR/run.json``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
-import numpy as np
-
-from gpt.data.shards import open_split, read_manifest
+from gpt.eval.baseline import unigram_loss
+from gpt.train.checkpoint import read_run
 from gpt.train.metrics import plot_losses, read_metrics
-
-
-def token_counts(data_dir: Path, split: str, n_vocab: int) -> np.ndarray:
-    counts = np.zeros(n_vocab, dtype=np.int64)
-    for shard in open_split(data_dir, split, verify="sample"):
-        counts += np.bincount(shard, minlength=n_vocab)[:n_vocab]
-    return counts
-
-
-def unigram_loss(data_dir: str | Path) -> float:
-    """Cross-entropy (nats/token) of the validation split under the training split's token
-    frequencies, with add-one smoothing so that unseen tokens have a finite cost."""
-    data_dir = Path(data_dir)
-    n_vocab = read_manifest(data_dir)["n_vocab"]
-    train = token_counts(data_dir, "train", n_vocab)
-    val = token_counts(data_dir, "val", n_vocab)
-    log_p = np.log(train + 1.0) - np.log(train.sum() + n_vocab)
-    return float(-(val * log_p).sum() / val.sum())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,25 +23,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a train.out_dir")
     parser.add_argument("--png", type=Path, help="loss plot (default: RUN_DIR/loss.png)")
     args = parser.parse_args(argv)
-    metrics, config = args.run_dir / "metrics.jsonl", args.run_dir / "config.toml"
-    for path in (metrics, config):
-        if not path.is_file():
-            parser.error(f"{path} does not exist: is {args.run_dir} a train.out_dir?")
-    data_dir = Path(tomllib.loads(config.read_text())["data"]["dir"])
-    records = read_metrics(metrics)
+    try:
+        run = read_run(args.run_dir)
+    except ValueError as err:
+        parser.error(str(err))
+    if not run.metrics.is_file():
+        parser.error(f"{run.metrics} does not exist: the run has not logged a step yet")
+    records = read_metrics(run.metrics)
     if not records:
-        parser.error(f"{metrics} is empty: the run has not logged a step yet")
-    last = records[-1]
+        parser.error(f"{run.metrics} is empty: the run has not logged a step yet")
+    trained = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    baseline = unigram_loss(data_dir)
-    print(f"run {args.run_dir}: {last['step']} steps, {last['tokens']:,} tokens")
-    print(f"  final training loss    {last['loss']:.3f}")
+    print(f"run {args.run_dir}: {records[-1]['step']} steps, {records[-1]['tokens']:,} tokens")
+    if trained:
+        print(f"  final training loss    {trained[-1]['loss']:.3f}")
     if evals:
-        print(f"  final validation loss  {evals[-1]['val_loss']:.3f} (step {evals[-1]['step']})")
-    print(f"  unigram baseline       {baseline:.3f} (validation tokens of {data_dir})")
+        last = evals[-1]
+        print(f"  final validation loss  {last['val_loss']:.3f} (step {last['step']})")
+        for key in sorted(k for k in last if k.startswith("val_loss/")):
+            start = next((r[key] for r in evals if key in r), None)
+            print(f"    {key:<24}{last[key]:.3f} (step {evals[0]['step']}: {start:.3f})")
+    try:
+        baseline = unigram_loss(run.data_dir)
+        print(f"  unigram baseline       {baseline:.3f} (validation tokens of {run.data_dir})")
+    except ValueError as err:  # the data moved or has no validation split
+        baseline = None
+        print(f"  unigram baseline       unavailable: {err}")
     png = args.png or args.run_dir / "loss.png"
-    plot_losses(metrics, png, baseline=baseline)
-    print(f"  loss curve             {png}")
+    # a named main validation set (data.name) is plotted once, under its name
+    skip = {"val_loss"} if run.config.data.name else set()
+    plot_losses(run.metrics, png, baseline=baseline, skip=skip)
+    print(f"  loss curves            {png}")
     return 0
 
 

@@ -9,7 +9,8 @@ import pytest
 from gpt.data.prepare import prepare
 from gpt.data.shards import open_split
 from gpt.data.tokenizer import get_tokenizer
-from gpt.report import main, unigram_loss
+from gpt.eval.baseline import unigram_loss
+from gpt.report import main
 
 
 @pytest.fixture
@@ -58,3 +59,34 @@ def test_report_prints_losses_and_writes_the_plot(data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(run)])
     assert "metrics.jsonl is empty: the run has not logged a step yet" in capsys.readouterr().err
+
+
+def test_report_from_another_directory_plots_every_validation_set(
+    data_dir, tmp_path, monkeypatch, capsys
+):
+    """A fine-tuning run (data.name = domain, one extra set) with a relative data.dir, read
+    from another working directory: the paths resolve against run.json's, and the domain and
+    general curves are drawn once each."""
+    from gpt.train.checkpoint import write_run_info
+    from gpt.train.metrics import plot_losses
+
+    out, _ = data_dir
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text('[data]\ndir = "bytes"\nname = "domain"\n')
+    monkeypatch.chdir(tmp_path)
+    write_run_info(run, ["train.py"])
+    records = [
+        {"step": 0, "tokens": 0, "val_loss": 3.0, "val_loss/domain": 3.0, "val_loss/general": 2.0},
+        {"step": 1, "tokens": 64, "loss": 2.5},
+        {"step": 2, "tokens": 128, "loss": 2.2, "val_loss": 2.4, "val_loss/domain": 2.4,
+         "val_loss/general": 2.3},
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.chdir(run)  # elsewhere: "bytes" does not exist here
+    assert main([str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "val_loss/general        2.300 (step 0: 2.000)" in text
+    assert f"unigram baseline       {unigram_loss(out):.3f}" in text
+    labels = plot_losses(run / "metrics.jsonl", tmp_path / "p.png", skip={"val_loss"})
+    assert labels == ["train loss", "val loss: domain", "val loss: general"]

@@ -14,6 +14,7 @@ import torch
 
 from gpt.config import Config, ConfigError, config_from_argv, save_config
 from gpt.data.shards import read_manifest
+from gpt.lora import count_trainable
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import init_distributed, world_size_from_env
@@ -42,10 +43,9 @@ def read_manifests(cfg: Config) -> dict[str, dict]:
 def main(argv: list[str]) -> int:
     _, cfg = config_from_argv(argv, "train.py")  # exits 2 on a malformed config
     try:
-        cfg.validate(world_size_from_env())  # ranges and combinations first
-        if cfg.train.init_from != "scratch":
+        if cfg.train.init_from != "scratch":  # fine-tuning: the checkpoint's shape
             cfg.model = init_model_config(cfg)
-            cfg.model.validate()
+        cfg.validate(world_size_from_env())  # ranges and combinations
         manifests = read_manifests(cfg)
         cfg.validate_data(manifests)
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError too
@@ -91,10 +91,13 @@ def train(cfg: Config, manifests: dict[str, dict], device: torch.device, argv: l
             return 2
         if dist.is_main():
             save_config(cfg, out_dir / "config.toml")
-            ckpt.write_run_info(out_dir, ["train.py", *argv])
+            params, trainable = trainer.model.num_params(), count_trainable(trainer.model)
+            ckpt.write_run_info(
+                out_dir, ["train.py", *argv], params=params, trainable_params=trainable
+            )
             print(
                 f"{'resuming from ' + str(resumed) if resumed else 'starting'}: "
-                f"{trainer.model.num_params():,} parameters, {dist.world_size()} process(es) "
+                f"{params:,} parameters ({trainable:,} trainable), {dist.world_size()} process(es) "
                 f"on {device}, global batch {cfg.global_batch(dist.world_size())} x "
                 f"{cfg.model.block_size} tokens"
             )

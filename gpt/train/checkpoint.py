@@ -111,6 +111,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
 
 
+def _adapters_dir(path: Path) -> Path | None:
+    """The adapters/ of the LoRA checkpoint ``path`` refers to (itself or a run's latest)."""
+    if (path / "config.json").is_file():
+        return None
+    found = path if (path / COMPLETE).is_file() else latest_checkpoint(path)
+    adapters = found / ADAPTERS if found is not None else None
+    return adapters if adapters is not None and adapters.is_dir() else None
+
+
 def load_model(path: str | Path, **overrides):
     """The GPT at ``path`` (a model directory, a checkpoint or a run directory), with the
     adapters of a LoRA checkpoint merged into its base: a plain model either way.
@@ -118,10 +127,8 @@ def load_model(path: str | Path, **overrides):
     from gpt.lora import add_lora, merge_lora
     from gpt.model import GPT
 
-    path = Path(path)
-    found = path if (path / COMPLETE).is_file() else latest_checkpoint(path)
-    adapters = found / ADAPTERS if found is not None else None
-    if adapters is None or not adapters.is_dir() or (path / "config.json").is_file():
+    adapters = _adapters_dir(Path(path))
+    if adapters is None:
         return GPT.from_pretrained(resolve_model_dir(path), **overrides)
     from safetensors.torch import load_file
 
@@ -129,13 +136,24 @@ def load_model(path: str | Path, **overrides):
     model = load_model(info["base"], **overrides)
     add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"])
     state = load_file(adapters / "adapters.safetensors")
-    missing = set(state) ^ set(n for n, _ in model.named_parameters() if ".lora_" in n)
-    if missing:
+    expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
+    if set(state) != expected:
         raise CheckpointError(
-            f"{adapters}: adapters do not fit the base model: {sorted(missing)[:4]}"
+            f"{adapters}: the adapters do not fit the base model {info['base']}: "
+            f"{sorted(set(state) ^ expected)[:4]}"
         )
     model.load_state_dict(state, strict=False)
     return merge_lora(model)
+
+
+def tokenizer_of(path: str | Path) -> str | None:
+    """The tokenizer recorded with the model at ``path`` (as ``load_model`` resolves it)."""
+    from gpt.convert import tokenizer_name
+
+    adapters = _adapters_dir(Path(path))
+    if adapters is None:
+        return tokenizer_name(resolve_model_dir(path))
+    return json.loads((adapters / "adapter.json").read_text()).get("tokenizer")
 
 
 def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
@@ -198,9 +216,10 @@ def read_run(run_dir: str | Path) -> Run:
     )
 
 
-def write_run_info(out_dir: Path, argv: list[str]) -> None:
-    """Record where and how the run was started, so tools resolve its relative paths."""
-    info = {"cwd": str(Path.cwd()), "argv": argv, "python": sys.executable}
+def write_run_info(out_dir: Path, argv: list[str], **facts) -> None:
+    """Record where and how the run was started (so tools resolve its relative paths), and
+    ``facts`` such as its parameter counts."""
+    info = {"cwd": str(Path.cwd()), "argv": argv, "python": sys.executable, **facts}
     write_atomic(out_dir / RUN_INFO, json.dumps(info, indent=1) + "\n")
 
 

@@ -3,15 +3,16 @@
 Fine-tuning starts from the weights of another run, an export or a Hugging Face checkpoint,
 with a fresh optimizer, step 0 and a fresh data position. The model's shape is the
 checkpoint's: a ``[model]`` key the config sets explicitly and that contradicts it is an
-error (only the attention backend, dropout and the vocabulary padding may differ, since they
-do not change the weights). On top of the loaded weights ``[finetune]`` may freeze the
-embeddings and the first blocks, or add LoRA adapters (gpt/lora.py) with everything else
-frozen.
+error; only the attention backend, dropout and the vocabulary padding may be set otherwise
+(they do not change the weights), and they too default to the checkpoint's. On top of the
+loaded weights ``[finetune]`` may freeze the embeddings and the first blocks, or add LoRA
+adapters (gpt/lora.py) with everything else frozen.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import torch
 
@@ -25,17 +26,24 @@ OVERRIDABLE = ("attention", "dropout", "vocab_multiple")  # do not change the we
 
 
 def init_model_config(cfg: Config) -> ModelConfig:
-    """The model config of train.init_from, with the config's attention backend, dropout and
-    padding; ConfigError naming every ``[model]`` key set in the config that contradicts it."""
+    """The model config of train.init_from. Keys that do not change the weights (attention
+    backend, dropout, padding) take the config's value where it sets them; ConfigError naming
+    every other ``[model]`` key the config sets that contradicts the checkpoint."""
     source = cfg.train.init_from
-    saved = read_model_config(ckpt.resolve_model_dir(source))
+    if not Path(source).exists():
+        raise ConfigError(
+            f"train.init_from = {source!r}: no such file or directory; give a run directory, "
+            "a checkpoint, an exported model/ directory, or 'scratch'"
+        )
+    try:
+        saved = read_model_config(ckpt.resolve_model_dir(source))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"train.init_from = {source!r}: {err}") from None
+    given = {f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in cfg.given}
     contradictions = [
-        f"model.{f.name} = {getattr(cfg.model, f.name)!r} (the checkpoint has "
-        f"{getattr(saved, f.name)!r})"
-        for f in dataclasses.fields(ModelConfig)
-        if f"model.{f.name}" in cfg.given
-        and f.name not in OVERRIDABLE
-        and getattr(cfg.model, f.name) != getattr(saved, f.name)
+        f"model.{k} = {getattr(cfg.model, k)!r} (the checkpoint has {getattr(saved, k)!r})"
+        for k in sorted(given - set(OVERRIDABLE))
+        if getattr(cfg.model, k) != getattr(saved, k)
     ]
     if contradictions:
         raise ConfigError(
@@ -43,7 +51,9 @@ def init_model_config(cfg: Config) -> ModelConfig:
             f"the config sets {'; '.join(contradictions)}. Remove these keys from [model] "
             f"(only {', '.join('model.' + k for k in OVERRIDABLE)} may differ)"
         )
-    return dataclasses.replace(saved, **{k: getattr(cfg.model, k) for k in OVERRIDABLE})
+    return dataclasses.replace(
+        saved, **{k: getattr(cfg.model, k) for k in given & set(OVERRIDABLE)}
+    )
 
 
 def build_model(cfg: Config) -> GPT:

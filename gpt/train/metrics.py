@@ -104,9 +104,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_losses(metrics_file: str | Path, png: str | Path, baseline: float | None = None) -> None:
-    """Training and validation loss against tokens seen, from metrics.jsonl, with an
-    optional horizontal reference line (the unigram baseline)."""
+def plot_losses(
+    metrics_file: str | Path,
+    png: str | Path,
+    baseline: float | None = None,
+    skip: set[str] = frozenset(),
+) -> list[str]:
+    """Training loss and every validation loss (``val_loss`` and ``val_loss/<name>``, but the
+    keys in ``skip``) against tokens seen, from metrics.jsonl, with an optional horizontal
+    reference line (the unigram baseline). Returns the curves' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,12 +120,14 @@ def plot_losses(metrics_file: str | Path, png: str | Path, baseline: float | Non
 
     records = read_metrics(metrics_file)
     train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+    keys = sorted({k for r in records for k in r if k.startswith("val_loss")} - set(skip))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss")
+    for key in keys:
+        points = [(r["tokens"], r[key]) for r in records if key in r]
+        label = "val loss" if key == "val_loss" else key.replace("val_loss/", "val loss: ")
+        ax.plot(*zip(*points, strict=True), "o-", label=label)
     if baseline is not None:
         ax.axhline(baseline, color="gray", ls="--", lw=1, label=f"unigram baseline {baseline:.2f}")
     ax.set_xlabel("tokens seen")
@@ -129,3 +137,4 @@ def plot_losses(metrics_file: str | Path, png: str | Path, baseline: float | Non
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
+    return [line.get_label() for line in ax.get_lines()]

@@ -145,7 +145,13 @@ class Trainer:
         adapters = None
         if f.lora_rank:
             base = str(Path(self.cfg.train.init_from).resolve())
-            adapters = dict(rank=f.lora_rank, alpha=f.lora_alpha, targets=f.lora_targets, base=base)
+            adapters = dict(
+                rank=f.lora_rank,
+                alpha=f.lora_alpha,
+                targets=f.lora_targets,
+                base=base,
+                tokenizer=self.manifest["encoding"],
+            )
         return ckpt.save_checkpoint(
             self.engine,
             self.out_dir,
