@@ -67,6 +67,7 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     ours.save_pretrained(tmp_path / "export")
     assert sorted(p.name for p in (tmp_path / "export").iterdir()) == [
+        "checksums.json",  # the sidecar: sha256 of the other two
         "config.json",
         "model.safetensors",
     ]

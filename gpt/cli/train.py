@@ -21,7 +21,7 @@ from gpt.train.engine import init_distributed, world_size_from_env
 from gpt.train.finetune import init_model_config
 from gpt.train.lock import RunLock, RunLocked
 from gpt.train.throughput import run_benchmark
-from gpt.train.trainer import Trainer
+from gpt.train.trainer import CHECKPOINT_WRITE_EXIT, Trainer
 
 
 def read_manifests(cfg: Config) -> dict[str, dict]:
@@ -82,10 +82,10 @@ def train(cfg: Config, manifests: dict[str, dict], device: torch.device, argv: l
             print(f"train.py: error: {refused}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg, manifests, device)
         try:
-            resumed = trainer.resume()
-        except ConfigError as err:
+            trainer = Trainer(cfg, manifests, device)  # ValueError: a damaged data shard
+            resumed = trainer.resume()  # ConfigError: no checkpoint this run can continue
+        except ValueError as err:
             if dist.is_main():
                 print(f"train.py: error: {err}", file=sys.stderr)
             return 2
@@ -101,6 +101,10 @@ def train(cfg: Config, manifests: dict[str, dict], device: torch.device, argv: l
                 f"on {device}, global batch {cfg.global_batch(dist.world_size())} x "
                 f"{cfg.model.block_size} tokens"
             )
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        except ckpt.CheckpointWriteError as err:
+            print(f"train.py: error: {err}", file=sys.stderr)
+            return CHECKPOINT_WRITE_EXIT
     finally:
         lock.release()

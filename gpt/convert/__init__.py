@@ -25,6 +25,7 @@ only (``vocab_size``, never the padded one). Only safetensors are read: a pickle
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -35,10 +36,11 @@ import torch
 
 from gpt.config import ConfigError, ModelConfig
 from gpt.convert import gpt2, llama
-from gpt.fileio import write_atomic
+from gpt.fileio import sha256_file, write_atomic
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CHECKSUMS = "checksums.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ARCHITECTURES = {"gpt2": gpt2, "llama": llama}  # transformers' model_type -> mapping
 LAYOUTS = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's architecture
@@ -203,6 +205,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         raise FileNotFoundError(
             f"{path}: no model.safetensors here (sharded checkpoints are not supported)"
         )
+    verify_model_dir(path)
     hf = read_config_json(path)
     cfg, layout = model_config(hf, config_file)
     try:
@@ -294,6 +297,32 @@ def write_model_dir(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {name: t.contiguous() for name, t in ours.items()}
-    write_atomic(path / WEIGHTS, save(weights, metadata={"format": "pt"}))
-    write_atomic(path / CONFIG, json.dumps(config, indent=2) + "\n")
+    raw = save(weights, metadata={"format": "pt"})
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomic(path / WEIGHTS, raw)
+    write_atomic(path / CONFIG, text)
+    # last: the weights' checksum (config.json is left out: editing it by hand is legitimate,
+    # and read_model_dir validates every key of it)
+    write_atomic(path / CHECKSUMS, json.dumps({WEIGHTS: hashlib.sha256(raw).hexdigest()}) + "\n")
     return layout
+
+
+def verify_model_dir(path: Path) -> None:
+    """ValueError naming the file whose sha256 differs from the sidecar ``checksums.json``
+    written with it (the weights; exports made before sidecars existed, and Hugging Face
+    directories, have none and pass)."""
+    sidecar = path / CHECKSUMS
+    if not sidecar.is_file():
+        return
+    try:
+        sums = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{sidecar}: damaged ({err}); export the model again") from None
+    for name, digest in sums.items():
+        if not (path / name).is_file():
+            raise ValueError(f"{path / name}: missing (listed in {sidecar})")
+        if sha256_file(path / name) != digest:
+            raise ValueError(
+                f"{path / name}: checksum mismatch: the file changed or was damaged after it "
+                "was written; export or copy it again"
+            )

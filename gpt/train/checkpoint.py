@@ -57,6 +57,11 @@ class CheckpointError(RuntimeError):
     names the file."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, permissions); the partial one was
+    removed and the previous checkpoints are intact."""
+
+
 # ------------------------------------------------------------------------------------------
 # Finding checkpoints and models
 # ------------------------------------------------------------------------------------------
@@ -340,25 +345,27 @@ def save_checkpoint(
     root = Path(out_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    with _frozen_tied_weights_excluded(engine):
-        engine.save_checkpoint(
-            str(tmp / "ds"),
-            tag="state",
-            save_latest=False,
-            exclude_frozen_parameters=bool(adapters),
-        )
-    write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
-    dist.barrier()
-    with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
-        if rank == 0 and adapters:
-            _save_adapters(model, tmp / ADAPTERS, adapters)
-        elif rank == 0:
-            model.save_pretrained(tmp / "model", tokenizer)
-    if rank == 0:
+
+    def write_ranks_files() -> None:
+        with _frozen_tied_weights_excluded(engine):
+            engine.save_checkpoint(
+                str(tmp / "ds"),
+                tag="state",
+                save_latest=False,
+                exclude_frozen_parameters=bool(adapters),
+            )
+        write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
+
+    def write_whole_model() -> None:
+        with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
+            if rank == 0 and adapters:
+                _save_adapters(model, tmp / ADAPTERS, adapters)
+            elif rank == 0:
+                model.save_pretrained(tmp / "model", tokenizer)
+
+    def complete() -> None:
+        if rank != 0:
+            return
         write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
         write_checksums(tmp)
         write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
@@ -366,12 +373,42 @@ def save_checkpoint(
             shutil.rmtree(final)
         tmp.rename(final)
         write_atomic(root / LATEST, final.name)
+
+    def make_dir() -> None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+            tmp.mkdir(parents=True)
+
+    # each stage ends with a vote of every rank (it doubles as the barrier between stages)
+    for stage in (make_dir, write_ranks_files, write_whole_model, complete):
+        _all_or_nothing(stage, tmp, final)
+    if rank == 0:
         for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
             doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
             old.rename(doomed)
             shutil.rmtree(doomed)
     dist.barrier()
     return final
+
+
+def _all_or_nothing(stage, tmp: Path, final: Path) -> None:
+    """Run one stage of a save on every rank; if it failed anywhere (OSError: a full disk,
+    permissions), remove the partial checkpoint and raise CheckpointWriteError on every rank,
+    instead of leaving the other ranks waiting at the next barrier."""
+    error = None
+    try:
+        stage()
+    except OSError as err:
+        error = err
+    if dist.vote_max([int(error is not None)])[0]:
+        if dist.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f"{error}" if error is not None else "on another rank"
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({where}); the partial checkpoint was removed "
+            f"and the previous ones are intact. Free disk space (or fix permissions) and run "
+            "the same command to resume."
+        )
 
 
 @contextlib.contextmanager

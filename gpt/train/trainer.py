@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from gpt import __version__
-from gpt.config import Config
+from gpt.config import Config, ConfigError
 from gpt.data.loader import TokenLoader
 from gpt.data.replay import ReplayLoader
 from gpt.data.tokenizer import get_tokenizer
@@ -36,8 +36,10 @@ from gpt.train.metrics import MetricsLog, flops_per_token, peak_flops, start_wan
 from gpt.train.optim import lr_at
 
 # Exit statuses (documented in train.py): 0 finished, 2 bad configuration or run directory in
-# use, 3 aborted after too many consecutive non-finite steps, 128 + N stopped by signal N.
+# use, 3 aborted after too many consecutive non-finite steps, 4 a checkpoint could not be
+# written (disk full), 128 + N stopped by signal N.
 NONFINITE_EXIT = 3
+CHECKPOINT_WRITE_EXIT = 4
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -102,17 +104,24 @@ class Trainer:
         """Continue from the latest usable checkpoint of ``out_dir`` (a damaged newest one is
         skipped with a warning naming the file); None when starting afresh. ConfigError if
         the checkpoint belongs to another model, data set or ZeRO world."""
+        damaged = []
         for path in reversed(ckpt.complete_checkpoints(self.out_dir)):
-            saved = ckpt.read_trainer_state(path)
-            ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
             try:
+                saved = ckpt.read_trainer_state(path)
+                ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
                 saved = ckpt.load_checkpoint(self.engine, path)
             except ckpt.CheckpointError as err:
+                damaged.append(str(err))
                 if dist.is_main():
                     print(f"train.py: warning: skipping checkpoint {path}: {err}", file=sys.stderr)
                 continue
             self.load_state_dict(saved)
             return path
+        if damaged:  # never start afresh over a run whose every checkpoint is unusable
+            raise ConfigError(
+                f"{self.out_dir}: no usable checkpoint ({'; '.join(damaged)}); restore one, or "
+                "move the checkpoints directory away to start afresh"
+            )
         return None
 
     def state_dict(self) -> dict:
