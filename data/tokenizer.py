@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Protocol
 from unittest import mock
 
 import numpy as np
@@ -26,6 +27,19 @@ from gpt.data.assets import cache_dir, pip_download
 from gpt.fileio import sha256_file, write_atomic
 
 EOT_TEXT = "<|endoftext|>"
+
+
+class Tokenizer(Protocol):
+    """What the trainer, the sampler and the evaluator need of a tokenizer."""
+
+    name: str
+    n_vocab: int  # every id is below it
+    eot: int  # the end-of-text id: documents are separated by it
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
 
 # name -> (PyPI distribution, member inside it, sha256 of the ranks file). The litellm wheel
 # ships tiktoken's files under the names tiktoken's own cache gives them (sha1 of the URL).
@@ -179,7 +193,7 @@ def _tiktoken_public_encoding(name: str) -> tiktoken.Encoding:
 _CACHE: dict[str, object] = {}
 
 
-def get_tokenizer(name: str = "gpt2") -> BytesTokenizer | TiktokenTokenizer:
+def get_tokenizer(name: str = "gpt2") -> Tokenizer:
     """The tokenizer called `name`: one of "gpt2", "cl100k_base", "o200k_base", "bytes".
 
     Never downloads: BPE ranks must already be in the cache (`python -m gpt.data.assets gpt2`).

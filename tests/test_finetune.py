@@ -267,3 +267,17 @@ def test_lora_under_zero_on_two_processes_matches_one(tmp_path, base, domain, da
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_interrupted_lora_run_resumes_exactly(tmp_path, base, domain, data_dir):
+    """Resuming loads the adapters and their optimizer state over a freshly loaded base."""
+    lora = dict(lora_rank=4, lora_alpha=8.0, lora_dropout=0.1)
+    path_a, out_a = finetune_config(tmp_path, "straight", base, domain, data_dir, **lora)
+    assert train.main([str(path_a)]) == 0
+    path_b, out_b = finetune_config(tmp_path, "resumed", base, domain, data_dir, **lora)
+    copy_run_at(out_a, out_b, 3)
+    assert train.main([str(path_b)]) == 0
+    assert losses(out_a) == losses(out_b)
+    a = load_file(latest_checkpoint(out_a) / "adapters" / "adapters.safetensors")
+    b = load_file(latest_checkpoint(out_b) / "adapters" / "adapters.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
