@@ -514,6 +514,71 @@ def config_help() -> str:
     return "\n".join(lines)
 
 
+def _range_text(meta: dict, key: str) -> str:
+    if key in CHOICES:
+        return " \\| ".join(CHOICES[key])
+    lo, hi = meta.get("min", meta.get("above")), meta.get("max", meta.get("below"))
+    if lo is None and hi is None:
+        return ""
+    left = ("[" if "min" in meta else "(") + f"{lo}" if lo is not None else "(-inf"
+    right = f"{hi}" + ("]" if "max" in meta else ")") if hi is not None else "inf)"
+    return f"{left}, {right}"
+
+
+SECTION_HELP = {
+    "model": "The network's shape and switches (gpt/model.py). With `train.init_from` the shape "
+    "comes from the checkpoint.",
+    "data": "The prepared data set (`python -m gpt.data.prepare`, docs/data.md).",
+    "train": "The run: steps, batch, evaluation, checkpoints, logging, precision.",
+    "optim": "AdamW and the learning-rate schedule (linear warmup, cosine decay).",
+    "finetune": "Adapting a model loaded with `train.init_from` (docs/finetune.md).",
+    "bench": "The trainer's benchmark mode (`--bench.steps=N`; docs/performance.md).",
+}
+
+
+def config_markdown() -> str:
+    """docs/configuration.md: every section and key with its type, default, valid range and
+    description (``python -m gpt.config > docs/configuration.md``; a test keeps it current)."""
+    out = [
+        "# Configuration reference",
+        "",
+        "Generated from `gpt/config.py` by `python -m gpt.config > docs/configuration.md`.",
+        "A run's config is a TOML file of these sections; any key can be overridden on the",
+        "command line as `--section.key=value` (a TOML value). Precedence: defaults < file <",
+        "command line. Every value is checked before any work: an unknown key, a wrong type or",
+        "a value outside its range exits with status 2 and a message naming the key. Relative",
+        "paths are relative to the directory `train.py` runs in.",
+        "",
+    ]
+    defaults = Config()
+    for section, cls in SECTION_TYPES.items():
+        out += [f"## [{section}]", "", SECTION_HELP[section], ""]
+        out += ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
+        for key, (tp, help) in _section_fields(section).items():
+            value = getattr(getattr(defaults, section), key)
+            default = "(none)" if value is None else f"`{_toml_value(value)}`"
+            meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+            cells = [
+                f"`{key}`",
+                _type_name(tp).replace("|", "or"),
+                default,
+                _range_text(meta, f"{section}.{key}"),
+                help.replace("|", "\\|"),
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    out += [
+        "## [deepspeed]",
+        "",
+        "Passed through to DeepSpeed's config, merged over what `gpt/train/engine.py` derives",
+        "(batch sizes, ZeRO stage, precision); `train_batch_size`,",
+        "`train_micro_batch_size_per_gpu` and `gradient_accumulation_steps` are derived and",
+        "refused here. Example: `--deepspeed.zero_optimization.stage=2`.",
+        "",
+    ]
+    return "\n".join(out)
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -564,3 +629,7 @@ def config_from_argv(argv: list[str], prog: str = "train.py") -> tuple[Path | No
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return path, cfg
+
+
+if __name__ == "__main__":
+    print(config_markdown(), end="")

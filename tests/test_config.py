@@ -262,3 +262,11 @@ def test_evaluation_on_an_empty_validation_split_is_refused(tmp_path, capsys):
     assert train.main([str(path), f"--train.out_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "split 'val' has 0 tokens" in err and "set train.eval_interval = 0" in err
+
+
+def test_the_configuration_reference_is_current():
+    """docs/configuration.md is generated from the dataclasses: regenerate it with
+    `python -m gpt.config > docs/configuration.md` when a key changes."""
+    from gpt.config import config_markdown
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == config_markdown()
