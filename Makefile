@@ -35,8 +35,9 @@ format: install
 	$(PY) -m ruff format .
 	$(PY) -m ruff check --fix .
 
+# Removes what `make install` and the tools built; never out/ (your runs and prepared data).
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
 
 # The vertical fine-tuning recipe (about 15 minutes on 2 CPU cores): pretrain a base on English
 # literature, fine-tune it to the Python documentation four ways (full, LoRA, frozen, replay)
