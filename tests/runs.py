@@ -83,11 +83,11 @@ def subprocess_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
 
-def run_script(args, **kwargs):
+def run_script(args, env: dict | None = None, **kwargs):
     return subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
-        env=subprocess_env(),
+        env=subprocess_env() if env is None else env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
