@@ -6,8 +6,11 @@ Every backend has the same signature::
 
 with q of shape (B, H, T, D) and k, v of shape (B, H_kv, S, D), where H is a multiple of
 H_kv (grouped-query attention, Ainslie et al. 2023: query head h reads key/value head
-h // (H // H_kv)). The output has q's shape. When ``causal`` is true, T must equal S and
-query i attends to keys 0..i. Attention-weight dropout is not part of the contract (the
+h // (H // H_kv)). The output has q's shape. When ``causal`` is true, T <= S and query i
+attends to keys 0..S - T + i: the mask is aligned to the bottom-right corner (FlashAttention-2's
+convention), the T queries being the last T of the S positions. T == S is the usual lower
+triangle (training, a prefill); T < S is a KV-cache step of T new tokens after S - T cached
+ones (one decoded token, a chunk of a long prompt, a query after a shared few-shot prefix). Attention-weight dropout is not part of the contract (the
 FlashAttention kernel has none); the model applies dropout to residual branches instead.
 
 Adding a backend is one call to ``register_attention`` with a loader that returns the
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.kernels.reference import check_shapes, naive_attention
+from gpt.kernels.reference import causal_mask, check_shapes, naive_attention
 
 AttentionFn = Callable[[Tensor, Tensor, Tensor, bool, float], Tensor]
 
@@ -77,6 +80,12 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale=N
     """PyTorch's fused scaled_dot_product_attention (flash / efficient / cuDNN / math)."""
     check_shapes(q, k, v, causal)
     gqa = q.shape[1] != k.shape[1]
+    T, S = q.shape[2], k.shape[2]
+    if causal and T != S and T > 1:  # is_causal aligns to the top-left corner: give the mask
+        mask = causal_mask(T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=gqa)
+    # one query after S keys sees all of them: no mask at all
+    causal = causal and T == S
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 

@@ -65,12 +65,14 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for decoding one token at a time.
+    """Keys and values of the positions seen so far, for decoding without recomputation.
 
     One (B, H_kv, S_max, D) buffer each for keys and values per layer, filled from position 0;
     ``length`` counts the filled positions and is advanced by ``GPT.forward``. Positions of new
-    tokens are offset by ``length``, so a prefill of T tokens followed by single tokens gives
-    the logits of a full recomputation (causal attention over the prefix)."""
+    tokens are offset by ``length`` and the T new tokens attend causally to the cached ones and
+    to each other (the bottom-right aligned mask of gpt/attention.py), so any split of a
+    sequence into chunks (a prefill, single tokens, a chunked prompt, a shared prefix followed
+    by several continuations) gives the logits of one full recomputation."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
         shape = (batch_size, cfg.kv_heads, cfg.block_size, cfg.n_embd // cfg.n_head)
@@ -85,6 +87,18 @@ class KVCache:
         self.keys[layer][:, :, self.length : end] = k
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def expand(self, batch_size: int) -> KVCache:
+        """A new cache of ``batch_size`` rows, each a copy of this one-row cache's positions:
+        a prefix computed once, continued by several sequences (e.g. the choices of a
+        multiple-choice question)."""
+        if self.keys[0].shape[0] != 1:
+            raise ValueError(f"expand copies a one-row cache, this one has {self.keys[0].shape[0]}")
+        new = KVCache.__new__(KVCache)
+        new.keys = [k.expand(batch_size, -1, -1, -1).clone() for k in self.keys]
+        new.values = [v.expand(batch_size, -1, -1, -1).clone() for v in self.values]
+        new.length = self.length
+        return new
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,8 +126,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(layer, k, v)  # (B, H_kv, S, D), S = cached + T
-        # a prefill (S == T) is causal; one new token may see every cached key
-        causal = k.shape[2] == T
+        # new tokens see the cached keys and the new ones up to themselves (bottom-right
+        # aligned when S > T); a single token sees every key, which needs no mask at all
+        causal = T > 1
         y = self.attend(q, k, v, causal, 1.0 / math.sqrt(self.head_dim))  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -223,15 +238,13 @@ class GPT(nn.Module):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean
         cross-entropy over the positions whose target is not -1. With ``kv_cache`` the tokens
         continue the cached ones (positions start at ``kv_cache.length``) and are appended to
-        it: an empty cache takes a whole prompt, a filled one a single token (T == 1)."""
+        it, any number at a time."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
         if start + T > self.cfg.block_size:
             raise ValueError(
                 f"sequence length {start + T} exceeds block_size {self.cfg.block_size}"
             )
-        if start > 0 and T != 1:
-            raise ValueError(f"a filled KV cache takes one token at a time, got {T}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.cfg.position_encoding == "learned":

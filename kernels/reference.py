@@ -22,8 +22,19 @@ def check_shapes(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> None:
         raise ValueError(
             f"query heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]})"
         )
-    if causal and q.shape[2] != k.shape[2]:
-        raise ValueError(f"causal attention needs T == S; got T={q.shape[2]}, S={k.shape[2]}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"causal attention needs T <= S (the queries are the last T of the S positions); "
+            f"got T={q.shape[2]}, S={k.shape[2]}"
+        )
+
+
+def causal_mask(T: int, S: int, device=None) -> Tensor:
+    """(T, S) bool, True where query i may see key j: j <= S - T + i. The mask is aligned to
+    the bottom-right corner (FlashAttention-2's convention): the T queries are the last T of
+    the S positions, so T == S is the usual lower triangle and a single query (T == 1) sees
+    every key."""
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:
@@ -49,10 +60,8 @@ def naive_attention(
     groups = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
-    if causal:
-        T = q.shape[2]
-        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        scores = scores.masked_fill(future, float("-inf"))
+    if causal:  # bottom-right aligned when T < S (check_shapes refuses T > S)
+        scores = scores.masked_fill(~causal_mask(q.shape[2], k.shape[2], q.device), float("-inf"))
     # softmax in float32 at least (as fused kernels do; float64 stays float64), then back
     weights = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
     weights = weights.to(q.dtype)
