@@ -5,7 +5,14 @@ import json
 
 import pytest
 
-from gpt.eval.tasks import Example, build_prompt, format_query, load_task, select_shots
+from gpt.eval.tasks import (
+    Example,
+    build_prompt,
+    find_task_files,
+    format_query,
+    load_task,
+    select_shots,
+)
 
 
 def write_jsonl(path, rows):
@@ -29,11 +36,12 @@ MC_ROWS = [
 def test_jsonl_multiple_choice_and_generative(tmp_path):
     task = load_task(write_jsonl(tmp_path / "mc.jsonl", [*MC_ROWS[:2], ""]))
     assert task.multiple_choice and task.name == "mc" and len(task.examples) == 2
-    assert task.examples[1] == Example("3+3", choices=["7", "6"], correct=[1])
+    assert task.examples[1] == Example("3+3", choices=["7", "6"], scores=[0.0, 1.0])
+    assert task.examples[1].correct == [1] and task.metrics == ["multiple_choice_grade"]
     assert task.examples[1].answer == "6"
     rows = [{"input": "capital of France", "target": "Paris"}, {"input": "x", "target": ["a", "b"]}]
     task = load_task(write_jsonl(tmp_path / "gen.jsonl", rows))
-    assert not task.multiple_choice
+    assert not task.multiple_choice and task.metrics == ["exact_str_match"]
     assert task.examples[1].targets == ["a", "b"] and task.examples[1].answer == "a"
 
 
@@ -69,12 +77,15 @@ def test_bigbench_prefixes_and_defaults(tmp_path):
     task = load_task(write_json(tmp_path / "cause" / "task.json", data))
     assert task.name == "cause" and task.multiple_choice
     assert task.examples[1].correct == [1, 2] and task.examples[1].choices == ["wet", "dry", "warm"]
+    # listed as BIG-bench does: sorted, then shuffled by a generator seeded with the index
+    assert task.examples[0].listed == ["dry", "wet"]  # random.Random(0) on sorted choices
+    assert task.examples[1].listed == ["warm", "wet", "dry"]  # random.Random(1)
     prompt = build_prompt(task, task.examples[1], [task.examples[0]])
     assert prompt == (
         "Pick the effect.\n"
-        "\nIn: rain\n  choice: wet\n  choice: dry\nOut: wet"
+        "\nIn: rain\n  choice: dry\n  choice: wet\nOut: wet"
         "\n"
-        "\nIn: sun\n  choice: wet\n  choice: dry\n  choice: warm\nOut: "
+        "\nIn: sun\n  choice: warm\n  choice: wet\n  choice: dry\nOut: "
     )
     data = {"append_choices_to_input": False, "examples": data["examples"]}
     task = load_task(write_json(tmp_path / "plain.json", data))
@@ -97,9 +108,13 @@ def test_shots_are_deterministic_and_never_the_query(tmp_path):
         shots = select_shots(task, 5, seed=0, query=query)
         assert shots == select_shots(task, 5, seed=0, query=query)
         assert len(shots) == 5 and len({id(s) for s in shots}) == 5  # distinct examples
-        assert all(s.input != rows[query]["input"] for s in shots)
-        query_text = format_query(task, task.examples[query])
-        assert query_text not in build_prompt(task, task.examples[query], shots)[: -len(query_text)]
+        assert all(s is not task.examples[query] and s != task.examples[query] for s in shots)
+        if rows[query]["input"] != "q3":  # q3 has a twin with another answer: a fair shot
+            query_text = format_query(task, task.examples[query])
+            prompt = build_prompt(task, task.examples[query], shots)
+            assert query_text not in prompt[: -len(query_text)]
+    twins = [select_shots(task, 11, seed, 3) for seed in range(5)]
+    assert any(task.examples[12] in shots for shots in twins)  # same input, other answer
     picks = {tuple(s.input for s in select_shots(task, 5, seed, 0)) for seed in range(10)}
     assert len(picks) > 1  # the seed chooses
     outside = Example("q7")  # a query from --prompt that happens to be in the task
@@ -147,7 +162,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, lines, match):
         ([1, 2], r"task\.json: needs a non-empty \"examples\" list"),
         (
             {"examples": [{"input": "a", "target_scores": {"x": 1, "y": 0}}, {"input": "b"}]},
-            r"task\.json, example 1: \"target_scores\" must map",
+            r"task\.json, example 1: \"target_scores\" must map at least one choice",
         ),
         (
             {"examples": [{"input": "a", "target_scores": {"x": 1, "y": "high"}}]},
@@ -155,7 +170,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, lines, match):
         ),
         (
             {"examples": [{"input": "a", "target": "b"}, {"input": "c"}]},
-            r"example 1: needs \"target\"",
+            r"example 1: needs \"target\" \(the task is scored by generation\)",
         ),
         (
             {"examples": [{"input": 5, "target": "b"}]},
@@ -188,3 +203,93 @@ def test_file_and_option_errors(tmp_path):
         select_shots(task, 4, 0, 0)
     with pytest.raises(ValueError, match="--shots must be >= 0"):
         select_shots(task, -1, 0, 0)
+
+
+def test_jsonl_and_bigbench_metric_settings(tmp_path):
+    data = {
+        "metrics": ["exact_str_match", "bleu", "multiple_choice_grade"],
+        "stop_string": ".",
+        "examples": [
+            {"input": "a", "target": "x", "target_scores": {"x": 1, "y": 0}},
+            {"input": "b", "target": ["y", "z"], "target_scores": {"x": 0, "y": 1}},
+        ],
+    }
+    task = load_task(write_json(tmp_path / "both.json", data))
+    assert task.multiple_choice and task.metrics == ["exact_str_match", "multiple_choice_grade"]
+    assert task.unimplemented == ["bleu"]
+    assert task.stop_string == "." and task.output_regex is None  # a stop string: no regex
+    data = {"metrics": ["rouge", "bleu"], "examples": [{"input": "a", "target": "b"}]}
+    task = load_task(write_json(tmp_path / "rouge.json", data))
+    assert task.metrics == [] and task.unimplemented == ["rouge", "bleu"]
+    data = {"metrics": ["exact_str_match"], "examples": [{"input": "a", "target": "b"}]}
+    task = load_task(write_json(tmp_path / "gen.json", data))
+    assert task.output_regex == r"[^\.\?\!\;\n]+" and task.stop_string is None  # the default
+
+
+def test_empty_inputs_still_give_shots_and_duplicates_are_dropped(tmp_path):
+    """cause_and_effect/one_sentence: every input is empty, the choices carry the content."""
+    examples = [{"input": "", "target_scores": {f"c{i}": 1, f"e{i}": 0}} for i in range(4)]
+    examples.append(dict(examples[0]))  # an exact copy: dropped, as BIG-bench does
+    task = load_task(write_json(tmp_path / "empty.json", {"examples": examples}))
+    assert len(task.examples) == 4
+    for query in range(4):
+        shots = select_shots(task, 3, seed=1, query=query)
+        assert len(shots) == 3 and task.examples[query] not in shots
+    with pytest.raises(ValueError, match=r"--shots 4 needs 4 examples besides the query; .*has 3"):
+        select_shots(task, 4, 1, 0)
+
+
+def test_same_input_other_answer_is_a_fair_shot_but_an_exact_copy_is_not(tmp_path):
+    rows = [
+        {"input": "q", "target": "a"},
+        {"input": "q", "target": "b"},
+        {"input": "r", "target": "c"},
+    ]
+    task = load_task(write_jsonl(tmp_path / "g.jsonl", [*rows, rows[0]]))  # JSONL keeps copies
+    assert len(task.examples) == 4
+    assert {s.answer for s in select_shots(task, 2, 0, 0)} == {"b", "c"}  # never index 0, 3
+    with pytest.raises(ValueError, match="has 2"):
+        select_shots(task, 3, 0, 0)
+
+
+def test_fractional_scores_several_right_choices_and_lists_of_targets(tmp_path):
+    data = {
+        "task_prefix": "Rate it.",
+        "few_shot_example_separator": "\n###",
+        "choice_prefix": " | ",
+        "example_input_prefix": "In: ",
+        "example_output_prefix": " Out:",
+        "examples": [
+            {"input": "good", "target_scores": {"a": 0.25, "b": 1.0, "c": 1.0, "d": 0.0}},
+            {"input": "bad {choices}", "target_scores": {"a": 1, "b": 0}, "target": ["b", "a"]},
+        ],
+    }
+    task = load_task(write_json(tmp_path / "frac.json", data))
+    good, bad = task.examples
+    assert good.scores == [0.25, 1.0, 1.0, 0.0] and good.correct == [1, 2] and good.answer == "b"
+    assert bad.answer == "b"  # a "target" beside the target_scores is what demonstrations show
+    prompt = build_prompt(task, bad, [good])
+    listing = "".join(" | " + c for c in good.listed)
+    assert bad.listed == ["b", "a"]  # random.Random(1).shuffle(["a", "b"])
+    assert prompt == f"Rate it.In: good{listing} Out:b\n###In: bad {{choices}} | b | a Out:"
+
+
+def test_subtasks_are_found_and_a_container_names_them(tmp_path):
+    root = tmp_path / "suite"
+    write_json(tmp_path / "lone.json", {"examples": [{"input": "a", "target": "b"}]})
+    (root / "parent" / "one").mkdir(parents=True)
+    (root / "parent" / "two").mkdir()
+    write_json(root / "parent" / "task.json", {"name": "parent", "metrics": []})
+    for sub in ("one", "two"):
+        write_json(root / "parent" / sub / "task.json", {"examples": [{"input": "a", "target": "b"}]})
+    write_jsonl(root / "extra.jsonl", [{"input": "a", "target": "b"}])
+    found = find_task_files(str(root))
+    assert [str(p.relative_to(root)) for p in found] == [
+        "extra.jsonl", "parent/one/task.json", "parent/task.json", "parent/two/task.json",
+    ]  # fmt: skip
+    assert load_task(root / "parent" / "one" / "task.json").name == "parent:one"
+    with pytest.raises(ValueError, match=r"parent/task\.json: a container task .*\(one, two\)"):
+        load_task(root / "parent" / "task.json")
+    assert find_task_files(str(root / "**" / "t*.json")) == found[1:]
+    with pytest.raises(ValueError, match=r"--eval .*nothing\*: no task files"):
+        find_task_files(str(tmp_path / "nothing*"))

@@ -1,27 +1,43 @@
-"""In-context evaluation: score a task's examples with a few-shot prompt.
+"""In-context evaluation: score a task's examples with a few-shot prompt, as BIG-bench defines
+its metrics (Srivastava et al. 2022, ``bigbench/api/task_metrics.py``; our own code).
 
-Multiple choice is scored as in GPT-3 (Brown et al. 2020) and lm-evaluation-harness: each
-choice's log-likelihood given the prompt, log p(choice | prompt) = sum over the choice's
-tokens of log p(token | everything before it); the prediction is the most likely choice
-(``accuracy``) or the most likely per UTF-8 byte of the choice (``accuracy_norm``, which
-removes the bias towards short choices). The prompt and the choice are tokenized separately,
-with the prompt's trailing spaces moved to the start of the choice, so that " Paris" is one
-GPT-2 token as in running text. Generative examples are decoded greedily up to a stop string
-and scored by exact match after stripping whitespace; the targets' log-likelihoods are
-recorded too. All (prompt, continuation) pairs are scored in padded batches.
+Multiple choice: each choice's log-likelihood given the prompt, log p(choice | prompt) = sum
+over the choice's tokens of log p(token | everything before it). The prediction is the most
+likely choice, and ``multiple_choice_grade`` is the mean of the predicted choice's
+``target_scores`` value: 1 for a right choice (any of several right ones), 0 for a wrong one,
+the fraction itself for a fractional score. Its chance level is the mean over examples of
+sum(scores) / len(scores). ``multiple_choice_grade_per_byte`` ranks choices by log-likelihood
+per UTF-8 byte instead (lm-evaluation-harness's acc_norm; it removes the bias towards short
+choices). The prompt's trailing spaces are moved to the start of each choice, so that
+" Paris" is one GPT-2 token as in running text.
+
+Generation: greedy decoding from the prompt (trailing spaces moved the same way), then the
+task's normalisation: BIG-bench's output is cut after its ``stop_string`` and reduced to the
+first match of its ``output_regex`` (an empty string if none), and ``exact_str_match`` asks
+for that string to be one of the targets exactly (``case_insensitive_str_match``: after
+lower-casing and stripping both); our JSONL tasks stop at a newline and compare stripped
+strings. The first target's log-likelihood is recorded too.
+
+Speed: the prompt shared by the choices of a question is run once; its keys and values are
+copied into a KV cache of one row per choice and the choices run as one batch after it
+(gpt.model.KVCache.expand), and the LM head only sees the positions whose next-token
+probabilities are needed.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import re
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
-from gpt.eval.tasks import Task, build_prompt, select_shots
+from gpt.eval.tasks import Example, Task, build_prompt, select_shots
 from gpt.generate import sample_texts
-from gpt.model import GPT
+from gpt.model import GPT, KVCache
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -36,42 +52,130 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     return ctx, cont
 
 
+class _HeadAt(torch.nn.Module):
+    """The model's LM head applied at chosen positions only (all when ``positions`` is None):
+    a prompt's other positions need no 50,257-way logits."""
+
+    def __init__(self, head: torch.nn.Module):
+        super().__init__()
+        self.head, self.positions = head, None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x if self.positions is None else x[:, self.positions])
+
+
+@contextmanager
+def _head_at(model: GPT):
+    head = model.lm_head
+    wrapper = _HeadAt(head)
+    model.lm_head = wrapper
+    try:
+        yield wrapper
+    finally:
+        model.lm_head = head
+
+
+def _log_softmax(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """log p over the ids the tokenizer can decode: a padded vocabulary's extra ids are out."""
+    logits = logits.float()
+    if vocab_size is not None and vocab_size < logits.shape[-1]:
+        logits = logits[..., :vocab_size]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _score_group(model, head: _HeadAt, ctx: list[int], conts: list[list[int]], vocab_size):
+    """log p(cont | ctx) for continuations sharing one context: the context runs once."""
+    block, longest = model.cfg.block_size, max(len(c) for c in conts)
+    ctx = ctx[-(block + 1 - longest) :]  # the last continuation token is a target only
+    device = next(model.parameters()).device
+    cache = KVCache(model.cfg, 1, device=device, dtype=next(model.parameters()).dtype)
+    head.positions = [-1]
+    last = model(torch.tensor([ctx], device=device), kv_cache=cache)  # (1, 1, V)
+    first = _log_softmax(last[0, -1], vocab_size).cpu()  # (V,)
+    out = [first[c[0]].double().item() for c in conts]
+    if longest == 1:
+        return out
+    head.positions = None
+    idx = torch.zeros(len(conts), longest - 1, dtype=torch.long)
+    targets = torch.zeros(len(conts), longest - 1, dtype=torch.long)
+    for b, c in enumerate(conts):  # right padding: causal attention never looks at it
+        idx[b, : len(c) - 1] = torch.tensor(c[:-1])
+        targets[b, : len(c) - 1] = torch.tensor(c[1:])
+    logits = model(idx.to(device), kv_cache=cache.expand(len(conts)))  # (C, L - 1, V)
+    logp = _log_softmax(logits, vocab_size)
+    picked = logp.gather(-1, targets.to(device)[..., None])[..., 0].double().cpu()  # (C, L - 1)
+    return [out[b] + picked[b, : len(c) - 1].sum().item() for b, c in enumerate(conts)]
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model: GPT,
     pairs: Sequence[tuple[list[int], list[int]]],
     batch_size: int = 16,
     progress: bool = False,
+    vocab_size: int | None = None,
 ) -> list[float]:
-    """log p(continuation | context) in nats for each (context ids, continuation ids) pair.
-    A context that does not fit is cut from the left to the last block_size + 1 tokens."""
+    """log p(continuation | context) in nats for each (context ids, continuation ids) pair,
+    over the first ``vocab_size`` ids (default: all). Pairs with the same context share one
+    run of it, their continuations batched ``batch_size`` at a time. A context that does not
+    fit is cut from the left to block_size + 1 - (longest continuation of its batch) tokens."""
     block = model.cfg.block_size
-    rows = []
-    for ctx, cont in pairs:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont or len(cont) > block:
             raise ValueError(
                 f"need a non-empty context and 1..{block} continuation tokens "
                 f"(block_size), got {len(ctx)} and {len(cont)}"
             )
-        rows.append(((ctx + cont)[-(block + 1) :], len(cont)))
-    device = next(model.parameters()).device
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
-    out = [0.0] * len(rows)
-    starts = range(0, len(order), batch_size)
-    for start in tqdm(starts, desc="scoring", unit="batch", disable=not progress, leave=False):
-        batch = [rows[i] for i in order[start : start + batch_size]]
-        width = max(len(seq) for seq, _ in batch) - 1
-        idx = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.zeros(len(batch), width, dtype=torch.long)
-        for b, (seq, _) in enumerate(batch):  # right padding: causal attention never sees it
-            idx[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-            targets[b, : len(seq) - 1] = torch.tensor(seq[1:])
-        logp = torch.log_softmax(model(idx.to(device)).float(), dim=-1)  # (B, T, V)
-        picked = logp.gather(-1, targets.to(device)[..., None])[..., 0].cpu()  # (B, T)
-        for b, (seq, n_cont) in enumerate(batch):
-            end = len(seq) - 1  # the continuation's tokens are the last n_cont targets
-            out[order[start + b]] = picked[b, end - n_cont : end].double().sum().item()
+        groups.setdefault(tuple(ctx), []).append(i)
+    out = [0.0] * len(pairs)
+    with _head_at(model) as head:
+        for ctx, members in tqdm(groups.items(), disable=not progress, leave=False):
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                conts = [pairs[i][1] for i in chunk]
+                for i, lp in zip(chunk, _score_group(model, head, list(ctx), conts, vocab_size)):
+                    out[i] = lp
     return out
+
+
+def query_indices(task: Task, seed: int, limit: int | None) -> list[int]:
+    """The examples to score: all, or ``limit`` of them drawn by a seeded generator (as
+    BIG-bench's max_examples; task files are often sorted by answer), in file order."""
+    n = len(task.examples)
+    if limit is not None and limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {limit}")
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(f"{seed}:queries").sample(range(n), limit))
+
+
+def prepare_prompts(task: Task, shots: int, seed: int, queries: list[int]) -> list[str]:
+    """The prompt of each query; raises (before any model work) if shots cannot be drawn."""
+    return [build_prompt(task, task.examples[i], select_shots(task, shots, seed, i)) for i in queries]
+
+
+def normalise_output(task: Task, text: str) -> str:
+    """BIG-bench's post-processing: cut after the stop string, then the first regex match."""
+    if task.stop_string:
+        cut = text.find(task.stop_string)
+        if cut >= 0:
+            text = text[: cut + len(task.stop_string)]
+    if task.output_regex is not None:
+        match = re.search(task.output_regex, text)
+        if match is None:
+            return ""
+        # as re.findall: the one group's text if the pattern has exactly one group
+        text = match.group(1 if re.compile(task.output_regex).groups == 1 else 0) or ""
+    return text
+
+
+def _string_match(task: Task, metric: str, output: str, targets: list[str]) -> bool:
+    if task.strip:
+        return output.strip() in {t.strip() for t in targets}
+    if metric == "case_insensitive_str_match":
+        return output.strip().lower() in {t.strip().lower() for t in targets}
+    return output in targets
 
 
 def evaluate_task(
@@ -83,123 +187,150 @@ def evaluate_task(
     limit: int | None = None,
     batch_size: int = 16,
     max_new_tokens: int | None = None,
-    stops: Sequence[str] = ("\n",),
+    stops: Sequence[str] | None = None,
     progress: bool = True,
+    prompts: list[str] | None = None,
 ) -> dict:
-    """Score the first ``limit`` examples of ``task`` with ``shots`` demonstrations each; a
-    JSON-serialisable dict with the summary figures and one record per example."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+    """Score ``limit`` examples of ``task`` (all by default) with ``shots`` demonstrations
+    each; a JSON-serialisable dict with the metrics and one record per example. ``stops``
+    replaces the stop strings of generation (default: the task's; a newline for JSONL);
+    ``prompts`` are those of ``prepare_prompts``, if already built."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    queries = query_indices(task, seed, limit)
+    if prompts is None:
+        prompts = prepare_prompts(task, shots, seed, queries)
+    examples = [task.examples[i] for i in queries]
     was_training = model.training
     model.eval()
+    records = [{"index": i} for i in queries]
+    metrics: dict[str, float] = {}
     try:
-        examples = task.examples[:limit]
-        prompts = [
-            build_prompt(task, ex, select_shots(task, shots, seed, i))
-            for i, ex in enumerate(examples)
-        ]
         if task.multiple_choice:
-            records = _score_choices(model, tokenizer, examples, prompts, batch_size, progress)
-        else:
-            records = _score_generation(
-                model, tokenizer, examples, prompts, batch_size, max_new_tokens, stops, progress
-            )
+            metrics |= _score_choices(model, tokenizer, examples, prompts, batch_size, records)
+        if any(m != "multiple_choice_grade" for m in task.metrics):
+            metrics |= _score_generation(
+                model, tokenizer, task, examples, prompts, batch_size, max_new_tokens, stops,
+                progress, records,
+            )  # fmt: skip
     finally:
         model.train(was_training)
-    n = len(records)
+    kinds = ["multiple_choice"] if task.multiple_choice else []
+    kinds += ["generative"] if any(m != "multiple_choice_grade" for m in task.metrics) else []
     summary = {
         "task": task.name,
         "path": str(task.path),
-        "kind": "multiple_choice" if task.multiple_choice else "generative",
+        "kind": "+".join(kinds),
         "shots": shots,
         "seed": seed,
-        "examples": n,
-        "accuracy": sum(r["correct"] for r in records) / n,
+        "examples": len(records),
+        "metrics": {m: metrics[m] for m in task.metrics},
+        "accuracy": metrics[task.metrics[0]],  # the task's first (preferred) metric
     }
     if task.multiple_choice:
-        summary["accuracy_norm"] = sum(r["correct_norm"] for r in records) / n
-        summary["chance"] = sum(len(e.correct) / len(e.choices) for e in examples) / n
+        summary["accuracy_norm"] = metrics["multiple_choice_grade_per_byte"]
+        summary["chance"] = sum(sum(e.scores) / len(e.scores) for e in examples) / len(examples)
+    if task.unimplemented:
+        summary["not_implemented"] = task.unimplemented
     return {**summary, "records": records}
 
 
-def _score_choices(model, tokenizer, examples, prompts, batch_size, progress) -> list[dict]:
+def _score_choices(model, tokenizer, examples, prompts, batch_size, records) -> dict:
     pairs, owner = [], []
     for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True)):
         for choice in ex.choices:
             pairs.append(encode_pair(tokenizer, prompt, choice))
             owner.append(i)
-    logprobs = continuation_logprobs(model, pairs, batch_size, progress)
-    records = []
-    for i, ex in enumerate(examples):
-        lp = [x for x, o in zip(logprobs, owner, strict=True) if o == i]
+    logprobs = continuation_logprobs(model, pairs, batch_size, vocab_size=tokenizer.n_vocab)
+    per_example: list[list[float]] = [[] for _ in examples]
+    for lp, i in zip(logprobs, owner, strict=True):
+        per_example[i].append(lp)
+    grade = grade_norm = 0.0
+    for record, ex, lp in zip(records, examples, per_example, strict=True):
         per_byte = [x / max(1, len(c.encode("utf-8"))) for x, c in zip(lp, ex.choices, strict=True)]
-        pred = max(range(len(lp)), key=lp.__getitem__)
+        pred = max(range(len(lp)), key=lp.__getitem__)  # ties: the first
         pred_norm = max(range(len(lp)), key=per_byte.__getitem__)
-        records.append(
-            {
-                "index": i,
-                "choices": ex.choices,
-                "answers": ex.correct,
-                "logprobs": lp,
-                "predicted": pred,
-                "predicted_norm": pred_norm,
-                "correct": pred in ex.correct,
-                "correct_norm": pred_norm in ex.correct,
-            }
+        grade, grade_norm = grade + ex.scores[pred], grade_norm + ex.scores[pred_norm]
+        record.update(
+            choices=ex.choices,
+            scores=ex.scores,
+            answers=ex.correct,
+            logprobs=lp,
+            predicted=pred,
+            predicted_norm=pred_norm,
+            correct=pred in ex.correct,
+            correct_norm=pred_norm in ex.correct,
         )
-    return records
+    n = len(examples)
+    return {"multiple_choice_grade": grade / n, "multiple_choice_grade_per_byte": grade_norm / n}
 
 
 def _score_generation(
-    model, tokenizer, examples, prompts, batch_size, max_new_tokens, stops, progress
-) -> list[dict]:
+    model, tokenizer, task, examples, prompts, batch_size, max_new_tokens, stops, progress,
+    records,
+) -> dict:  # fmt: skip
     block = model.cfg.block_size
     pairs = [
         encode_pair(tokenizer, p, ex.targets[0]) for ex, p in zip(examples, prompts, strict=True)
     ]
-    logprobs = continuation_logprobs(model, pairs, batch_size, progress)
-    records = []
+    logprobs = continuation_logprobs(model, pairs, batch_size, vocab_size=tokenizer.n_vocab)
+    if stops is None:
+        stops = ("\n",) if task.strip else tuple(s for s in [task.stop_string] if s)
+    names = [m for m in task.metrics if m != "multiple_choice_grade"]
+    hits = dict.fromkeys(names, 0)
     bar = tqdm(examples, desc="generating", unit="example", disable=not progress, leave=False)
-    for i, (ex, prompt) in enumerate(zip(bar, prompts, strict=True)):
+    for record, ex, prompt, lp in zip(records, bar, prompts, logprobs, strict=True):
         new = max_new_tokens
         if new is None:  # room for the longest target, and a little more
             new = max(len(tokenizer.encode(t)) for t in ex.targets) + 4
-        ids = (tokenizer.encode(prompt) or [tokenizer.eot])[-(block - 1) :]
-        output = sample_texts(model, tokenizer, ids, 1, new, temperature=0.0, stops=stops)[0]
-        records.append(
-            {
-                "index": i,
-                "targets": ex.targets,
-                "output": output,
-                "target_logprob": logprobs[i],
-                "correct": output.strip() in {t.strip() for t in ex.targets},
-            }
-        )
-    return records
+        stripped = prompt.rstrip(" ")  # its trailing spaces are the output's to write
+        moved = prompt[len(stripped) :]
+        ids = (tokenizer.encode(stripped) or [tokenizer.eot])[-(block - 1) :]
+        raw = sample_texts(model, tokenizer, ids, 1, new, temperature=0.0, stops=stops)[0]
+        raw = raw[len(moved) :] if raw.startswith(moved) else raw
+        output = raw.strip() if task.strip else normalise_output(task, raw)
+        record.update(targets=ex.targets, raw_output=raw, output=output, target_logprob=lp)
+        for name in names:
+            hit = _string_match(task, name, output, ex.targets)
+            hits[name] += hit
+            record[name] = hit
+        record["correct"] = record[names[0]]
+    return {name: count / len(examples) for name, count in hits.items()}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+
+
+def format_table(rows: list[dict]) -> str:
+    """A text table, one line per (task, shots, metric) of evaluated results (``evaluate_task``
+    dicts): task, kind, shots, examples, metric, value, chance."""
+    head = ("task", "kind", "shots", "examples", "metric", "value", "chance")
+    lines = [head]
+    for r in rows:
+        for metric, value in r["metrics"].items():
+            kind = "multiple_choice" if metric == "multiple_choice_grade" else "generative"
+            chance = r.get("chance") if kind == "multiple_choice" else None
+            cells = (r["task"], kind, str(r["shots"]), str(r["examples"]), metric, _pct(value))
+            lines.append((*cells, _pct(chance)))
+    widths = [max(len(line[c]) for line in lines) for c in range(len(head))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
 
 
 def format_summary(results: dict) -> str:
-    """A one-row table: task, kind, shots, examples, accuracy, accuracy_norm, chance."""
+    """The table of one ``evaluate_task`` result."""
+    return format_table([results])
 
-    def pct(key: str) -> str:
-        value = results.get(key)
-        return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
 
-    head = ("task", "kind", "shots", "examples", "accuracy", "acc_norm", "chance")
-    row = (
-        results["task"],
-        results["kind"],
-        str(results["shots"]),
-        str(results["examples"]),
-        pct("accuracy"),
-        pct("accuracy_norm"),
-        pct("chance"),
-    )
-    widths = [max(len(a), len(b)) for a, b in zip(head, row, strict=True)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
-        for cells in (head, row)
-    ]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), lines[1]])
+__all__ = [
+    "Example",
+    "continuation_logprobs",
+    "encode_pair",
+    "evaluate_task",
+    "format_summary",
+    "format_table",
+    "normalise_output",
+    "prepare_prompts",
+    "query_indices",
+]

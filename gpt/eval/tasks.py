@@ -5,23 +5,32 @@ Two task formats are read:
 - JSONL, one example per line: ``{"input": ..., "target": ...}`` (generative; ``target`` may
   be a list of acceptable answers) or ``{"input": ..., "choices": [...], "answer": ...}``
   (multiple choice; ``answer`` is the index of the right choice or its text).
-- BIG-bench ``task.json`` (Srivastava et al. 2022): ``{"examples": [...]}`` where each example
-  has ``input`` and either ``target_scores`` (multiple choice: the highest-scoring choices are
-  right) or ``target`` (generative). ``task_prefix``, ``example_input_prefix``,
-  ``example_output_prefix``, ``choice_prefix``, ``append_choices_to_input`` and
-  ``few_shot_example_separator`` are honoured, with BIG-bench's defaults.
+- BIG-bench ``task.json`` (Srivastava et al. 2022): ``{"examples": [...], "metrics": [...]}``
+  where each example has ``input`` and ``target_scores`` (multiple choice: a score per
+  choice, the highest-scoring choices are right, fractional scores count as partial credit)
+  and/or ``target`` (generative: a string or a list of acceptable strings). ``task_prefix``,
+  ``example_input_prefix``, ``example_output_prefix``, ``choice_prefix``,
+  ``append_choices_to_input``, ``few_shot_example_separator``, ``stop_string`` and
+  ``output_regex`` are honoured with BIG-bench's defaults (``bigbench/api/json_task.py``).
+  A ``task.json`` without examples is a container whose subtasks sit in subdirectories.
 
 A prompt is ``prefix + separator.join(demonstrations + [query])``: each demonstration is the
 template filled with an example followed by its answer, the query is the template alone, so
-the model continues with the answer. K demonstrations are drawn from the task's other
-examples by a generator seeded with (seed, query index): deterministic, never the query.
+the model continues with the answer. As in BIG-bench, the choices listed in a multiple-choice
+prompt are sorted and then shuffled (the files often list the right one first), the same way
+for an example wherever it appears. K demonstrations are drawn from the task's other examples
+by a generator seeded with (seed, query index): deterministic, never the query itself (by
+index) nor an exact copy of it; an example with the query's input but another answer may be
+drawn (some tasks, e.g. cause_and_effect/one_sentence, have an empty input everywhere).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,34 +39,65 @@ BIGBENCH_INPUT_PREFIX = "\nQ: "
 BIGBENCH_OUTPUT_PREFIX = "\nA: "
 BIGBENCH_CHOICE_PREFIX = "\n  choice: "
 BIGBENCH_SEPARATOR = "\n"
+BIGBENCH_OUTPUT_REGEX = r"[^\.\?\!\;\n]+"  # used when a task gives neither regex nor stop string
+
+# the metrics scored here; a task's others are listed as not implemented
+MULTIPLE_CHOICE_METRICS = ("multiple_choice_grade",)
+GENERATIVE_METRICS = ("exact_str_match", "case_insensitive_str_match")
+IMPLEMENTED_METRICS = MULTIPLE_CHOICE_METRICS + GENERATIVE_METRICS
 
 
 @dataclass
 class Example:
     input: str
     targets: list[str] = field(default_factory=list)  # generative: acceptable answers
-    choices: list[str] = field(default_factory=list)  # multiple choice: candidate answers
-    correct: list[int] = field(default_factory=list)  # multiple choice: indices of right ones
+    choices: list[str] = field(default_factory=list)  # multiple choice: candidates, file order
+    scores: list[float] = field(default_factory=list)  # multiple choice: score of each choice
+    listed: list[str] | None = None  # the order the prompt lists the choices in (None: choices)
+
+    @property
+    def correct(self) -> list[int]:
+        """Indices of the right choices: those with the highest score."""
+        best = max(self.scores, default=None)
+        return [i for i, s in enumerate(self.scores) if s == best]
 
     @property
     def answer(self) -> str:
-        """The answer a demonstration shows: the first right choice, or the first target."""
-        return self.choices[self.correct[0]] if self.choices else self.targets[0]
+        """The answer a demonstration shows: the first target, else the first right choice."""
+        return self.targets[0] if self.targets else self.choices[self.correct[0]]
 
 
 @dataclass
 class Task:
     path: Path
     examples: list[Example]
-    multiple_choice: bool
+    multiple_choice: bool  # scored by choice log-likelihoods (else by generation)
     template: str = "Q: {input}\nA: "  # {input}: the example's input; {choices}: its choices
     separator: str = "\n\n"  # between demonstrations and before the query
     prefix: str = ""  # before the first demonstration (BIG-bench's task_prefix)
     choice_prefix: str = BIGBENCH_CHOICE_PREFIX  # before each choice where {choices} stands
+    metrics: list[str] | None = None  # implemented metrics to compute (None: the kind's)
+    unimplemented: list[str] = field(default_factory=list)  # the file's other metrics
+    stop_string: str | None = None  # generation: cut after this string (BIG-bench)
+    output_regex: str | None = None  # generation: the answer is the first match (BIG-bench)
+    strip: bool = False  # generation: compare stripped strings (our JSONL convention)
+    name: str = ""
 
-    @property
-    def name(self) -> str:
-        return self.path.parent.name if self.path.name == "task.json" else self.path.stem
+    def __post_init__(self):
+        if not self.name:
+            self.name = task_name(self.path)
+        if self.metrics is None:
+            self.metrics = ["multiple_choice_grade" if self.multiple_choice else "exact_str_match"]
+
+
+def task_name(path: Path) -> str:
+    """``task`` for .../task/task.json, ``task:subtask`` for a subtask (BIG-bench's naming),
+    the file's stem for a .jsonl."""
+    if path.name != "task.json":
+        return path.stem
+    if (path.parent.parent / "task.json").is_file():
+        return f"{path.parent.parent.name}:{path.parent.name}"
+    return path.parent.name
 
 
 def _fail(where: str, what: str):
@@ -86,30 +126,34 @@ def _jsonl_example(obj, where: str) -> Example:
             _fail(where, f'"answer" must be a choice index or one of the choices, got {answer!r}')
         if not 0 <= answer < len(choices):
             _fail(where, f'"answer" {answer} is not an index of the {len(choices)} choices')
-        return Example(obj["input"], choices=choices, correct=[answer])
+        scores = [float(i == answer) for i in range(len(choices))]
+        return Example(obj["input"], choices=choices, scores=scores)
     if "target" in obj:
         return Example(obj["input"], targets=_string_list(obj["target"], where, "target"))
     _fail(where, 'needs "target" (generative) or "choices" and "answer" (multiple choice)')
 
 
-def _bigbench_example(obj, where: str, multiple_choice: bool) -> Example:
+def _bigbench_example(obj, where: str, index: int, needs_choices: bool, needs_target: bool):
     if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
         _fail(where, 'expected an object with a string "input"')
-    if not multiple_choice:
-        if "target" not in obj:
-            _fail(where, 'needs "target" (the task\'s first example is generative)')
-        return Example(obj["input"], targets=_string_list(obj["target"], where, "target"))
+    example = Example(obj["input"])
+    if "target" in obj:
+        example.targets = _string_list(obj["target"], where, "target")
+    elif needs_target:
+        _fail(where, 'needs "target" (the task is scored by generation)')
     scores = obj.get("target_scores")
-    if not isinstance(scores, dict) or len(scores) < 2:
-        _fail(where, '"target_scores" must map at least 2 choices to scores')
+    if scores is None and not needs_choices:
+        return example
+    if not isinstance(scores, dict) or not scores:
+        _fail(where, '"target_scores" must map at least one choice to a score')
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores.values()):
         _fail(where, f'"target_scores" values must be numbers, got {scores!r}')
-    choices, best = list(scores), max(scores.values())
-    return Example(
-        obj["input"],
-        choices=choices,
-        correct=[choices.index(c) for c in choices if scores[c] == best],
-    )
+    if len(scores) > 1 and max(scores.values()) <= min(scores.values()):
+        _fail(where, f'"target_scores" has no right choice (all scores equal): {scores!r}')
+    example.choices, example.scores = list(scores), [float(s) for s in scores.values()]
+    example.listed = sorted(example.choices)
+    random.Random(index).shuffle(example.listed)  # the same listing wherever it is shown
+    return example
 
 
 def _load_jsonl(path: Path) -> Task:
@@ -128,7 +172,26 @@ def _load_jsonl(path: Path) -> Task:
         examples.append(example)
     if not examples:
         _fail(str(path), "no examples")
-    return Task(path, examples, multiple_choice=bool(examples[0].choices))
+    multiple_choice = bool(examples[0].choices)
+    return Task(path, examples, multiple_choice, strip=True)
+
+
+def subtask_files(path: Path) -> list[Path]:
+    """The task.json files in the subdirectories of a container task's directory."""
+    return sorted(p for p in path.parent.glob("*/task.json"))
+
+
+def _bigbench_metrics(data: dict, raw: list, path: Path) -> tuple[list[str], list[str]]:
+    metrics = data.get("metrics")
+    if metrics is None:  # not a BIG-bench field requirement here: infer from the first example
+        first = raw[0] if isinstance(raw[0], dict) else {}
+        metrics = ["multiple_choice_grade" if "target_scores" in first else "exact_str_match"]
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        _fail(str(path), f"'metrics' must be a list of metric names, got {metrics!r}")
+    return (
+        [m for m in metrics if m in IMPLEMENTED_METRICS],
+        [m for m in metrics if m not in IMPLEMENTED_METRICS],
+    )
 
 
 def _load_bigbench(path: Path) -> Task:
@@ -136,22 +199,42 @@ def _load_bigbench(path: Path) -> Task:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         _fail(str(path), f"not valid JSON ({err.msg} at line {err.lineno})")
+    if isinstance(data, dict) and "examples" not in data and subtask_files(path):
+        names = ", ".join(p.parent.name for p in subtask_files(path))
+        _fail(str(path), f"a container task without examples; evaluate its subtasks ({names})")
     raw = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(raw, list) or not raw:
         _fail(str(path), 'needs a non-empty "examples" list (BIG-bench task.json)')
-    multiple_choice = isinstance(raw[0], dict) and "target_scores" in raw[0]
-    examples = [
-        _bigbench_example(obj, f"{path}, example {i}", multiple_choice) for i, obj in enumerate(raw)
-    ]
     for key in (
         "task_prefix",
         "example_input_prefix",
         "example_output_prefix",
         "choice_prefix",
         "few_shot_example_separator",
+        "stop_string",
+        "output_regex",
     ):
         if key in data and not isinstance(data[key], str):
             _fail(str(path), f"{key!r} must be a string, got {data[key]!r}")
+    metrics, unimplemented = _bigbench_metrics(data, raw, path)
+    multiple_choice = any(m in MULTIPLE_CHOICE_METRICS for m in metrics)
+    generative = any(m in GENERATIVE_METRICS for m in metrics)
+    examples, seen = [], set()
+    for i, obj in enumerate(raw):
+        key = json.dumps(obj, sort_keys=True)
+        if key in seen:  # exact duplicates are dropped, as BIG-bench does
+            continue
+        seen.add(key)
+        where = f"{path}, example {i}"
+        examples.append(_bigbench_example(obj, where, i, multiple_choice, generative))
+    regex = data.get("output_regex")
+    if "output_regex" in data:
+        try:
+            re.compile(regex)
+        except re.error as err:
+            _fail(str(path), f"'output_regex' {regex!r} is not a valid regular expression ({err})")
+    elif "stop_string" not in data:
+        regex = BIGBENCH_OUTPUT_REGEX
     choices = "{choices}" if multiple_choice and data.get("append_choices_to_input", True) else ""
     template = (
         data.get("example_input_prefix", BIGBENCH_INPUT_PREFIX)
@@ -167,12 +250,17 @@ def _load_bigbench(path: Path) -> Task:
         separator=data.get("few_shot_example_separator", BIGBENCH_SEPARATOR),
         prefix=data.get("task_prefix", ""),
         choice_prefix=data.get("choice_prefix", BIGBENCH_CHOICE_PREFIX),
+        metrics=metrics,
+        unimplemented=unimplemented,
+        stop_string=data.get("stop_string"),
+        output_regex=regex,
     )
 
 
 def load_task(path: str | Path, template: str | None = None, separator: str | None = None) -> Task:
     """Read a ``.jsonl`` task or a BIG-bench ``.json`` task; ``template`` and ``separator``
-    replace the file's (or the format's default) formatting."""
+    replace the file's (or the format's default) formatting. A task none of whose metrics is
+    implemented loads with ``metrics == []`` (see ``unimplemented``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: task file not found")
@@ -191,15 +279,35 @@ def load_task(path: str | Path, template: str | None = None, separator: str | No
     return task
 
 
+def find_task_files(spec: str) -> list[Path]:
+    """Task files named by ``spec``: a file, a directory (every ``task.json`` and ``.jsonl``
+    below it) or a glob pattern (``**`` allowed). Sorted; ValueError if nothing matches."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = [*path.rglob("task.json"), *path.rglob("*.jsonl")]
+    else:
+        found = [Path(p) for p in glob.glob(spec, recursive=True)]
+        found = [p for p in found if p.is_file() and p.suffix in (".json", ".jsonl")]
+    if not found:
+        raise ValueError(f"--eval {spec}: no task files (task.json / *.jsonl) found there")
+    return sorted(set(found))
+
+
 def select_shots(task: Task, k: int, seed: int, query: int | Example) -> list[Example]:
     """K demonstrations for the query (an index into ``task.examples`` or an example from
-    elsewhere), drawn without replacement from the other examples by a generator seeded with
-    (seed, query index). Examples with the query's input are never drawn."""
+    elsewhere), drawn without replacement by a generator seeded with (seed, query index) from
+    the other examples, leaving out the query itself and exact copies of it (an example with
+    the same input and another answer is a fair demonstration)."""
     if k < 0:
         raise ValueError(f"--shots must be >= 0, got {k}")
     index = query if isinstance(query, int) else -1
-    text = task.examples[query].input if isinstance(query, int) else query.input
-    pool = [e for i, e in enumerate(task.examples) if i != index and e.input != text]
+    target = task.examples[query] if isinstance(query, int) else query
+    if isinstance(query, int):
+        pool = [e for i, e in enumerate(task.examples) if i != index and e != target]
+    else:  # a query typed by the user: no example with its input (its answer is unknown)
+        pool = [e for e in task.examples if e.input != target.input]
     if k > len(pool):
         raise ValueError(
             f"--shots {k} needs {k} examples besides the query; {task.path} has {len(pool)}"
@@ -209,8 +317,10 @@ def select_shots(task: Task, k: int, seed: int, query: int | Example) -> list[Ex
 
 def format_query(task: Task, example: Example) -> str:
     """The template filled with the example (what the model continues with the answer)."""
-    choices = "".join(task.choice_prefix + c for c in example.choices)
-    return task.template.replace("{choices}", choices).replace("{input}", example.input)
+    listed = example.choices if example.listed is None else example.listed
+    values = {"input": example.input, "choices": "".join(task.choice_prefix + c for c in listed)}
+    # one pass, so that an input or choice containing "{choices}" is left alone
+    return re.sub(r"\{(input|choices)\}", lambda m: values[m.group(1)], task.template)
 
 
 def build_prompt(task: Task, query: Example, shots: list[Example]) -> str:
