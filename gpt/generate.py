@@ -25,9 +25,10 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from gpt.model import GPT, KVCache
+from gpt.model import GPT, KVCache, apply_rope
 
 
 def encode_prompt(tokenizer, text: str, block_size: int) -> tuple[list[int], str | None]:
@@ -97,6 +98,85 @@ def next_token(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class DecodeStep:
+    """One new token per sequence through ``model`` with static shapes, for decoding.
+
+    The model's own forward with a KV cache slices the cache to its filled length and offsets
+    positions by a Python int: shapes and constants change at every token, and the step is
+    dominated by per-operation overhead at small sizes. Here the position is a (1,) tensor
+    advanced in place, keys and values are written into the (B, H_kv, block_size, D) buffers
+    of ``cache`` with ``index_copy_``, and attention reads the whole buffer under a mask of
+    the filled positions (PyTorch's sdpa, whatever the model's backend: one query is cheap).
+    Every tensor keeps its shape and address from token to token, so the step can be
+    compiled once (``torch.compile``; on a GPU with CUDA graphs, "reduce-overhead"). The
+    arithmetic is the model's (eval mode: no dropout) and is tested against its forward."""
+
+    def __init__(self, model: GPT, cache: KVCache, compile: bool = False):
+        self.model, self.cache = model, cache
+        device = cache.keys[0].device
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the new token's position
+        self.slots = torch.arange(model.cfg.block_size, device=device)  # cache positions
+        self.run = self.step
+        if compile:
+            mode = None
+            if device.type == "cuda":  # CUDA graphs: buffers updated in place at fixed addresses
+                mode = "reduce-overhead"
+                for t in [self.pos, *cache.keys, *cache.values]:
+                    torch._dynamo.mark_static_address(t)
+            self.run = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+
+    def step(self, token: Tensor) -> Tensor:
+        """token (B, 1) at position ``self.pos`` -> next-token logits (B, vocab)."""
+        m, cfg, pos = self.model, self.model.cfg, self.pos
+        t = m.transformer
+        x = t.wte(token)  # (B, 1, C)
+        rope = None
+        if cfg.position_encoding == "learned":
+            x = x + t.wpe(pos)
+        elif cfg.position_encoding == "sinusoidal":
+            x = x + m.pos_table[pos].to(x.dtype)
+        else:
+            rope = (m.rope_cos[pos], m.rope_sin[pos])  # (1, D/2) each
+        visible = (self.slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, S): filled positions
+        for i, block in enumerate(t.h):
+            attn = block.attn
+            h = block.ln_1(x) if block.pre_norm else x
+            B, H, H_kv, D = x.shape[0], attn.n_head, attn.n_kv_head, attn.head_dim
+            q, k, v = attn.c_attn(h).split([H * D, H_kv * D, H_kv * D], dim=2)
+            q = q.view(B, 1, H, D).transpose(1, 2)  # (B, H, 1, D)
+            k = k.view(B, 1, H_kv, D).transpose(1, 2)  # (B, H_kv, 1, D)
+            v = v.view(B, 1, H_kv, D).transpose(1, 2)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            keys, values = self.cache.keys[i], self.cache.values[i]  # (B, H_kv, S, D)
+            keys.index_copy_(2, pos, k)
+            values.index_copy_(2, pos, v)
+            y = F.scaled_dot_product_attention(
+                q, keys, values, visible, scale=1.0 / math.sqrt(D), enable_gqa=H != H_kv
+            )  # (B, H, 1, D)
+            y = attn.c_proj(y.transpose(1, 2).reshape(B, 1, H * D))
+            if block.pre_norm:
+                x = x + y
+                x = x + block.mlp(block.ln_2(x))
+            else:
+                x = block.ln_1(x + y)
+                x = block.ln_2(x + block.mlp(x))
+        return m.lm_head(t.ln_f(x))[:, -1]  # (B, vocab)
+
+
+def decode_step(model: GPT, batch_size: int, compile: bool = False) -> DecodeStep:
+    """The model's ``DecodeStep`` for this batch size (made once), compiled if asked."""
+    param = next(model.parameters())
+    key = (batch_size, param.dtype, param.device, compile)
+    # kept on the model (one step and cache per batch size, dtype, device and compile
+    # setting), so that a compiled step is compiled once and reused by later calls
+    steps = model.__dict__.setdefault("_decode_steps", {})
+    if key not in steps:
+        cache = KVCache(model.cfg, batch_size, device=param.device, dtype=param.dtype)
+        steps[key] = DecodeStep(model, cache, compile)
+    return steps[key]
+
+
 @torch.no_grad()
 def decode(
     model: GPT,
@@ -108,11 +188,16 @@ def decode(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     window_keep: int | None = None,
+    vocab_size: int | None = None,
+    compile: bool = False,
 ) -> Iterator[Tensor]:
     """Yield the next token of each sequence of ``idx`` (B, T), a (B,) tensor per step, for
     ``max_new_tokens`` steps. Put the model in eval mode first (dropout would randomise it).
     ``use_cache=False`` recomputes the whole window at every step (nanoGPT's method);
-    ``window_keep`` is the context kept when a full cache is rebuilt (module docstring)."""
+    ``window_keep`` is the context kept when a full cache is rebuilt (module docstring).
+    Tokens are drawn from the first ``vocab_size`` ids only (default: all): a vocabulary
+    padded past the tokenizer's has ids nothing can decode. ``compile`` compiles the
+    single-token step (worth it for long or repeated decoding: compiling takes seconds)."""
     check_sampling(temperature, top_k, top_p)
     block = model.cfg.block_size
     keep = block if window_keep is None else window_keep
@@ -120,21 +205,40 @@ def decode(
         raise ValueError(f"--window-keep must be in [1, block_size = {block}], got {keep}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
-    context, cache = idx[:, -block:], None
-    dtype = next(model.parameters()).dtype
+    if max_new_tokens <= 0:
+        return
+    B, T = idx.shape
+    # every token so far, written in place (no concatenation per step)
+    tokens = torch.empty(B, T + max_new_tokens, dtype=torch.long, device=idx.device)
+    tokens[:, :T] = idx
+    n = T  # tokens so far
+    if use_cache:
+        if isinstance(model, GPT):
+            step = decode_step(model, B, compile)
+            cache = step.cache
+        else:  # a stand-in model (tests): its own forward, one token at a time
+            step, cache = None, KVCache(model.cfg, B, device=idx.device)
+        cache.length = 0
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = model(context[:, -block:])
-        elif cache is None:  # prefill with the prompt
-            cache = KVCache(model.cfg, idx.shape[0], device=idx.device, dtype=dtype)
-            logits = model(context, kv_cache=cache)
-        elif cache.length == block:  # the window slides: rebuild from its last tokens
+            logits = model(tokens[:, max(0, n - block) : n])[:, -1]
+        elif cache.length == 0 or cache.length == block:  # prefill; past block_size, rebuild
+            start = max(0, n - block) if cache.length == 0 else n - keep
             cache.length = 0
-            logits = model(context[:, -keep:], kv_cache=cache)
+            logits = model(tokens[:, start:n], kv_cache=cache)[:, -1]
+            if step is not None:
+                step.pos.fill_(cache.length)
+        elif step is None:
+            logits = model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]
         else:
-            logits = model(context[:, -1:], kv_cache=cache)
-        token = next_token(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
-        context = torch.cat([context[:, -block:], token[:, None]], dim=1)
+            logits = step.run(tokens[:, n - 1 : n])
+            step.pos += 1
+            cache.length += 1
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits = logits[:, :vocab_size]
+        token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        tokens[:, n] = token
+        n += 1
         yield token
 
 
@@ -184,10 +288,12 @@ def sample_texts(
     use_cache: bool = True,
     on_text: Callable[[int, str], None] | None = None,
     window_keep: int | None = None,
+    compile: bool = False,
 ) -> list[str]:
     """Continue ``prompt`` (token ids) ``num_samples`` times as one batch; returns the new text
     of each sample, cut before the first stop string. ``on_text(i, piece)`` receives each
-    sample's text as it is generated (for streaming). Same seed, same texts."""
+    sample's text as it is generated (for streaming). Same seed, same texts. Only ids the
+    tokenizer can decode are drawn (a model's vocabulary may be padded past it)."""
     if num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
     if max_new_tokens < 0:
@@ -205,8 +311,9 @@ def sample_texts(
         shown[i] = text
 
     steps = decode(
-        model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, window_keep
-    )
+        model, idx, max_new_tokens, temperature, top_k, top_p, generator, use_cache, window_keep,
+        vocab_size=tokenizer.n_vocab, compile=compile,
+    )  # fmt: skip
     for token in steps:
         for i, t in enumerate(token.tolist()):
             if not done[i]:

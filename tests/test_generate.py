@@ -10,6 +10,7 @@ import transformers
 from gpt import GPT, ModelConfig
 from gpt.data.tokenizer import get_tokenizer
 from gpt.generate import (
+    DecodeStep,
     check_sampling,
     decode,
     encode_prompt,
@@ -90,15 +91,92 @@ def test_window_keep_rebuilds_the_cache_from_the_last_tokens():
         generate(model, idx, 1, window_keep=25)
 
 
-def test_kv_cache_refuses_overflow_and_several_tokens_after_prefill():
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_chunks_of_several_tokens_after_a_filled_cache_equal_full_recomputation(switch, backend):
+    """Chunked prefill / a shared prefix: T new tokens after S - T cached ones attend with the
+    bottom-right aligned causal mask; any split gives the logits of one full pass."""
+    model = make(attention=backend, **SWITCHES[switch])
+    idx = torch.randint(0, SMALL["vocab_size"], (2, SMALL["block_size"]))
+    with torch.no_grad():
+        full = model(idx)
+        for cuts in ([5, 6, 13], [1, 2, 3, 24], [11, 23], [7, 8, 9, 21]):
+            cache, start, steps = KVCache(model.cfg, batch_size=2), 0, []
+            for end in [*cuts, SMALL["block_size"]]:
+                steps.append(model(idx[:, start:end], kv_cache=cache))
+                start = end
+            got = torch.cat(steps, dim=1)
+            assert (got - full).abs().max().item() <= 1e-5, cuts
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_expanded_cache_continues_a_shared_prefix_like_separate_passes(switch):
+    model = make(**SWITCHES[switch])
+    prefix = torch.randint(0, SMALL["vocab_size"], (1, 9))
+    tails = torch.randint(0, SMALL["vocab_size"], (3, 5))
+    with torch.no_grad():
+        cache = KVCache(model.cfg, batch_size=1)
+        model(prefix, kv_cache=cache)
+        rows = cache.expand(3)
+        got = model(tails, kv_cache=rows)
+        expected = model(torch.cat([prefix.expand(3, -1), tails], dim=1))[:, 9:]
+    assert rows.length == 14 and cache.length == 9
+    assert (got - expected).abs().max().item() <= 1e-5
+    with pytest.raises(ValueError, match="expand copies a one-row cache, this one has 3"):
+        rows.expand(2)
+
+
+def test_kv_cache_refuses_overflow():
     model = make()
     cache = KVCache(model.cfg, batch_size=1)
     model(torch.zeros(1, 20, dtype=torch.long), kv_cache=cache)
-    with pytest.raises(ValueError, match="one token at a time, got 2"):
-        model(torch.zeros(1, 2, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="sequence length 25 exceeds block_size 24"):
+        model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
     cache.length = SMALL["block_size"]
     with pytest.raises(ValueError, match="sequence length 25 exceeds block_size 24"):
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_static_decode_step_equals_the_model_forward(switch):
+    """The static-shape single-token step (whole-cache attention under a mask) against the
+    model's own forward, token by token."""
+    model = make(**SWITCHES[switch], norm="rmsnorm", mlp="swiglu")
+    idx = torch.randint(0, SMALL["vocab_size"], (2, SMALL["block_size"]))
+    with torch.no_grad():
+        full = model(idx)
+        step = DecodeStep(model, KVCache(model.cfg, batch_size=2))
+        model(idx[:, :4], kv_cache=step.cache)
+        step.pos.fill_(4)
+        for t in range(4, SMALL["block_size"]):
+            logits = step.run(idx[:, t : t + 1])
+            step.pos += 1
+            assert (logits - full[:, t]).abs().max().item() <= 1e-5, t
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = make(seed=4, position_encoding="rope", n_kv_head=2)
+    idx = torch.randint(0, SMALL["vocab_size"], (2, 3))
+    eager = generate(model, idx, 2 * SMALL["block_size"], temperature=0)
+    compiled = generate(model, idx, 2 * SMALL["block_size"], temperature=0, compile=True)
+    again = generate(model, idx, 10, temperature=0, compile=True)  # the compiled step reused
+    assert torch.equal(eager, compiled) and torch.equal(again, eager[:, :13])
+
+
+def test_ids_past_the_tokenizer_are_never_drawn():
+    """A vocabulary padded past the tokenizer's (here 300 > 257 bytes + end-of-text) whose
+    padding ids are made the most likely: neither greedy nor sampled decoding draws them."""
+    model, tok = make(vocab_size=300), get_tokenizer("bytes")
+    with torch.no_grad():
+        model.transformer.wte.weight[257:] = model.transformer.wte.weight[:43] * 50.0
+    logits = model(torch.tensor([tok.encode("abc")]))[0, -1]
+    assert logits.argmax().item() >= 257  # without the mask the padding would win
+    for temperature in (0.0, 1.0):
+        texts = sample_texts(model, tok, tok.encode("abc"), 4, 30, temperature=temperature)
+        assert len(texts) == 4  # bytes' decode raises on an id >= 257
+    tokens = generate(model, torch.tensor([[1, 2]]), 40, temperature=2.0, vocab_size=257)
+    assert tokens.max().item() < 257
 
 
 def test_greedy_output_equals_transformers_generate(tmp_path):
