@@ -10,8 +10,9 @@ h // (H // H_kv)). The output has q's shape. When ``causal`` is true, T <= S and
 attends to keys 0..S - T + i: the mask is aligned to the bottom-right corner (FlashAttention-2's
 convention), the T queries being the last T of the S positions. T == S is the usual lower
 triangle (training, a prefill); T < S is a KV-cache step of T new tokens after S - T cached
-ones (one decoded token, a chunk of a long prompt, a query after a shared few-shot prefix). Attention-weight dropout is not part of the contract (the
-FlashAttention kernel has none); the model applies dropout to residual branches instead.
+ones (one decoded token, a chunk of a long prompt, a query after a shared few-shot prefix).
+Attention-weight dropout is not part of the contract (the FlashAttention kernel has none); the
+model applies dropout to residual branches instead.
 
 Adding a backend is one call to ``register_attention`` with a loader that returns the
 function, or raises ``BackendUnavailable`` saying why it cannot run here.

@@ -281,7 +281,8 @@ def test_subtasks_are_found_and_a_container_names_them(tmp_path):
     (root / "parent" / "two").mkdir()
     write_json(root / "parent" / "task.json", {"name": "parent", "metrics": []})
     for sub in ("one", "two"):
-        write_json(root / "parent" / sub / "task.json", {"examples": [{"input": "a", "target": "b"}]})
+        data = {"examples": [{"input": "a", "target": "b"}]}
+        write_json(root / "parent" / sub / "task.json", data)
     write_jsonl(root / "extra.jsonl", [{"input": "a", "target": "b"}])
     found = find_task_files(str(root))
     assert [str(p.relative_to(root)) for p in found] == [

@@ -3,19 +3,24 @@
     python sample.py --ckpt PATH [--prompt TEXT | --prompt-file F | stdin] [--num-samples N]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--stop STR ...]
     python sample.py --ckpt PATH --task TASK_FILE [--example I | --prompt TEXT] --shots K
-    python sample.py --ckpt PATH --eval TASK_FILE [--shots K] [--limit N] [--out results.json]
+    python sample.py --ckpt PATH --eval TASKS [TASKS ...] [--shots K [K ...]] [--limit N]
+        [--out results.json] [--plot shots.png]
     python sample.py --ckpt PATH --prompt TEXT --attention-map OUT.png
 
 PATH is a training run directory (its latest complete checkpoint), one checkpoint, an exported
-model/ directory or a Hugging Face GPT-2 directory. Decoding uses a KV cache (gpt/generate.py);
-several samples decode as one batch and the first streams to the terminal.
+model/ directory or a Hugging Face GPT-2 directory. TASKS are task files, directories (every
+task.json and .jsonl below) or glob patterns: a whole BIG-bench checkout in one go, each task at
+each --shots count (docs/evaluation.md). Decoding uses a KV cache (gpt/generate.py); several
+samples decode as one batch and the first streams to the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,8 +30,10 @@ from gpt.attention import get_attention
 from gpt.convert import tokenizer_name
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.attention_map import attention_weights, plot_attention_map, token_labels
-from gpt.eval.scoring import evaluate_task, format_summary
+from gpt.eval.scoring import format_table
+from gpt.eval.suite import format_skipped, plan_suite, plot_shot_curves, run_suite
 from gpt.eval.tasks import Example, build_prompt, load_task, select_shots
+from gpt.fileio import write_atomic
 from gpt.generate import check_sampling, encode_prompt, sample_texts
 from gpt.train.checkpoint import resolve_model_dir
 
@@ -77,9 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
-        help="where the model runs",
+        help="where the model runs: cpu, cuda, cuda:N [default: cuda when available, else cpu]",
     )
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the context each step")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the one-token decoding step (costs seconds once; for long outputs)",
+    )
     p.add_argument(
         "--window-keep",
         type=int,
@@ -88,17 +100,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--task", help="build the prompt from this task file (.jsonl / BIG-bench)")
     p.add_argument("--example", type=int, help="with --task: the example to query [default: 0]")
-    p.add_argument("--shots", type=int, default=0, help="demonstrations; 0 is zero-shot")
+    p.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        default=[0],
+        metavar="K",
+        help="demonstrations; 0 is zero-shot; with --eval several counts, e.g. 0 1 2 4 8",
+    )
     p.add_argument(
         "--template",
         help="example template with {input} and {choices}",
     )
     p.add_argument("--separator", help="between demonstrations")
     p.add_argument("--show-prompt", action="store_true", help="print the exact prompt(s)")
-    p.add_argument("--eval", metavar="TASK_FILE", help="evaluate in context on this task file")
-    p.add_argument("--limit", type=int, help="with --eval: score the first N examples")
-    p.add_argument("--batch-size", type=int, default=16, help="with --eval: sequences per batch")
+    p.add_argument(
+        "--eval",
+        nargs="+",
+        metavar="TASKS",
+        help="evaluate in context on these task files, directories or glob patterns",
+    )
+    p.add_argument(
+        "--limit", type=int, help="with --eval: score N examples per task, drawn with --seed"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="with --eval: continuations per batch"
+    )
     p.add_argument("--out", help="with --eval: write the results as JSON here")
+    p.add_argument(
+        "--plot",
+        metavar="PNG",
+        help="with --eval: plot metric against shots per task [default with several --shots "
+        "and --out: beside --out]",
+    )
     p.add_argument("--attention-map", metavar="OUT.png", help="draw the prompt's attention")
     args = p.parse_args(argv)
     try:
@@ -107,8 +141,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         if args.max_new_tokens is not None and args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-        if args.shots < 0:
-            raise ValueError(f"--shots must be >= 0, got {args.shots}")
+        if any(k < 0 for k in args.shots):
+            raise ValueError(f"--shots must be >= 0, got {' '.join(map(str, args.shots))}")
+        if len(args.shots) != len(set(args.shots)):
+            raise ValueError(f"--shots lists a count twice: {' '.join(map(str, args.shots))}")
+        if len(args.shots) > 1 and not args.eval:
+            raise ValueError("several --shots counts need --eval (a prompt has one count)")
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         if args.batch_size < 1:
@@ -117,8 +155,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ValueError("--eval cannot be combined with --task or --attention-map")
         if args.example is not None and (not args.task or args.prompt or args.prompt_file):
             raise ValueError("--example needs --task (and no --prompt: that is the query)")
+        if (args.out or args.plot) and not args.eval:
+            raise ValueError("--out and --plot go with --eval")
         if args.attention is not None:
             get_attention(args.attention)  # unknown or unusable: the error lists the valid names
+        check_device(args.device)
+        if args.eval and args.plot is None and args.out and len(args.shots) > 1:
+            args.plot = str(Path(args.out).with_suffix(".png"))
+        for flag in ("out", "plot"):  # found now, not after a whole evaluation
+            if getattr(args, flag):
+                check_output(f"--{flag}", getattr(args, flag))
     except ValueError as err:
         p.error(str(err))
     for key in ("template", "separator", "stop"):  # \n and \t typed on a command line
@@ -128,6 +174,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         elif value is not None:
             setattr(args, key, [unescape(v) for v in value])
     return args
+
+
+def check_device(name: str) -> None:
+    """ValueError naming --device if it is not a device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--device {name!r} is not a device ({err}); valid: cpu, cuda, cuda:N"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "built without CUDA" if torch.version.cuda is None else "no GPU visible"
+            raise ValueError(
+                f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                f"{build}); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: unsupported device type; valid: cpu, cuda, cuda:N, mps")
+
+
+def check_output(flag: str, value: str) -> None:
+    """ValueError naming ``flag`` if ``value`` cannot be written as a file."""
+    path = Path(value)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file name, e.g. {path}/results")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"{flag} {path}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK):
+        raise ValueError(f"{flag} {path}: {ancestor} is not writable")
 
 
 def load_model(args: argparse.Namespace):
@@ -166,23 +251,37 @@ def show_prompt(prompt: str, header: str) -> None:
 
 
 def run_eval(args, model, tokenizer) -> None:
-    task = load_task(args.eval, args.template, args.separator)
+    start = time.perf_counter()
+    planned, skipped = plan_suite(
+        args.eval, args.shots, args.seed, args.limit, args.template, args.separator
+    )
+    if not planned:
+        raise ValueError(f"--eval {' '.join(args.eval)}: no task can be evaluated\n"
+                         + format_skipped(skipped))  # fmt: skip
     if args.show_prompt:
-        for i, ex in enumerate(task.examples[: args.limit]):
-            shots = select_shots(task, args.shots, args.seed, i)
-            show_prompt(build_prompt(task, ex, shots), f"prompt of example {i}")
-    stops = args.stop or ("\n",)
-    results = evaluate_task(
-        model, tokenizer, task, args.shots, args.seed, args.limit, args.batch_size,
-        args.max_new_tokens, stops,
+        for plan in planned:
+            for k in args.shots:
+                for (i, _), prompt in zip(plan.queries, plan.prompts[k], strict=True):
+                    show_prompt(prompt, f"{plan.task.name}, example {i}, {k}-shot prompt")
+    results = run_suite(
+        model, tokenizer, planned, args.shots, args.seed, args.batch_size, args.max_new_tokens,
+        args.stop,
     )  # fmt: skip
-    print(format_summary(results))
+    print(format_table(results))
+    if skipped:
+        print(format_skipped(skipped))
+    n = sum(r["examples"] for r in results)
+    print(f"{len(planned)} tasks x {len(args.shots)} shot counts ({n} queries) evaluated, "
+          f"{len(skipped)} skipped, in {time.perf_counter() - start:.1f} s")  # fmt: skip
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        config = {k: getattr(args, k) for k in ("ckpt", "limit", "template", "separator")}
-        out.write_text(json.dumps({**results, "config": config}, indent=1) + "\n")
-        print(f"results written to {out}")
+        keys = ("ckpt", "eval", "shots", "seed", "limit", "template", "separator", "batch_size")
+        config = {k: getattr(args, k) for k in keys}
+        report = {"config": config, "results": results, "skipped": skipped}
+        write_atomic(args.out, json.dumps(report, indent=1) + "\n")
+        print(f"results written to {args.out}")
+    if args.plot:
+        path = plot_shot_curves(results, args.plot, title=str(args.ckpt))
+        print(f"shot curves written to {path}")
 
 
 def task_prompt(args, prompt: str | None) -> str:
@@ -195,10 +294,10 @@ def task_prompt(args, prompt: str | None) -> str:
                 f"--example {index} is out of range: {task.path} has {len(task.examples)} examples"
             )
         return build_prompt(
-            task, task.examples[index], select_shots(task, args.shots, args.seed, index)
+            task, task.examples[index], select_shots(task, args.shots[0], args.seed, index)
         )
     query = Example(prompt)
-    return build_prompt(task, query, select_shots(task, args.shots, args.seed, query))
+    return build_prompt(task, query, select_shots(task, args.shots[0], args.seed, query))
 
 
 def draw_attention_map(args, model, tokenizer, ids: list[int]) -> None:
@@ -221,6 +320,7 @@ def print_samples(args, model, tokenizer, ids: list[int]) -> None:
     texts = sample_texts(
         model, tokenizer, ids, args.num_samples, max_new, args.temperature, args.top_k,
         args.top_p, args.seed, args.stop or (), not args.no_kv_cache, stream, args.window_keep,
+        compile=args.compile,
     )  # fmt: skip
     for text in texts[1:]:  # decoded in the same batch; printed once all are done
         print(f"\n{'-' * 40}\n{prompt}{text}", end="")

@@ -85,8 +85,7 @@ def _log_softmax(logits: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
 
 def _score_group(model, head: _HeadAt, ctx: list[int], conts: list[list[int]], vocab_size):
     """log p(cont | ctx) for continuations sharing one context: the context runs once."""
-    block, longest = model.cfg.block_size, max(len(c) for c in conts)
-    ctx = ctx[-(block + 1 - longest) :]  # the last continuation token is a target only
+    longest = max(len(c) for c in conts)
     device = next(model.parameters()).device
     cache = KVCache(model.cfg, 1, device=device, dtype=next(model.parameters()).dtype)
     head.positions = [-1]
@@ -118,7 +117,8 @@ def continuation_logprobs(
     """log p(continuation | context) in nats for each (context ids, continuation ids) pair,
     over the first ``vocab_size`` ids (default: all). Pairs with the same context share one
     run of it, their continuations batched ``batch_size`` at a time. A context that does not
-    fit is cut from the left to block_size + 1 - (longest continuation of its batch) tokens."""
+    fit is cut from the left to block_size + 1 - (its longest continuation) tokens (the last
+    continuation token is a target only, never an input)."""
     block = model.cfg.block_size
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, cont) in enumerate(pairs):
@@ -128,13 +128,16 @@ def continuation_logprobs(
                 f"(block_size), got {len(ctx)} and {len(cont)}"
             )
         groups.setdefault(tuple(ctx), []).append(i)
+    longest = {ctx: max(len(pairs[i][1]) for i in members) for ctx, members in groups.items()}
     out = [0.0] * len(pairs)
     with _head_at(model) as head:
         for ctx, members in tqdm(groups.items(), disable=not progress, leave=False):
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
                 conts = [pairs[i][1] for i in chunk]
-                for i, lp in zip(chunk, _score_group(model, head, list(ctx), conts, vocab_size)):
+                cut = list(ctx[-(block + 1 - longest[ctx]) :])
+                scored = _score_group(model, head, cut, conts, vocab_size)
+                for i, lp in zip(chunk, scored, strict=True):
                     out[i] = lp
     return out
 
@@ -152,7 +155,9 @@ def query_indices(task: Task, seed: int, limit: int | None) -> list[int]:
 
 def prepare_prompts(task: Task, shots: int, seed: int, queries: list[int]) -> list[str]:
     """The prompt of each query; raises (before any model work) if shots cannot be drawn."""
-    return [build_prompt(task, task.examples[i], select_shots(task, shots, seed, i)) for i in queries]
+    return [
+        build_prompt(task, task.examples[i], select_shots(task, shots, seed, i)) for i in queries
+    ]
 
 
 def normalise_output(task: Task, text: str) -> str:
@@ -189,34 +194,53 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     stops: Sequence[str] | None = None,
     progress: bool = True,
-    prompts: list[str] | None = None,
 ) -> dict:
     """Score ``limit`` examples of ``task`` (all by default) with ``shots`` demonstrations
     each; a JSON-serialisable dict with the metrics and one record per example. ``stops``
-    replaces the stop strings of generation (default: the task's; a newline for JSONL);
-    ``prompts`` are those of ``prepare_prompts``, if already built."""
+    replaces the stop strings of generation (default: the task's; a newline for JSONL)."""
+    queries = query_indices(task, seed, limit)
+    prompts = prepare_prompts(task, shots, seed, queries)  # before any work: shots may not fit
+    examples = [(i, task.examples[i]) for i in queries]
+    return evaluate_prompts(
+        model, tokenizer, task, examples, prompts, shots, seed, batch_size, max_new_tokens,
+        stops, progress,
+    )  # fmt: skip
+
+
+def evaluate_prompts(
+    model: GPT,
+    tokenizer,
+    task: Task,
+    queries: list[tuple[int, Example]],
+    prompts: list[str],
+    shots: int,
+    seed: int,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    stops: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """``evaluate_task`` on prompts already built: ``queries`` are (index, example) pairs
+    and ``prompts`` their prompts (``task.examples`` is not read: it may be dropped)."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    queries = query_indices(task, seed, limit)
-    if prompts is None:
-        prompts = prepare_prompts(task, shots, seed, queries)
-    examples = [task.examples[i] for i in queries]
+    examples = [ex for _, ex in queries]
+    generative = [m for m in task.metrics if m != "multiple_choice_grade"]
     was_training = model.training
     model.eval()
-    records = [{"index": i} for i in queries]
+    records = [{"index": i} for i, _ in queries]
     metrics: dict[str, float] = {}
     try:
         if task.multiple_choice:
             metrics |= _score_choices(model, tokenizer, examples, prompts, batch_size, records)
-        if any(m != "multiple_choice_grade" for m in task.metrics):
+        if generative:
             metrics |= _score_generation(
                 model, tokenizer, task, examples, prompts, batch_size, max_new_tokens, stops,
                 progress, records,
             )  # fmt: skip
     finally:
         model.train(was_training)
-    kinds = ["multiple_choice"] if task.multiple_choice else []
-    kinds += ["generative"] if any(m != "multiple_choice_grade" for m in task.metrics) else []
+    kinds = ["multiple_choice"] * task.multiple_choice + ["generative"] * bool(generative)
     summary = {
         "task": task.name,
         "path": str(task.path),
@@ -314,23 +338,12 @@ def format_table(rows: list[dict]) -> str:
             cells = (r["task"], kind, str(r["shots"]), str(r["examples"]), metric, _pct(value))
             lines.append((*cells, _pct(chance)))
     widths = [max(len(line[c]) for line in lines) for c in range(len(head))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines]
+    text = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
     return "\n".join([text[0], "  ".join("-" * w for w in widths), *text[1:]])
 
 
 def format_summary(results: dict) -> str:
     """The table of one ``evaluate_task`` result."""
     return format_table([results])
-
-
-__all__ = [
-    "Example",
-    "continuation_logprobs",
-    "encode_pair",
-    "evaluate_task",
-    "format_summary",
-    "format_table",
-    "normalise_output",
-    "prepare_prompts",
-    "query_indices",
-]

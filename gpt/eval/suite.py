@@ -1,0 +1,167 @@
+"""Many tasks at several shot counts in one run: a task suite (e.g. every BIG-bench JSON task)
+evaluated at 0 and k shots, one JSON of results, a table and a shot-curve plot.
+
+Every task is planned before any model work: loaded, its queries drawn and every prompt for
+every shot count built, so that a task that cannot run (a metric we do not implement, too few
+examples for k shots, a malformed file, a container whose subtasks are run instead) is
+skipped with a one-line reason up front rather than failing halfway. A single task file named
+on its own is not skipped: its problem is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from gpt.eval.scoring import evaluate_prompts, prepare_prompts, query_indices
+from gpt.eval.tasks import (
+    IMPLEMENTED_METRICS,
+    Example,
+    Task,
+    find_task_files,
+    load_task,
+    task_name,
+)
+from gpt.fileio import write_atomic
+
+MAX_PANELS = 48  # per-task panels of the shot-curve plot; the rest are in the JSON
+
+
+@dataclass
+class PlannedTask:
+    task: Task  # without its examples (a suite's files hold millions)
+    queries: list[tuple[int, Example]]  # (index in the file, example)
+    prompts: dict[int, list[str]]  # shots -> the prompt of each query
+
+
+def plan_suite(
+    specs: Sequence[str],
+    shots: Sequence[int],
+    seed: int = 1234,
+    limit: int | None = None,
+    template: str | None = None,
+    separator: str | None = None,
+    progress: bool = True,
+) -> tuple[list[PlannedTask], list[dict]]:
+    """Load every task file named by ``specs`` (files, directories, globs) and build all its
+    prompts; returns the planned tasks and the skipped ones ({task, path, reason})."""
+    files = sorted({p for spec in specs for p in find_task_files(spec)})
+    alone = len(specs) == 1 and Path(specs[0]).is_file()
+    planned, skipped = [], []
+    for path in tqdm(files, desc="planning", unit="task", disable=not progress, leave=False):
+        try:
+            task = load_task(path, template, separator)
+            if not task.metrics:
+                raise ValueError(
+                    f"{path}: its metrics ({', '.join(task.unimplemented) or 'none'}) are not "
+                    f"implemented; implemented: {', '.join(IMPLEMENTED_METRICS)}"
+                )
+            queries = query_indices(task, seed, limit)
+            prompts = {k: prepare_prompts(task, k, seed, queries) for k in shots}
+        except ValueError as err:
+            if alone:
+                raise
+            reason = str(err).splitlines()[0].removeprefix(f"{path}: ")
+            skipped.append({"task": task_name(path), "path": str(path), "reason": reason})
+            continue
+        examples = [(i, task.examples[i]) for i in queries]
+        planned.append(PlannedTask(dataclasses.replace(task, examples=[]), examples, prompts))
+    return planned, skipped
+
+
+def run_suite(
+    model,
+    tokenizer,
+    planned: list[PlannedTask],
+    shots: Sequence[int],
+    seed: int = 1234,
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    stops: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate every planned task at every shot count; results in (task, shots) order."""
+    results = []
+    bar = tqdm(total=len(planned) * len(shots), desc="evaluating", unit="run",
+               disable=not progress)  # fmt: skip
+    for plan in planned:
+        for k in shots:
+            bar.set_postfix_str(f"{plan.task.name} {k}-shot", refresh=False)
+            results.append(
+                evaluate_prompts(
+                    model,
+                    tokenizer,
+                    plan.task,
+                    plan.queries,
+                    plan.prompts[k],
+                    k,
+                    seed,
+                    batch_size,
+                    max_new_tokens,
+                    stops,
+                    progress=False,
+                )  # fmt: skip
+            )
+            bar.update()
+    bar.close()
+    return results
+
+
+def format_skipped(skipped: list[dict]) -> str:
+    return "\n".join(f"skipped {s['task']}: {s['reason']}" for s in skipped)
+
+
+def plot_shot_curves(results: list[dict], path: str | Path, title: str = "") -> Path:
+    """Metric value against the number of shots, one panel per task (the first MAX_PANELS -
+    1), after a first panel with the mean over all tasks; chance level dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[tuple[str, str], dict[int, float]] = {}
+    chance: dict[str, float] = {}
+    for r in results:
+        for metric, value in r["metrics"].items():
+            curves.setdefault((r["task"], metric), {})[r["shots"]] = value
+        if "chance" in r:
+            chance[r["task"]] = r["chance"]
+    by_metric: dict[str, dict[int, list[float]]] = {}
+    for (_, metric), points in curves.items():
+        for k, v in points.items():
+            by_metric.setdefault(metric, {}).setdefault(k, []).append(v)
+    panels = [("mean over tasks", by_metric)]
+    for (task, metric), points in list(curves.items())[: MAX_PANELS - 1]:
+        panels.append((task, {metric: {k: [v] for k, v in points.items()}}))
+    cols = min(6, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.axis("off")
+    for ax, (name, series) in zip(axes.flat, panels, strict=False):
+        for metric, points in series.items():
+            ks = sorted(points)
+            ax.plot(ks, [sum(points[k]) / len(points[k]) for k in ks], "o-", label=metric)
+        if name in chance:
+            ax.axhline(chance[name], color="grey", linestyle="--", linewidth=1)
+        ax.set_title(name, fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(labelsize=7)
+    axes.flat[0].legend(fontsize=6)
+    more = len(curves) - (MAX_PANELS - 1)
+    suptitle = title + (f" ({more} more curves in the JSON)" if more > 0 else "")
+    fig.supxlabel("shots (demonstrations in the prompt)")
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=80)
+    plt.close(fig)
+    write_atomic(path, png.getvalue())
+    return Path(path)
