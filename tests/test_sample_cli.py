@@ -144,11 +144,110 @@ def test_eval_writes_results_json(capsys, model_dir, tmp_path):
     out_file = tmp_path / "res" / "results.json"
     code, out, _ = run(capsys, "--ckpt", model_dir, "--eval", task, "--shots", "2", "--limit", "4",
                        "--batch-size", "3", "--out", out_file)  # fmt: skip
-    assert code == 0 and "accuracy" in out and "50.0%" in out  # chance of two choices
-    results = json.loads(out_file.read_text())
+    assert code == 0
+    report = json.loads(out_file.read_text())
+    (results,) = report["results"]
     assert results["examples"] == 4 and len(results["records"]) == 4
     assert all(len(r["logprobs"]) == 2 for r in results["records"])
-    assert results["config"]["limit"] == 4 and results["shots"] == 2
+    assert report["config"]["limit"] == 4 and results["shots"] == 2 and report["skipped"] == []
+    # the grade is the mean score of each record's most likely choice, recomputed here
+    grade = sum(r["scores"][max(range(2), key=r["logprobs"].__getitem__)]
+                for r in results["records"]) / 4  # fmt: skip
+    assert results["metrics"]["multiple_choice_grade"] == pytest.approx(grade)
+    row = next(line for line in out.splitlines() if line.startswith("add "))
+    assert row.split() == ["add", "multiple_choice", "2", "4", "multiple_choice_grade",
+                           f"{100 * grade:.1f}%", "50.0%"]  # fmt: skip
+
+
+def write_suite(root: Path) -> Path:
+    """A BIG-bench-like tree: a container with two subtasks (one with empty inputs and
+    several right choices, one generative with list targets and a custom separator), a task
+    with only unimplemented metrics and one with too few examples for 2 shots."""
+
+    def task(path, data):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "task.json").write_text(json.dumps(data))
+
+    task(root / "parent", {"name": "parent", "metrics": ["multiple_choice_grade"]})
+    task(root / "parent" / "empty", {
+        "metrics": ["multiple_choice_grade"], "task_prefix": "Pick.\n",
+        "examples": [{"input": "", "target_scores": {f"a{i}": 1, f"b{i}": 1, f"c{i}": 0.5}}
+                     for i in range(5)],
+    })  # fmt: skip
+    task(root / "parent" / "gen", {
+        "metrics": ["exact_str_match"], "few_shot_example_separator": "\n--\n",
+        "stop_string": "\n",
+        "examples": [{"input": f"{i}+{i}", "target": [str(2 * i), f"{2 * i}."]} for i in range(4)],
+    })  # fmt: skip
+    task(root / "bleu", {"metrics": ["bleu", "rouge"],
+                         "examples": [{"input": "a", "target": "b"}] * 3})  # fmt: skip
+    two = [{"input": "q", "target_scores": {"x": 1, "y": 0}},
+           {"input": "r", "target_scores": {"x": 0, "y": 1}}]  # fmt: skip
+    task(root / "small", {"metrics": ["multiple_choice_grade"], "examples": two})
+    return root
+
+
+def test_suite_of_tasks_at_several_shots_is_deterministic(capsys, model_dir, tmp_path):
+    root = write_suite(tmp_path / "suite")
+    outs = [tmp_path / "a" / "r.json", tmp_path / "b" / "r.json"]
+    for out_file in outs:
+        code, out, err = run(capsys, "--ckpt", model_dir, "--eval", root, "--shots", "0", "2",
+                             "--out", out_file)  # fmt: skip
+        assert code == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()  # two identical runs, identical JSON
+    assert (tmp_path / "a" / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # beside --out
+    report = json.loads(outs[0].read_text())
+    runs = [(r["task"], r["shots"]) for r in report["results"]]
+    assert runs == [("parent:empty", 0), ("parent:empty", 2), ("parent:gen", 0), ("parent:gen", 2)]
+    skipped = {s["task"]: s["reason"] for s in report["skipped"]}
+    assert set(skipped) == {"parent", "bleu", "small"}
+    assert skipped["parent"].startswith("a container task without examples")
+    assert "metrics (bleu, rouge) are not implemented" in skipped["bleu"]
+    assert skipped["small"].startswith("--shots 2 needs 2 examples besides the query")
+    assert "skipped small: --shots 2 needs 2" in out and "2 tasks x 2 shot counts" in out
+    empty = report["results"][1]
+    assert empty["chance"] == pytest.approx(2.5 / 3)  # (1 + 1 + 0.5) / 3 for every example
+    for r in empty["records"]:  # any right choice scores 1, the fractional one 0.5
+        assert r["scores"][r["predicted"]] == {0: 1.0, 1: 1.0, 2: 0.5}[r["predicted"]]
+
+
+def test_eval_output_that_cannot_be_written_is_refused_before_any_work(capsys, model_dir, tmp_path):
+    task = write_task(tmp_path / "add.jsonl")
+    (tmp_path / "a_file").write_text("")
+    for out, match in [(tmp_path, "is a directory"), (tmp_path / "a_file" / "r.json", "is a file")]:
+        code, stdout, err = run(capsys, "--ckpt", model_dir, "--eval", task, "--out", out)
+        assert code == 2 and f"--out {out}" in err and match in err, err
+        assert stdout == ""  # nothing evaluated
+    code, _, err = run(capsys, "--ckpt", model_dir, "--eval", task, "--plot", tmp_path)
+    assert code == 2 and "--plot" in err and "is a directory" in err
+
+
+def test_device_cuda_without_cuda_is_a_message(capsys, model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, _, err = run(capsys, "--ckpt", model_dir, "--prompt", "a", "--device", "cuda")
+    assert code == 2 and "--device cuda: CUDA is not available here" in err
+    assert "Traceback" not in err
+    code, _, err = run(capsys, "--ckpt", model_dir, "--prompt", "a", "--device", "tpu9")
+    assert code == 2 and "--device 'tpu9' is not a device" in err
+
+
+def test_padded_vocabulary_samples_and_evaluates_with_the_bytes_tokenizer(capsys, tmp_path):
+    """A 300-token model (padded past bytes' 257) whose padding ids are the most likely:
+    sampling and evaluation never draw them, so the bytes tokenizer can decode everything."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=16))
+    with torch.no_grad():
+        model.transformer.wte.weight[257:] = model.transformer.wte.weight[:43] * 40.0
+    model.save_pretrained(tmp_path / "m", tokenizer="bytes")
+    for temperature in ("0", "1.0"):
+        flags = ("--tokenizer", "bytes", "--temperature", temperature, "--max-new-tokens", "20")
+        code, out, err = run(capsys, "--ckpt", tmp_path / "m", "--prompt", "ab", *flags)
+        assert code == 0, err
+    rows = [{"input": "a", "target": "b"}, {"input": "c", "target": "d"}]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run(capsys, "--ckpt", tmp_path / "m", "--eval", tmp_path / "g.jsonl",
+                         "--tokenizer", "bytes", "--shots", "1")  # fmt: skip
+    assert code == 0, err
 
 
 def test_attention_map_png(capsys, model_dir, tmp_path):
@@ -181,6 +280,9 @@ def test_attention_map_weights_are_causal_rows_summing_to_one(model_dir):
         (["--num-samples", "0"], "--num-samples must be >= 1"),
         (["--max-new-tokens", "-2"], "--max-new-tokens must be >= 0"),
         (["--shots", "-1"], "--shots must be >= 0"),
+        (["--shots", "1", "2"], "several --shots counts need --eval"),
+        (["--eval", "t.jsonl", "--shots", "1", "1"], "--shots lists a count twice"),
+        (["--out", "r.json"], "--out and --plot go with --eval"),
         (["--limit", "0"], "--limit must be >= 1"),
         (["--batch-size", "0"], "--batch-size must be >= 1"),
         (["--window-keep", "33"], r"--window-keep must be in \[1, block_size = 32\]"),

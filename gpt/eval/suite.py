@@ -54,7 +54,8 @@ def plan_suite(
     files = sorted({p for spec in specs for p in find_task_files(spec)})
     alone = len(specs) == 1 and Path(specs[0]).is_file()
     planned, skipped = [], []
-    for path in tqdm(files, desc="planning", unit="task", disable=not progress, leave=False):
+    bar = tqdm(files, desc="planning", unit="task", disable=not progress or alone, leave=False)
+    for path in bar:
         try:
             task = load_task(path, template, separator)
             if not task.metrics:
@@ -88,8 +89,8 @@ def run_suite(
 ) -> list[dict]:
     """Evaluate every planned task at every shot count; results in (task, shots) order."""
     results = []
-    bar = tqdm(total=len(planned) * len(shots), desc="evaluating", unit="run",
-               disable=not progress)  # fmt: skip
+    runs = len(planned) * len(shots)
+    bar = tqdm(total=runs, desc="evaluating", unit="run", disable=not progress or runs < 2)
     for plan in planned:
         for k in shots:
             bar.set_postfix_str(f"{plan.task.name} {k}-shot", refresh=False)
