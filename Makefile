@@ -63,3 +63,10 @@ assets: install
 # The demo corpus as token shards (configs/tiny.toml reads out/data/shakespeare); built once.
 out/data/shakespeare/manifest.json: | assets
 	$(PY) -m gpt.data.prepare shakespeare --out out/data/shakespeare
+
+# BIG-bench's task.json files (1,041, subtasks included) for `sample.py --eval`, from the PyPI
+# sdist bigbench==1.0.0 (358 MB download, 1.7 GB extracted), verified by sha256 and cached in
+# $(GPT_CACHE_DIR)/bigbench-1.0.0/benchmark_tasks; a no-op when cached. Not part of `make test`.
+.PHONY: bigbench
+bigbench: install
+	$(PY) -m gpt.data.assets bigbench

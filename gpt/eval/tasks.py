@@ -53,7 +53,18 @@ class Example:
     targets: list[str] = field(default_factory=list)  # generative: acceptable answers
     choices: list[str] = field(default_factory=list)  # multiple choice: candidates, file order
     scores: list[float] = field(default_factory=list)  # multiple choice: score of each choice
-    listed: list[str] | None = None  # the order the prompt lists the choices in (None: choices)
+    # BIG-bench lists the choices in a prompt sorted, then shuffled by this example's index
+    shuffle: bool = field(default=False, compare=False)
+    index: int = field(default=0, compare=False)
+
+    @property
+    def listed(self) -> list[str]:
+        """The choices in the order a prompt lists them."""
+        if not self.shuffle:
+            return self.choices
+        listed = sorted(self.choices)
+        random.Random(self.index).shuffle(listed)  # the same listing wherever it is shown
+        return listed
 
     @property
     def correct(self) -> list[int]:
@@ -133,27 +144,31 @@ def _jsonl_example(obj, where: str) -> Example:
     _fail(where, 'needs "target" (generative) or "choices" and "answer" (multiple choice)')
 
 
+_NUMBERS = frozenset((int, float))  # JSON numbers; bool (a subclass of int) is not one
+
+
 def _bigbench_example(obj, where: str, index: int, needs_choices: bool, needs_target: bool):
-    if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+    # suites hold millions of examples: the checks below stay in C where they can
+    if type(obj) is not dict or type(obj.get("input")) is not str:
         _fail(where, 'expected an object with a string "input"')
-    example = Example(obj["input"])
-    if "target" in obj:
-        example.targets = _string_list(obj["target"], where, "target")
+    target = obj.get("target")
+    if target is not None:
+        targets = [target] if type(target) is str else _string_list(target, where, "target")
     elif needs_target:
         _fail(where, 'needs "target" (the task is scored by generation)')
+    else:
+        targets = []
     scores = obj.get("target_scores")
     if scores is None and not needs_choices:
-        return example
-    if not isinstance(scores, dict) or not scores:
+        return Example(obj["input"], targets)
+    if type(scores) is not dict or not scores:
         _fail(where, '"target_scores" must map at least one choice to a score')
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores.values()):
+    values = list(scores.values())
+    if not _NUMBERS.issuperset(map(type, values)):
         _fail(where, f'"target_scores" values must be numbers, got {scores!r}')
-    if len(scores) > 1 and max(scores.values()) <= min(scores.values()):
+    if len(values) > 1 and max(values) <= min(values):
         _fail(where, f'"target_scores" has no right choice (all scores equal): {scores!r}')
-    example.choices, example.scores = list(scores), [float(s) for s in scores.values()]
-    example.listed = sorted(example.choices)
-    random.Random(index).shuffle(example.listed)  # the same listing wherever it is shown
-    return example
+    return Example(obj["input"], targets, list(scores), list(map(float, values)), True, index)
 
 
 def _load_jsonl(path: Path) -> Task:
@@ -221,12 +236,11 @@ def _load_bigbench(path: Path) -> Task:
     generative = any(m in GENERATIVE_METRICS for m in metrics)
     examples, seen = [], set()
     for i, obj in enumerate(raw):
-        key = json.dumps(obj, sort_keys=True)
-        if key in seen:  # exact duplicates are dropped, as BIG-bench does
-            continue
-        seen.add(key)
-        where = f"{path}, example {i}"
-        examples.append(_bigbench_example(obj, where, i, multiple_choice, generative))
+        ex = _bigbench_example(obj, f"{path}, example {i}", i, multiple_choice, generative)
+        key = (ex.input, tuple(ex.targets), tuple(ex.choices), tuple(ex.scores))
+        if key not in seen:  # exact duplicates are dropped, as BIG-bench does
+            seen.add(key)
+            examples.append(ex)
     regex = data.get("output_regex")
     if "output_regex" in data:
         try:
@@ -299,26 +313,44 @@ def select_shots(task: Task, k: int, seed: int, query: int | Example) -> list[Ex
     """K demonstrations for the query (an index into ``task.examples`` or an example from
     elsewhere), drawn without replacement by a generator seeded with (seed, query index) from
     the other examples, leaving out the query itself and exact copies of it (an example with
-    the same input and another answer is a fair demonstration)."""
+    the same input and another answer is a fair demonstration). A query typed by the user
+    (an ``Example``) leaves out every example with its input: their answers are unknown."""
     if k < 0:
         raise ValueError(f"--shots must be >= 0, got {k}")
-    index = query if isinstance(query, int) else -1
-    target = task.examples[query] if isinstance(query, int) else query
+    if k == 0:
+        return []
+    examples = task.examples
     if isinstance(query, int):
-        pool = [e for i, e in enumerate(task.examples) if i != index and e != target]
-    else:  # a query typed by the user: no example with its input (its answer is unknown)
-        pool = [e for e in task.examples if e.input != target.input]
-    if k > len(pool):
-        raise ValueError(
-            f"--shots {k} needs {k} examples besides the query; {task.path} has {len(pool)}"
-        )
-    return random.Random(f"{seed}:{index}").sample(pool, k)
+        index, target = query, examples[query]
+
+        def usable(i: int) -> bool:
+            return i != index and examples[i] != target
+    else:
+        index, target = -1, query
+
+        def usable(i: int) -> bool:
+            return examples[i].input != target.input
+
+    rng = random.Random(f"{seed}:{index}")
+    # a few spare draws cover the query and its copies without scanning a large task
+    draws = rng.sample(range(len(examples)), min(len(examples), k + 8))
+    picked = [i for i in draws if usable(i)]
+    if len(picked) < k:  # many excluded: draw from the whole pool (same generator, reseeded)
+        pool = [i for i in range(len(examples)) if usable(i)]
+        if k > len(pool):
+            raise ValueError(
+                f"--shots {k} needs {k} examples besides the query; {task.path} has {len(pool)}"
+            )
+        picked = random.Random(f"{seed}:{index}").sample(pool, k)
+    return [examples[i] for i in picked[:k]]
 
 
 def format_query(task: Task, example: Example) -> str:
     """The template filled with the example (what the model continues with the answer)."""
-    listed = example.choices if example.listed is None else example.listed
-    values = {"input": example.input, "choices": "".join(task.choice_prefix + c for c in listed)}
+    values = {
+        "input": example.input,
+        "choices": "".join(task.choice_prefix + c for c in example.listed),
+    }
     # one pass, so that an input or choice containing "{choices}" is left alone
     return re.sub(r"\{(input|choices)\}", lambda m: values[m.group(1)], task.template)
 
