@@ -165,15 +165,18 @@ class DecodeStep:
 
 
 def decode_step(model: GPT, batch_size: int, compile: bool = False) -> DecodeStep:
-    """The model's ``DecodeStep`` for this batch size (made once), compiled if asked."""
+    """A ``DecodeStep`` for this batch size, with its cache. A compiled one is kept on the
+    model (per batch size, dtype and device), so that it is compiled once and reused by later
+    calls; an eager one is made afresh, so that its cache is freed after decoding."""
     param = next(model.parameters())
-    key = (batch_size, param.dtype, param.device, compile)
-    # kept on the model (one step and cache per batch size, dtype, device and compile
-    # setting), so that a compiled step is compiled once and reused by later calls
-    steps = model.__dict__.setdefault("_decode_steps", {})
+    if not compile:
+        cache = KVCache(model.cfg, batch_size, device=param.device, dtype=param.dtype)
+        return DecodeStep(model, cache)
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    key = (batch_size, param.dtype, param.device)
     if key not in steps:
         cache = KVCache(model.cfg, batch_size, device=param.device, dtype=param.dtype)
-        steps[key] = DecodeStep(model, cache, compile)
+        steps[key] = DecodeStep(model, cache, compile=True)
     return steps[key]
 
 
