@@ -126,6 +126,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--batch-size", type=int, default=16, help="with --eval: continuations per batch"
     )
+    p.add_argument(
+        "--kind",
+        choices=["multiple_choice", "generative"],
+        help="with --eval: only the metrics of this kind (tasks without one are skipped)",
+    )
     p.add_argument("--out", help="with --eval: write the results as JSON here")
     p.add_argument(
         "--plot",
@@ -253,8 +258,9 @@ def show_prompt(prompt: str, header: str) -> None:
 def run_eval(args, model, tokenizer) -> None:
     start = time.perf_counter()
     planned, skipped = plan_suite(
-        args.eval, args.shots, args.seed, args.limit, args.template, args.separator
-    )
+        args.eval, args.shots, args.seed, args.limit, args.template, args.separator,
+        kind=args.kind,
+    )  # fmt: skip
     if not planned:
         raise ValueError(f"--eval {' '.join(args.eval)}: no task can be evaluated\n"
                          + format_skipped(skipped))  # fmt: skip
@@ -274,7 +280,8 @@ def run_eval(args, model, tokenizer) -> None:
     print(f"{len(planned)} tasks x {len(args.shots)} shot counts ({n} queries) evaluated, "
           f"{len(skipped)} skipped, in {time.perf_counter() - start:.1f} s")  # fmt: skip
     if args.out:
-        keys = ("ckpt", "eval", "shots", "seed", "limit", "template", "separator", "batch_size")
+        keys = ("ckpt", "eval", "shots", "seed", "limit", "kind", "template", "separator",
+                "batch_size")  # fmt: skip
         config = {k: getattr(args, k) for k in keys}
         report = {"config": config, "results": results, "skipped": skipped}
         write_atomic(args.out, json.dumps(report, indent=1) + "\n")

@@ -21,7 +21,9 @@ from tqdm import tqdm
 
 from gpt.eval.scoring import evaluate_prompts, prepare_prompts, query_indices
 from gpt.eval.tasks import (
+    GENERATIVE_METRICS,
     IMPLEMENTED_METRICS,
+    MULTIPLE_CHOICE_METRICS,
     Example,
     Task,
     find_task_files,
@@ -48,9 +50,13 @@ def plan_suite(
     template: str | None = None,
     separator: str | None = None,
     progress: bool = True,
+    kind: str | None = None,
 ) -> tuple[list[PlannedTask], list[dict]]:
     """Load every task file named by ``specs`` (files, directories, globs) and build all its
-    prompts; returns the planned tasks and the skipped ones ({task, path, reason})."""
+    prompts; returns the planned tasks and the skipped ones ({task, path, reason}). ``kind``
+    ("multiple_choice" or "generative") keeps only the metrics of that kind."""
+    if kind not in (None, "multiple_choice", "generative"):
+        raise ValueError(f"--kind must be multiple_choice or generative, got {kind!r}")
     files = sorted({p for spec in specs for p in find_task_files(spec)})
     alone = len(specs) == 1 and Path(specs[0]).is_file()
     planned, skipped = [], []
@@ -63,6 +69,14 @@ def plan_suite(
                     f"{path}: its metrics ({', '.join(task.unimplemented) or 'none'}) are not "
                     f"implemented; implemented: {', '.join(IMPLEMENTED_METRICS)}"
                 )
+            if kind is not None:
+                wanted = (
+                    MULTIPLE_CHOICE_METRICS if kind == "multiple_choice" else GENERATIVE_METRICS
+                )
+                task.metrics = [m for m in task.metrics if m in wanted]
+                task.multiple_choice = kind == "multiple_choice"
+                if not task.metrics:
+                    raise ValueError(f"{path}: no {kind} metric (--kind {kind})")
             queries = query_indices(task, seed, limit)
             prompts = {k: prepare_prompts(task, k, seed, queries) for k in shots}
         except ValueError as err:
