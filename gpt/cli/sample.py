@@ -269,15 +269,18 @@ def run_eval(args, model, tokenizer) -> None:
             for k in args.shots:
                 for (i, _), prompt in zip(plan.queries, plan.prompts[k], strict=True):
                     show_prompt(prompt, f"{plan.task.name}, example {i}, {k}-shot prompt")
+    alone = len(args.eval) == 1 and Path(args.eval[0]).is_file()  # its problem is an error
     results = run_suite(
         model, tokenizer, planned, args.shots, args.seed, args.batch_size, args.max_new_tokens,
-        args.stop,
+        args.stop, skipped=None if alone else skipped,
     )  # fmt: skip
+    skipped.sort(key=lambda s: s["path"])
     print(format_table(results))
     if skipped:
         print(format_skipped(skipped))
     n = sum(r["examples"] for r in results)
-    print(f"{len(planned)} tasks x {len(args.shots)} shot counts ({n} queries) evaluated, "
+    tasks = len({r["path"] for r in results})
+    print(f"{tasks} tasks x {len(args.shots)} shot counts ({n} queries) evaluated, "
           f"{len(skipped)} skipped, in {time.perf_counter() - start:.1f} s")  # fmt: skip
     if args.out:
         keys = ("ckpt", "eval", "shots", "seed", "limit", "kind", "template", "separator",

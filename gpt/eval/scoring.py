@@ -259,11 +259,20 @@ def evaluate_prompts(
     return {**summary, "records": records}
 
 
+def _check_fits(model, records, i: int, answer: str, ids: list[int]) -> None:
+    if len(ids) > model.cfg.block_size:
+        raise ValueError(
+            f"example {records[i]['index']}: the answer {answer[:30]!r}... is {len(ids)} "
+            f"tokens, more than the model's block_size {model.cfg.block_size} can score"
+        )
+
+
 def _score_choices(model, tokenizer, examples, prompts, batch_size, records) -> dict:
     pairs, owner = [], []
     for i, (ex, prompt) in enumerate(zip(examples, prompts, strict=True)):
         for choice in ex.choices:
             pairs.append(encode_pair(tokenizer, prompt, choice))
+            _check_fits(model, records, i, choice, pairs[-1][1])
             owner.append(i)
     logprobs = continuation_logprobs(model, pairs, batch_size, vocab_size=tokenizer.n_vocab)
     per_example: list[list[float]] = [[] for _ in examples]
@@ -297,6 +306,8 @@ def _score_generation(
     pairs = [
         encode_pair(tokenizer, p, ex.targets[0]) for ex, p in zip(examples, prompts, strict=True)
     ]
+    for i, (ex, (_, ids)) in enumerate(zip(examples, pairs, strict=True)):
+        _check_fits(model, records, i, ex.targets[0], ids)
     logprobs = continuation_logprobs(model, pairs, batch_size, vocab_size=tokenizer.n_vocab)
     if stops is None:
         stops = ("\n",) if task.strip else tuple(s for s in [task.stop_string] if s)

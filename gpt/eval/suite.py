@@ -100,30 +100,36 @@ def run_suite(
     max_new_tokens: int | None = None,
     stops: Sequence[str] | None = None,
     progress: bool = True,
+    skipped: list[dict] | None = None,
 ) -> list[dict]:
-    """Evaluate every planned task at every shot count; results in (task, shots) order."""
+    """Evaluate every planned task at every shot count; results in (task, shots) order. A
+    task that turns out not to fit the model (an answer longer than its context) raises, or
+    with a ``skipped`` list is left out and added there with the reason, the other tasks'
+    results kept."""
     results = []
     runs = len(planned) * len(shots)
     bar = tqdm(total=runs, desc="evaluating", unit="run", disable=not progress or runs < 2)
     for plan in planned:
+        done = []
         for k in shots:
             bar.set_postfix_str(f"{plan.task.name} {k}-shot", refresh=False)
-            results.append(
-                evaluate_prompts(
-                    model,
-                    tokenizer,
-                    plan.task,
-                    plan.queries,
-                    plan.prompts[k],
-                    k,
-                    seed,
-                    batch_size,
-                    max_new_tokens,
-                    stops,
-                    progress=False,
+            try:
+                result = evaluate_prompts(
+                    model, tokenizer, plan.task, plan.queries, plan.prompts[k], k, seed,
+                    batch_size, max_new_tokens, stops, progress=False,
                 )  # fmt: skip
-            )
+            except ValueError as err:
+                if skipped is None:
+                    raise ValueError(f"{plan.task.path}: {err}") from None
+                reason = str(err).splitlines()[0]
+                skipped.append({"task": plan.task.name, "path": str(plan.task.path),
+                                "reason": reason})  # fmt: skip
+                bar.update(len(shots) - shots.index(k))  # this and the later counts
+                done = []
+                break
+            done.append(result)
             bar.update()
+        results += done
     bar.close()
     return results
 
