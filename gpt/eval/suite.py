@@ -157,21 +157,23 @@ def plot_shot_curves(results: list[dict], path: str | Path, title: str = "") -> 
     for (_, metric), points in curves.items():
         for k, v in points.items():
             by_metric.setdefault(metric, {}).setdefault(k, []).append(v)
-    panels = [("mean over tasks", by_metric)]
+    panels: list[tuple[str, str | None, dict]] = [("mean over tasks", None, by_metric)]
     for (task, metric), points in list(curves.items())[: MAX_PANELS - 1]:
-        panels.append((task, {metric: {k: [v] for k, v in points.items()}}))
+        panels.append((task, metric, {metric: {k: [v] for k, v in points.items()}}))
+    colors = {m: f"C{i}" for i, m in enumerate(sorted(by_metric))}
     cols = min(6, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
     for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    for ax, (name, series) in zip(axes.flat, panels, strict=False):
-        for metric, points in series.items():
+    for ax, (name, metric, series) in zip(axes.flat, panels, strict=False):
+        for m, points in series.items():
             ks = sorted(points)
-            ax.plot(ks, [sum(points[k]) / len(points[k]) for k in ks], "o-", label=metric)
-        if name in chance:
+            mean = [sum(points[k]) / len(points[k]) for k in ks]
+            ax.plot(ks, mean, "o-", label=m, color=colors[m])
+        if metric == "multiple_choice_grade" and name in chance:  # chance of this metric only
             ax.axhline(chance[name], color="grey", linestyle="--", linewidth=1)
-        ax.set_title(name, fontsize=8)
+        ax.set_title(name if metric is None else f"{name}\n{metric}", fontsize=7)
         ax.set_ylim(-0.02, 1.02)
         ax.tick_params(labelsize=7)
     axes.flat[0].legend(fontsize=6)
