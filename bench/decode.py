@@ -8,10 +8,11 @@ For each model shape (random weights: speed does not depend on their values; flo
 fill the context (block_size - prompt tokens, unless --new-tokens) with
 
 - ``recompute``: nanoGPT's ``generate``: the whole context through the model at every step;
-- ``kv-cache``: one prefill of the prompt, then the static-shape single-token step
-  (``gpt.generate.DecodeStep``), eager;
-- ``kv-cache compiled``: the same step compiled with ``torch.compile`` (its compile time is
-  reported apart; on a GPU with CUDA graphs, mode "reduce-overhead").
+- ``kv-cache``: one prefill of the prompt, then the single-token step
+  (``gpt.generate.DecodeStep``), eager: the attention backend on the filled keys;
+- ``kv-cache compiled``: the static-shape step (masked attention over the whole cache)
+  compiled with ``torch.compile`` (its compile time is reported apart; on a GPU with CUDA
+  graphs, mode "reduce-overhead").
 
 The LM head sees only the last position in every method (as nanoGPT does at inference), so the
 comparison is of the decoding work. Rounds interleave the methods and the best round of each

@@ -99,33 +99,44 @@ def next_token(
 
 
 class DecodeStep:
-    """One new token per sequence through ``model`` with static shapes, for decoding.
+    """One new token per sequence through ``model``, for decoding: ``step(token)`` returns
+    the next-token logits and advances the position (call ``start()`` after a prefill).
 
-    The model's own forward with a KV cache slices the cache to its filled length and offsets
-    positions by a Python int: shapes and constants change at every token, and the step is
-    dominated by per-operation overhead at small sizes. Here the position is a (1,) tensor
-    advanced in place, keys and values are written into the (B, H_kv, block_size, D) buffers
-    of ``cache`` with ``index_copy_``, and attention reads the whole buffer under a mask of
-    the filled positions (PyTorch's sdpa, whatever the model's backend: one query is cheap).
-    Every tensor keeps its shape and address from token to token, so the step can be
-    compiled once (``torch.compile``; on a GPU with CUDA graphs, "reduce-overhead"). The
-    arithmetic is the model's (eval mode: no dropout) and is tested against its forward."""
+    The position is a (1,) tensor advanced in place and keys and values are written into the
+    (B, H_kv, block_size, D) buffers of ``cache`` with ``index_copy_``: nothing is allocated
+    or concatenated per token. Eager, attention is the model's backend on the filled
+    positions (a decode kernel sees the real key length). ``static`` (implied by ``compile``)
+    makes every shape constant instead: attention reads the whole buffer under a mask of the
+    filled positions (PyTorch's sdpa), so that the step compiles once (``torch.compile``; on a
+    GPU with CUDA graphs, "reduce-overhead"). The arithmetic is the model's (eval mode: no
+    dropout) and is tested against its forward."""
 
-    def __init__(self, model: GPT, cache: KVCache, compile: bool = False):
-        self.model, self.cache = model, cache
+    def __init__(self, model: GPT, cache: KVCache, static: bool = False, compile: bool = False):
+        self.model, self.cache, self.static = model, cache, static or compile
         device = cache.keys[0].device
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the new token's position
         self.slots = torch.arange(model.cfg.block_size, device=device)  # cache positions
-        self.run = self.step
+        self.run = self.forward
         if compile:
             mode = None
             if device.type == "cuda":  # CUDA graphs: buffers updated in place at fixed addresses
                 mode = "reduce-overhead"
                 for t in [self.pos, *cache.keys, *cache.values]:
                     torch._dynamo.mark_static_address(t)
-            self.run = torch.compile(self.step, fullgraph=True, dynamic=False, mode=mode)
+            self.run = torch.compile(self.forward, fullgraph=True, dynamic=False, mode=mode)
+
+    def start(self) -> None:
+        """Continue after the cache's filled positions (e.g. after a prefill)."""
+        self.pos.fill_(self.cache.length)
 
     def step(self, token: Tensor) -> Tensor:
+        """token (B, 1) -> next-token logits (B, vocab); the token joins the cache."""
+        logits = self.run(token)
+        self.pos += 1
+        self.cache.length += 1
+        return logits
+
+    def forward(self, token: Tensor) -> Tensor:
         """token (B, 1) at position ``self.pos`` -> next-token logits (B, vocab)."""
         m, cfg, pos = self.model, self.model.cfg, self.pos
         t = m.transformer
@@ -137,7 +148,7 @@ class DecodeStep:
             x = x + m.pos_table[pos].to(x.dtype)
         else:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (1, D/2) each
-        visible = (self.slots <= pos).view(1, 1, 1, -1)  # (1, 1, 1, S): filled positions
+        visible = (self.slots <= pos).view(1, 1, 1, -1) if self.static else None  # (1, 1, 1, S)
         for i, block in enumerate(t.h):
             attn = block.attn
             h = block.ln_1(x) if block.pre_norm else x
@@ -151,9 +162,13 @@ class DecodeStep:
             keys, values = self.cache.keys[i], self.cache.values[i]  # (B, H_kv, S, D)
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
-            y = F.scaled_dot_product_attention(
-                q, keys, values, visible, scale=1.0 / math.sqrt(D), enable_gqa=H != H_kv
-            )  # (B, H, 1, D)
+            if self.static:
+                y = F.scaled_dot_product_attention(
+                    q, keys, values, visible, scale=1.0 / math.sqrt(D), enable_gqa=H != H_kv
+                )  # (B, H, 1, D)
+            else:  # one query sees every filled key: no mask
+                end = self.cache.length + 1
+                y = attn.attend(q, keys[:, :, :end], values[:, :, :end], False, 1 / math.sqrt(D))
             y = attn.c_proj(y.transpose(1, 2).reshape(B, 1, H * D))
             if block.pre_norm:
                 x = x + y
@@ -230,13 +245,11 @@ def decode(
             cache.length = 0
             logits = model(tokens[:, start:n], kv_cache=cache)[:, -1]
             if step is not None:
-                step.pos.fill_(cache.length)
+                step.start()
         elif step is None:
             logits = model(tokens[:, n - 1 : n], kv_cache=cache)[:, -1]
         else:
-            logits = step.run(tokens[:, n - 1 : n])
-            step.pos += 1
-            cache.length += 1
+            logits = step.step(tokens[:, n - 1 : n])
         if vocab_size is not None and vocab_size < logits.shape[-1]:
             logits = logits[:, :vocab_size]
         token = next_token(logits, temperature, top_k, top_p, generator)  # (B,)

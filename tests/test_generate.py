@@ -137,21 +137,22 @@ def test_kv_cache_refuses_overflow():
         model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 @pytest.mark.parametrize("switch", list(SWITCHES))
-def test_static_decode_step_equals_the_model_forward(switch):
-    """The static-shape single-token step (whole-cache attention under a mask) against the
-    model's own forward, token by token."""
-    model = make(**SWITCHES[switch], norm="rmsnorm", mlp="swiglu")
+def test_decode_step_equals_the_model_forward(switch, static):
+    """The single-token step, eager (the model's backend on the filled keys) and static
+    (whole-cache attention under a mask), against the model's own forward, token by token."""
+    model = make(**SWITCHES[switch], norm="rmsnorm", mlp="swiglu", attention="naive")
     idx = torch.randint(0, SMALL["vocab_size"], (2, SMALL["block_size"]))
     with torch.no_grad():
         full = model(idx)
-        step = DecodeStep(model, KVCache(model.cfg, batch_size=2))
+        step = DecodeStep(model, KVCache(model.cfg, batch_size=2), static=static)
         model(idx[:, :4], kv_cache=step.cache)
-        step.pos.fill_(4)
+        step.start()
         for t in range(4, SMALL["block_size"]):
-            logits = step.run(idx[:, t : t + 1])
-            step.pos += 1
+            logits = step.step(idx[:, t : t + 1])
             assert (logits - full[:, t]).abs().max().item() <= 1e-5, t
+        assert step.cache.length == SMALL["block_size"] and step.pos.item() == step.cache.length
 
 
 @pytest.mark.slow
