@@ -179,7 +179,10 @@ def test_lora_trains_adapters_only_and_merges_into_an_equal_plain_model(
         changed = not torch.equal(tensor, merged.state_dict()[name])
         assert changed == name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")), name
     # the merged model exports to a plain Hugging Face model with the same logits
+    from gpt.cli import sample
     from gpt.convert.__main__ import main as convert
+
+    sample.main(["--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "3", "--seed", "1"])
 
     assert convert([str(out), str(tmp_path / "hf")]) == 0  # python -m gpt.convert RUN OUT
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gpt import GPT
 from gpt.attention import get_attention
-from gpt.convert import tokenizer_name
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.attention_map import attention_weights, plot_attention_map, token_labels
 from gpt.eval.scoring import format_table
@@ -35,7 +33,7 @@ from gpt.eval.suite import format_skipped, plan_suite, plot_shot_curves, run_sui
 from gpt.eval.tasks import Example, build_prompt, load_task, select_shots
 from gpt.fileio import write_atomic
 from gpt.generate import check_sampling, encode_prompt, sample_texts
-from gpt.train.checkpoint import resolve_model_dir
+from gpt.train import checkpoint
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -221,8 +219,9 @@ def check_output(flag: str, value: str) -> None:
 
 
 def load_model(args: argparse.Namespace):
-    model_dir = resolve_model_dir(args.ckpt)
-    model = GPT.from_pretrained(model_dir, attention="naive")  # "naive" always builds
+    # "naive" always builds; a LoRA run's adapters are merged into its base
+    model = checkpoint.load_model(args.ckpt, attention="naive")
+    model_dir = checkpoint.model_dir_of(args.ckpt)
     recorded = json.loads((model_dir / "config.json").read_text()).get("gpt_config", {})
     try:
         model.set_attention(args.attention or recorded.get("attention", "sdpa"))
@@ -230,7 +229,7 @@ def load_model(args: argparse.Namespace):
         print(f"sample.py: warning: {err}; using sdpa", file=sys.stderr)
         model.set_attention("sdpa")
     model.to(args.device).eval()
-    name = args.tokenizer or tokenizer_name(model_dir) or "gpt2"
+    name = args.tokenizer or checkpoint.tokenizer_of(args.ckpt) or "gpt2"
     tokenizer = get_tokenizer(name)
     if tokenizer.n_vocab > model.cfg.vocab_size:
         raise ValueError(

@@ -151,14 +151,20 @@ def load_model(path: str | Path, **overrides):
     return merge_lora(model)
 
 
+def model_dir_of(path: str | Path) -> Path:
+    """The model directory whose config ``load_model(path)`` builds: ``path``'s own, or, for
+    a LoRA run or checkpoint, its base's."""
+    adapters = _adapters_dir(Path(path))
+    if adapters is None:
+        return resolve_model_dir(path)
+    return model_dir_of(json.loads((adapters / "adapter.json").read_text())["base"])
+
+
 def tokenizer_of(path: str | Path) -> str | None:
     """The tokenizer recorded with the model at ``path`` (as ``load_model`` resolves it)."""
     from gpt.convert import tokenizer_name
 
-    adapters = _adapters_dir(Path(path))
-    if adapters is None:
-        return tokenizer_name(resolve_model_dir(path))
-    return json.loads((adapters / "adapter.json").read_text()).get("tokenizer")
+    return tokenizer_name(model_dir_of(path))
 
 
 def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
