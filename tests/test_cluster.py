@@ -303,3 +303,66 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path, da
     assert step >= 4
     assert train.main([str(path), *args, batch(1), f"--train.max_steps={step + 2}"]) == 0
     assert list(losses(out)) == list(range(1, step + 3))
+
+
+def test_universal_state_is_deepspeeds_own_state_per_parameter(tmp_path, data_dir):
+    """One process, ZeRO 0: DeepSpeed's own checkpoint holds the whole state too, indexed by
+    position in the optimizer's groups (matrices first, then vectors); universal/ must hold
+    the same tensors under the parameters' names."""
+    path, out = config(tmp_path, data_dir, "plain")
+    assert train.main([str(path), *RUN, "--train.max_steps=3", batch(1)]) == 0
+    ckpt = latest_checkpoint(out)
+    index = json.loads((ckpt / "universal/index.json").read_text())
+    assert index["adam_step"] == 3 and index["world_size"] == 1 and index["zero_stage"] == 0
+    universal = load_file(ckpt / "universal/rank00000.safetensors")
+    # our own checkpoint, written by this test: trusted, so a full load is fine
+    ds = torch.load(ckpt / "ds/state/mp_rank_00_model_states.pt", weights_only=False)
+    # the module's state in model order; a tied weight appears there under both names
+    names = [n for n in ds["module"] if n in index["params"]]
+    assert sorted(names) == sorted(index["params"]) and len(ds["module"]) == len(names) + 1
+    order = [n for n in names if ds["module"][n].dim() >= 2]
+    order += [n for n in names if ds["module"][n].dim() < 2]
+    moments = ds["optimizer"]["state"]
+    assert len(moments) == len(order)
+    for pid, name in enumerate(order):
+        assert torch.equal(universal[f"{name}/fp32"], ds["module"][name].float()), name
+        for kind in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(universal[f"{name}/{kind}"], moments[pid][kind]), (name, kind)
+        assert moments[pid]["step"].item() == 3
+
+
+LAYOUT_CASES = [
+    # (saved: world, stage, dtype), (now: world, stage, dtype), universal/ saved, expected
+    ((2, 1, "fp32"), (2, 1, "fp32"), True, False),  # same layout: DeepSpeed's own files
+    ((2, 1, "fp32"), (4, 1, "fp32"), True, True),
+    ((2, 3, "bf16"), (1, 2, "bf16"), True, True),
+    ((2, 0, "fp32"), (4, 0, "fp32"), False, False),  # stage 0: DeepSpeed's state is whole
+    ((2, 0, "fp32"), (4, 0, "fp32"), True, False),
+    ((1, 0, "fp32"), (2, 2, "fp32"), True, True),
+    ((2, 0, "fp32"), (4, 0, "fp16"), True, "loads into ZeRO stage 1-3, or stage 0 with fp32"),
+    ((2, 1, "fp32"), (1, 1, "fp32"), False, "it has no universal/ state"),
+    ((2, 0, "fp32"), (2, 1, "fp32"), False, "it has no universal/ state"),
+    ((2, 1, "bf16"), (1, 0, "bf16"), True, "loads into ZeRO stage 1-3, or stage 0 with fp32"),
+]
+
+
+@pytest.mark.parametrize("then, now, saved_universal, expected", LAYOUT_CASES)
+def test_which_state_a_resume_loads(tmp_path, then, now, saved_universal, expected):
+    from gpt.config import Config, ConfigError
+    from gpt.train.checkpoint import needs_universal
+
+    ckpt = tmp_path / "step_00000003"
+    (ckpt / "universal").mkdir(parents=True)
+    if saved_universal:
+        (ckpt / "universal/index.json").write_text("{}")
+    zero = {"zero_optimization": {"stage": then[1]}}
+    saved_cfg = {"train": {"dtype": then[2]}, "deepspeed": zero}
+    saved = {"world_size": then[0], "config": saved_cfg}
+    cfg = Config()
+    cfg.train.dtype, cfg.deepspeed = now[2], {"zero_optimization": {"stage": now[1]}}
+    if isinstance(expected, bool):
+        assert needs_universal(cfg, saved, now[0], ckpt) is expected
+    else:
+        with pytest.raises(ConfigError, match=expected) as err:
+            needs_universal(cfg, saved, now[0], ckpt)
+        assert f"resume with {then[0]} process(es)" in str(err.value)
