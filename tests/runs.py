@@ -1,15 +1,18 @@
 """Shared by the trainer tests: a tiny config, running train.py in and out of process, and
 reading what a run wrote."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -124,12 +127,35 @@ def free_port() -> int:
 
 
 def logged_popen(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    """A process whose stdout and stderr go to ``log`` (``output(proc)`` reads it): pipes
-    of processes that wait for each other must not fill up unread."""
+    """A process, in a session of its own (``kill_tree`` ends it with its children), whose
+    stdout and stderr go to ``log`` (``output(proc)`` reads it): pipes of processes that
+    wait for each other must not fill up unread."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     proc.log = log
     return proc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of ``proc``, its session and every process under it
+    (torchrun starts each worker in a session of its own)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def output(proc: subprocess.Popen) -> str:
@@ -159,8 +185,13 @@ def torchrun_nodes(path, *overrides, nnodes: int = 2, nproc: int = 1) -> None:
         )
         for node in range(nnodes)
     ]
+    try:
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            kill_tree(proc)
     for node, proc in enumerate(procs):
-        proc.wait(timeout=300)
         assert proc.returncode == 0, f"node {node}: {output(proc)[-3000:]}"
 
 

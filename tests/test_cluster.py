@@ -4,6 +4,7 @@ with SIGKILL. Every run has the same global batch (8 sequences: 4 x 2 accumulati
 one process, 2 x 2 on two, 1 x 2 on four), so every world size follows the same run, up to
 the rounding of reductions in another order (1e-5 relative)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from runs import (
     config,
     copy_run_at,
     free_port,
+    kill_tree,
     logged_popen,
     losses,
     output,
@@ -36,6 +38,13 @@ from gpt.train.trainer import TIME_LIMIT_EXIT
 # n_embd = 30: parameters whose size 4 does not divide (ZeRO-3 pads the last slice)
 RUN = ["--model.n_embd=30", "--train.eval_interval=0", "--train.max_steps=6"]
 RUN += ["--train.ckpt_interval=3"]
+
+
+def alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def batch(world: int) -> str:
@@ -232,7 +241,7 @@ def test_a_signal_to_one_rank_stops_every_rank_and_the_job_requeues(tmp_path, da
         os.kill(int((fake / "pid1").read_text()), signal.SIGUSR1)
         job.wait(timeout=120)
     finally:
-        job.kill()
+        kill_tree(job)
     sigusr1 = 128 + signal.SIGUSR1
     statuses = [int((fake / f"status{r}").read_text()) for r in (0, 1)]
     assert statuses == [sigusr1, sigusr1] and job.returncode == sigusr1, output(job)[-3000:]
@@ -284,6 +293,7 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path, da
         tmp_path / "torchrun.log",
         subprocess_env(),
     )
+    workers = []
     try:
         wait_for_records(out, 6, [launcher])
         workers = psutil.Process(launcher.pid).children(recursive=True)
@@ -292,11 +302,15 @@ def test_a_killed_rank_ends_the_job_and_the_last_checkpoint_resumes(tmp_path, da
         killed = time.time()
         launcher.wait(timeout=120)
         elapsed = time.time() - killed
+        left = [w.pid for w in workers if alive(w)]
     finally:
-        launcher.kill()
+        kill_tree(launcher)
+        for worker in workers:  # in sessions of their own, and orphans once torchrun is gone
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
     assert launcher.returncode != 0, output(launcher)[-2000:]
     assert elapsed < 45, elapsed  # torchrun: monitor interval + 30 s shutdown grace, at most
-    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert not left, f"workers still running after torchrun exited: {left}"
     last = latest_checkpoint(out)
     verify_checksums(last)
     step = int(last.name.split("_")[1])
