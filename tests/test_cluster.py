@@ -173,16 +173,18 @@ def test_another_zero_stage_resumes_through_universal_state_and_refused_without(
         assert train.main([*args, zero(1), "--train.max_steps=3"]) == 0
         assert (latest_checkpoint(out) / "universal").is_dir() == (universal == "true")
         status = train.main([*args, zero(3)])
+        err = capsys.readouterr().err
         if universal == "true":
             assert status == 0
+            assert "was saved by 1 process(es) with ZeRO stage 1: loaded from its universal/" in err
             assert_close(losses(out), one, range(4, 7))
         else:
             assert status == 2
-            err = capsys.readouterr().err
             layouts = "saved by 1 process(es), ZeRO stage 1, dtype fp32, resumed by 1 "
             assert layouts + "process(es), ZeRO stage 3, dtype fp32" in err, err
             assert "it has no universal/ state" in err, err
-            assert train.main([*args, zero(1)]) == 0
+            assert train.main([*args, zero(1)]) == 0  # the same layout: DeepSpeed's files
+            assert "universal/" not in capsys.readouterr().err
             assert list(losses(out)) == [1, 2, 3, 4, 5, 6]
 
 

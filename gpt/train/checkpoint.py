@@ -587,7 +587,7 @@ def needs_universal(cfg: Config, saved: dict, world: int, ckpt: Path) -> bool:
     training state (number of processes, ZeRO stage, dtype) changed, unless DeepSpeed's own
     files hold it whole (ZeRO stage 0 on both sides, same dtype). ConfigError when neither
     can be loaded into this run."""
-    then = (saved["world_size"], _zero_stage(saved["config"]), saved["config"]["train"]["dtype"])
+    then = (saved["world_size"], zero_stage_of(saved), saved["config"]["train"]["dtype"])
     now = (world, cfg.zero_stage, cfg.train.dtype)
     if then == now or (then[1] == now[1] == 0 and then[2] == now[2]):
         return False
@@ -608,5 +608,6 @@ def needs_universal(cfg: Config, saved: dict, world: int, ckpt: Path) -> bool:
     )
 
 
-def _zero_stage(config: dict) -> int:
-    return config.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)
+def zero_stage_of(trainer_state: dict) -> int:
+    """The ZeRO stage a checkpoint was saved with (from its trainer.json)."""
+    return trainer_state["config"].get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)

@@ -129,6 +129,13 @@ class Trainer:
                 if dist.is_main():
                     print(f"train.py: warning: skipping checkpoint {path}: {err}", file=sys.stderr)
                 continue
+            if universal and dist.is_main():
+                print(
+                    f"train.py: {path.name} was saved by {saved['world_size']} process(es) "
+                    f"with ZeRO stage {ckpt.zero_stage_of(saved)}: loaded from its universal/ "
+                    "state",
+                    file=sys.stderr,
+                )
             self.load_state_dict(saved)
             return path
         if damaged:  # never start afresh over a run whose every checkpoint is unusable
