@@ -35,6 +35,7 @@ UNIVERSAL = "universal"
 INDEX = "index.json"
 FORMAT = 1
 MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's first and second moments
+KINDS = ("fp32", *MOMENTS)  # saved per parameter, as "{name}/{kind}"
 LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
 ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps")
 
@@ -92,13 +93,14 @@ def save_universal(engine, optimizer: torch.optim.Optimizer, root: Path) -> None
     mine: dict[str, torch.Tensor] = {}
     params = {}
     for i, (name, p) in enumerate(_trainable(engine)):
+        shape = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3: p itself is empty
+        params[name] = {"file": f"rank{i % world:05d}.safetensors", "shape": shape}
+        if not (_partitioned(p) or i % world == rank):
+            continue  # whole here and in another rank's share: nothing to gather
         state = _gather(p, optimizer)
-        owner = f"rank{i % world:05d}.safetensors"
-        params[name] = {"file": owner, "shape": list(state[next(iter(state))].shape)}
-        params[name]["kinds"] = sorted(state)
         if i % world == rank:
-            for k, v in state.items():
-                mine[f"{name}/{k}"] = v.detach().float().cpu().contiguous()
+            for k in KINDS:
+                mine[f"{name}/{k}"] = state[k].detach().float().cpu().contiguous()
     if mine or rank == 0:
         write_atomic(folder / f"rank{rank:05d}.safetensors", safetensors_bytes(mine))
     if rank == 0:
@@ -192,10 +194,10 @@ def _set_zero3_slices(p: torch.nn.Parameter, values: dict, device: torch.device)
     from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
     rank, world, n = dist.rank(), dist.world_size(), p.ds_tensor.numel()
-    if n != -(-p.ds_numel // world):  # hpZ / MiCS partition over fewer ranks
+    if n != -(-p.ds_numel // world):  # MiCS: partitions over a subset of the ranks
         raise UniversalStateError(
             f"ZeRO-3 slices of {n} elements for a parameter of {p.ds_numel} on {world} ranks: "
-            "only the default partitioning over every rank is supported"
+            "only partitions over every rank (not MiCS) are supported"
         )
 
     def mine(value: torch.Tensor) -> torch.Tensor:
@@ -234,7 +236,7 @@ def load_universal(engine, optimizer: torch.optim.Optimizer, ckpt: Path) -> None
         try:
             if path not in files:
                 files[path] = safe_open(path, framework="pt", device="cpu")
-            values = {k: files[path].get_tensor(f"{name}/{k}") for k in entry["kinds"]}
+            values = {k: files[path].get_tensor(f"{name}/{k}") for k in KINDS}
         except (OSError, SafetensorError) as err:
             raise UniversalStateError(f"{path}: cannot read {name} ({err})") from None
         shape = tuple(getattr(p, "ds_shape", p.shape))
