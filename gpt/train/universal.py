@@ -1,19 +1,20 @@
 """A checkpoint's training state in a form that does not depend on the number of processes.
 
 DeepSpeed's own checkpoint under ZeRO 1-3 holds each process's slice of the flattened fp32
-master weights and Adam moments, so it can only be loaded by the same number of processes
-with the same ZeRO stage. Beside it, every checkpoint also holds ``universal/``: for each
-trainable parameter (by its name in the model) the whole fp32 master weight and both Adam moments,
+master weights and Adam moments, so only the same number of processes with the same ZeRO
+stage can load it. Beside it, every checkpoint also holds ``universal/``: for each trainable
+parameter, by its name in the model, the whole fp32 master weight and both Adam moments,
 gathered with DeepSpeed's tensor-fragment API (``safe_get_full_fp32_param``,
-``safe_get_full_optimizer_state``), plus the Adam step count and the engine's counters.
-Loading scatters them back with ``safe_set_full_*`` into whatever partitioning the new run
-has. This is the idea of DeepSpeed's universal checkpoint (Lian et al. 2024,
-arXiv:2406.18820), written from the full state instead of converting DeepSpeed's files
-offline (``ds_to_universal``), which needs Megatron-style metadata, unpickles its inputs and
-has open bugs for ZeRO-3 on more processes.
+``safe_get_full_optimizer_state``), plus the Adam step count, the loss scale and the
+engine's counters. Loading scatters them into whatever partitioning the new run has. This is
+the idea of DeepSpeed's universal checkpoint (Lian et al. 2024, arXiv:2406.18820), built from
+the full state instead of converting DeepSpeed's files offline (``ds_to_universal``), which
+needs Megatron-style metadata, unpickles its inputs and has open bugs for ZeRO-3 on more
+processes.
 
     universal/index.json            format, Adam step, counters, every parameter: file, shape
-    universal/rank00000.safetensors the parameters i with i % world == 0 (rank r writes r)
+    universal/rank00000.safetensors "{name}/fp32", "{name}/exp_avg", "{name}/exp_avg_sq" of
+                                    the parameters i with i % world == 0 (rank r writes r)
 
 Safetensors only: loading never unpickles anything. Cost: 12 bytes per parameter on disk per
 checkpoint, and three gathers of every parameter while saving.
