@@ -154,6 +154,23 @@ class TrainConfig:
     max_nonfinite_steps: int = option(
         5, "Abort after this many consecutive non-finite steps.", min=1
     )
+    universal_checkpoint: bool = option(
+        True,
+        "Also save the whole optimizer state per parameter, so a run resumes on another "
+        "number of processes or ZeRO stage (12 bytes per parameter per checkpoint).",
+    )
+    time_limit: float = option(
+        0.0,
+        "Stop after the step that ends past this many seconds since the process started, "
+        "save a checkpoint and exit with status 5 (0: no limit).",
+        min=0,
+    )
+    dist_timeout: float = option(
+        600.0,
+        "Seconds a collective waits for the other processes before the job fails (a dead "
+        "or hung rank); must exceed the longest checkpoint save.",
+        min=10,
+    )
     log_interval: int = option(10, "Log a metrics line every this many steps.", min=1)
     seed: int = option(
         1337, "Seed of the model init, the data order and dropout.", min=0, below=2**63

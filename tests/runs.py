@@ -1,13 +1,18 @@
 """Shared by the trainer tests: a tiny config, running train.py in and out of process, and
 reading what a run wrote."""
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import torch
 from safetensors.torch import load_file
 
@@ -79,8 +84,12 @@ def optimizer_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment without this process's own (in-process) process-group variables."""
-    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    """The environment without this process's own (in-process) process-group variables.
+    DeepSpeed's CPU communication op is compiled into one directory per virtual environment:
+    shared between checkouts, each would rebuild it (~50 s) whenever another one ran."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    return env
 
 
 def run_script(args, env: dict | None = None, **kwargs):
@@ -109,6 +118,91 @@ def torchrun(path, *overrides, nproc: int = 2):
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err[-3000:]
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def logged_popen(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A process, in a session of its own (``kill_tree`` ends it with its children), whose
+    stdout and stderr go to ``log`` (``output(proc)`` reads it): pipes of processes that
+    wait for each other must not fill up unread."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc.log = log
+    return proc
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of ``proc``, its session and every process under it
+    (torchrun starts each worker in a session of its own)."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    for member in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()
+
+
+def torchrun_nodes(path, *overrides, nnodes: int = 2, nproc: int = 1) -> None:
+    """``nnodes`` torchrun invocations, as on ``nnodes`` machines, meeting on the loopback
+    interface (the command of docs/cluster.md with HOST = 127.0.0.1)."""
+    port = free_port()
+    procs = [
+        logged_popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nnodes={nnodes}",
+                f"--node_rank={node}",
+                f"--nproc_per_node={nproc}",
+                f"--rdzv_endpoint=127.0.0.1:{port}",
+                str(ROOT / "train.py"),
+                str(path),
+                *overrides,
+            ],
+            Path(path).with_suffix(f".node{node}.log"),
+            subprocess_env(),
+        )
+        for node in range(nnodes)
+    ]
+    try:
+        for proc in procs:
+            proc.wait(timeout=300)
+    finally:
+        for proc in procs:
+            kill_tree(proc)
+    for node, proc in enumerate(procs):
+        assert proc.returncode == 0, f"node {node}: {output(proc)[-3000:]}"
+
+
+def wait_for_records(out: Path, n: int, procs: list, timeout: float = 180) -> None:
+    """Until ``out/metrics.jsonl`` holds ``n`` records; fails if a process ends first."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= n):
+        assert all(p.poll() is None for p in procs), [output(p)[-2000:] for p in procs]
+        assert time.time() < deadline, f"{metrics}: fewer than {n} records after {timeout} s"
+        time.sleep(0.02)
 
 
 def copy_run_at(src: Path, dst: Path, step: int) -> None:

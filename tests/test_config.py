@@ -181,6 +181,7 @@ SPECIAL = {
     "train.out_dir": ("", "train.out_dir must not be empty"),
     "train.init_from": ("/no/such/model", "train.init_from = '/no/such/model': no such file"),
     "train.compile": None,
+    "train.universal_checkpoint": None,
     "train.wandb": None,
     "train.wandb_project": None,
     "train.sample_prompts": None,

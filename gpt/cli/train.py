@@ -51,7 +51,7 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError too
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    _, _, device = init_distributed()  # kept for the process's life (see train.py)
+    _, _, device = init_distributed(cfg.train.dist_timeout)  # for the process's life
     # fp32 matmuls on TF32 tensor cores (as nanoGPT); MFU is then against the TF32 peak
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if cfg.bench.steps:

@@ -9,6 +9,8 @@ This is the one module that knows the layout. A run directory holds::
     out_dir/checkpoints/step_00000100/    one complete checkpoint:
         ds/                               DeepSpeed's own (model, optimizer, scheduler)
         trainer.json                      step, tokens, data loader state, versions, config
+        universal/                        the same training state whole, per parameter, for
+                                          any number of processes (gpt/train/universal.py)
         rng_rank{r}.json                  RNG states of python, numpy and torch per rank
         model/                            config.json + model.safetensors (GPT.from_pretrained)
         adapters/                         instead of model/ in a LoRA run: the adapters only,
@@ -42,6 +44,13 @@ import torch
 from gpt.config import Config, ConfigError, load_config
 from gpt.fileio import sha256_file, write_atomic
 from gpt.train import dist
+from gpt.train.universal import (
+    UniversalStateError,
+    has_universal,
+    load_universal,
+    save_universal,
+    supported,
+)
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -338,12 +347,15 @@ def save_checkpoint(
     keep: int,
     tokenizer: str | None = None,
     adapters: dict | None = None,
+    universal_from: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes the checkpoint of ``step`` under a temporary
     name, records the checksums, marks it COMPLETE once every rank finished, renames it,
     points ``latest`` at it and deletes all but the newest ``keep`` (0: keep all). Refuses
     (RuntimeError) non-finite parameters. ``adapters`` (LoRA: rank, alpha, targets, base)
-    saves the adapters and their optimizer state only, not the frozen base."""
+    saves the adapters and their optimizer state only, not the frozen base. With
+    ``universal_from`` (the optimizer the engine was built with) it also writes
+    ``universal/``, the state any number of processes can resume."""
     model = engine.module
     if not parameters_finite(model):
         raise RuntimeError(f"step {step}: parameters are not finite; checkpoint not written")
@@ -361,6 +373,8 @@ def save_checkpoint(
                 exclude_frozen_parameters=bool(adapters),
             )
         write_atomic(tmp / f"rng_rank{rank}.json", json.dumps(rng_state()))
+        if universal_from is not None and supported(engine, universal_from):
+            save_universal(engine, universal_from, tmp)
 
     def write_whole_model() -> None:
         with full_parameters(engine):  # ZeRO-3 holds a slice of each parameter per rank
@@ -511,19 +525,30 @@ def read_trainer_state(ckpt: Path) -> dict:
     return state
 
 
-def load_checkpoint(engine, ckpt: Path) -> dict:
+def load_checkpoint(
+    engine, ckpt: Path, universal_into: torch.optim.Optimizer | None = None
+) -> dict:
     """Collective: restores engine (model, optimizer) and this rank's RNG; returns the
     trainer state saved with it. CheckpointError (on every rank alike) if it is damaged. A
-    LoRA checkpoint restores the adapters; the frozen base is the model's own."""
+    LoRA checkpoint restores the adapters; the frozen base is the model's own. With
+    ``universal_into`` (the optimizer the engine was built with) the state comes from
+    ``universal/``, for a run with another number of processes or ZeRO stage than the one
+    that saved it (see ``check_resume``); else from DeepSpeed's own files."""
     verify_checksums(ckpt)
     trainer_state = read_trainer_state(ckpt)
-    strict = not (ckpt / ADAPTERS).is_dir()
-    with weights_only_loads():
-        load_path, _ = engine.load_checkpoint(
-            str(ckpt / "ds"), tag="state", load_module_strict=strict
-        )
-    if load_path is None:
-        raise CheckpointError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
+    if universal_into is not None:
+        try:
+            load_universal(engine, universal_into, ckpt)
+        except UniversalStateError as err:
+            raise CheckpointError(str(err)) from None
+    else:
+        strict = not (ckpt / ADAPTERS).is_dir()
+        with weights_only_loads():
+            load_path, _ = engine.load_checkpoint(
+                str(ckpt / "ds"), tag="state", load_module_strict=strict
+            )
+        if load_path is None:
+            raise CheckpointError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt / f"rng_rank{dist.rank()}.json"
     if rng_file.is_file():  # absent when resuming on more ranks than were saved
         set_rng_state(json.loads(rng_file.read_text()))
@@ -542,9 +567,10 @@ def data_fingerprint(manifest: dict) -> list:
     )
 
 
-def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Path) -> None:
+def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Path) -> bool:
     """Refuse (ConfigError), before the first step, to resume what would not continue the
-    same run: another model shape, another data set, or ZeRO partitions of another world."""
+    same run: another model shape or another data set. Returns whether the checkpoint must be
+    loaded through its universal state (``needs_universal``)."""
     changed = [
         f"model.{k}: {v!r} -> {getattr(cfg.model, k)!r}"
         for k, v in saved["config"]["model"].items()
@@ -559,10 +585,35 @@ def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Pat
             f"{ckpt}: cannot resume: the data set changed (data.dir {cfg.data.dir} now holds "
             "different shards than when the checkpoint was written)"
         )
-    zero = cfg.zero_stage
-    if saved["world_size"] != world and zero > 0:
-        raise ConfigError(
-            f"{ckpt}: saved by {saved['world_size']} processes with ZeRO stage {zero}, resumed "
-            f"by {world}: ZeRO partitions optimizer state per process, so resume with "
-            f"{saved['world_size']} processes (or train with zero stage 0)"
-        )
+    return needs_universal(cfg, saved, world, ckpt)
+
+
+def needs_universal(cfg: Config, saved: dict, world: int, ckpt: Path) -> bool:
+    """Whether ``ckpt`` must be loaded through its universal state: when the layout of the
+    training state (number of processes, ZeRO stage, dtype) changed, unless DeepSpeed's own
+    files hold it whole (ZeRO stage 0 on both sides, same dtype). ConfigError when neither
+    can be loaded into this run."""
+    then = (saved["world_size"], zero_stage_of(saved), saved["config"]["train"]["dtype"])
+    now = (world, cfg.zero_stage, cfg.train.dtype)
+    if then == now or (then[1] == now[1] == 0 and then[2] == now[2]):
+        return False
+    # DeepSpeed wraps our optimizer in stage 0 with fp16/bf16: its state is not per parameter
+    if has_universal(ckpt) and (cfg.zero_stage > 0 or cfg.train.dtype == "fp32"):
+        return True
+    layout = "{} process(es), ZeRO stage {}, dtype {}"
+    why = (
+        "it has no universal/ state (saved with train.universal_checkpoint = false, or by an "
+        "older version)"
+        if not has_universal(ckpt)
+        else "its universal/ state loads into ZeRO stage 1-3, or stage 0 with fp32"
+    )
+    raise ConfigError(
+        f"{ckpt}: saved by {layout.format(*then)}, resumed by {layout.format(*now)}: {why}; "
+        f"resume with {then[0]} process(es), deepspeed.zero_optimization.stage = {then[1]} "
+        f"and train.dtype = {then[2]!r}"
+    )
+
+
+def zero_stage_of(trainer_state: dict) -> int:
+    """The ZeRO stage a checkpoint was saved with (from its trainer.json)."""
+    return trainer_state["config"].get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0)

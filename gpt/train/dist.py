@@ -8,10 +8,19 @@ waits for the GPU to drain its queue.
 
 from __future__ import annotations
 
+import datetime
+
 import torch
 import torch.distributed as dist
 
 _cpu_group = None
+_timeout: datetime.timedelta | None = None  # of every group: see engine.init_distributed
+
+
+def set_timeout(seconds: float) -> None:
+    """The timeout of groups created here (the CPU group), as the default group's."""
+    global _timeout
+    _timeout = datetime.timedelta(seconds=seconds)
 
 
 def rank() -> int:
@@ -44,7 +53,11 @@ def cpu_group():
     global _cpu_group
     if _cpu_group is None:
         default_is_gloo = dist.get_backend() == "gloo"
-        _cpu_group = dist.group.WORLD if default_is_gloo else dist.new_group(backend="gloo")
+        _cpu_group = (
+            dist.group.WORLD
+            if default_is_gloo
+            else dist.new_group(backend="gloo", timeout=_timeout)  # None: torch's default
+        )
     return _cpu_group
 
 

@@ -32,11 +32,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, world, device)."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """Start the process group (gloo on CPU, nccl on GPU); returns (rank, world, device).
+
+    ``timeout_s`` bounds how long a collective waits for the other ranks: when one dies or
+    hangs, the others fail after at most this long instead of waiting forever (NCCL's
+    watchdog aborts the process; gloo raises). A launcher usually notices a dead rank first
+    and stops the rest (see docs/cluster.md)."""
+    import datetime
+
     import deepspeed
     import torch.distributed as dist
 
+    from gpt.train.dist import set_timeout
+
+    set_timeout(timeout_s)
     if "RANK" not in os.environ:  # a plain `python train.py`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -45,7 +55,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=False,
+        )
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

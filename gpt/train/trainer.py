@@ -37,9 +37,11 @@ from gpt.train.optim import lr_at
 
 # Exit statuses (documented in train.py): 0 finished, 2 bad configuration or run directory in
 # use, 3 aborted after too many consecutive non-finite steps, 4 a checkpoint could not be
-# written (disk full), 128 + N stopped by signal N.
+# written (disk full), 5 stopped at train.time_limit, 128 + N stopped by signal N (the last
+# two after saving a checkpoint).
 NONFINITE_EXIT = 3
 CHECKPOINT_WRITE_EXIT = 4
+TIME_LIMIT_EXIT = 5
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -53,6 +55,14 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch): train.time_limit counts from
+    here, so start-up (imports, process group, resume) is inside the budget."""
+    import psutil  # a DeepSpeed dependency
+
+    return psutil.Process().create_time()
 
 
 class Trainer:
@@ -80,6 +90,7 @@ class Trainer:
         self.peak = peak_flops(device, t.dtype)
         self.tokenizer = get_tokenizer(self.manifest["encoding"]) if t.sample_tokens else None
         self.stop = StopFlag()
+        self.started = process_start_time()
         self.pending: list[dict] = []  # steps not yet read back from the device
         self.nonfinite_run = 0
         self.abort_at: int | None = None  # step at which max_nonfinite_steps was reached
@@ -102,19 +113,29 @@ class Trainer:
 
     def resume(self) -> Path | None:
         """Continue from the latest usable checkpoint of ``out_dir`` (a damaged newest one is
-        skipped with a warning naming the file); None when starting afresh. ConfigError if
-        the checkpoint belongs to another model, data set or ZeRO world."""
+        skipped with a warning naming the file); None when starting afresh. A checkpoint of
+        another number of processes or ZeRO stage loads through its universal state.
+        ConfigError if it belongs to another model or data set, or cannot be loaded here."""
         damaged = []
         for path in reversed(ckpt.complete_checkpoints(self.out_dir)):
             try:
                 saved = ckpt.read_trainer_state(path)
-                ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
-                saved = ckpt.load_checkpoint(self.engine, path)
+                universal = ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
+                saved = ckpt.load_checkpoint(
+                    self.engine, path, universal_into=self.optimizer if universal else None
+                )
             except ckpt.CheckpointError as err:
                 damaged.append(str(err))
                 if dist.is_main():
                     print(f"train.py: warning: skipping checkpoint {path}: {err}", file=sys.stderr)
                 continue
+            if universal and dist.is_main():
+                print(
+                    f"train.py: {path.name} was saved by {saved['world_size']} process(es) "
+                    f"with ZeRO stage {ckpt.zero_stage_of(saved)}: loaded from its universal/ "
+                    "state",
+                    file=sys.stderr,
+                )
             self.load_state_dict(saved)
             return path
         if damaged:  # never start afresh over a run whose every checkpoint is unusable
@@ -169,6 +190,7 @@ class Trainer:
             self.cfg.train.keep_checkpoints,
             tokenizer=self.manifest["encoding"],
             adapters=adapters,
+            universal_from=self.optimizer if self.cfg.train.universal_checkpoint else None,
         )
 
     # -- one step, validation ---------------------------------------------------------
@@ -227,7 +249,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def fit(self) -> int:
-        """Train to ``max_steps``; returns the exit status (0, NONFINITE_EXIT, 128 + signal)."""
+        """Train to ``max_steps``; returns the exit status (0, NONFINITE_EXIT,
+        TIME_LIMIT_EXIT, 128 + signal)."""
         t = self.cfg.train
         self.start_logging()
         if self.step == 0 and t.init_from != "scratch" and t.eval_interval:
@@ -243,8 +266,8 @@ class Trainer:
             )
             done = self.step == t.max_steps
             evaluate = bool(t.eval_interval) and (self.step % t.eval_interval == 0 or done)
-            signum = self.stop_requested()
-            save = bool(signum) or self.step % t.ckpt_interval == 0 or done
+            stop = self.stop_requested()
+            save = bool(stop) or self.step % t.ckpt_interval == 0 or done
             if save or evaluate or self.step % t.log_interval == 0:
                 self.flush(evaluate)  # the only place that waits for the device
             if self.abort_at is not None:
@@ -252,8 +275,8 @@ class Trainer:
             if save:  # skipped steps left the parameters as they were: safe to save
                 self.save()
                 last_saved = self.step
-            if signum:
-                return self.stopped(signum)
+            if stop:
+                return self.stopped(stop)
         self.bar.close()
         if last_saved != self.step:  # resumed at max_steps from an earlier checkpoint
             self.save()
@@ -353,19 +376,27 @@ class Trainer:
         self.log.write(record)
 
     def stop_requested(self) -> int:
-        """The signal number if any rank was signalled (every rank agrees), else 0."""
-        (signum,) = dist.vote_max([self.stop.signum])
-        return signum
+        """The exit status to stop with after this step, the same on every rank: 128 + N if
+        any rank got signal N, TIME_LIMIT_EXIT if train.time_limit has passed on any rank,
+        else 0 (one vote over the CPU group; a signal wins over the time limit)."""
+        limit = self.cfg.train.time_limit
+        late = bool(limit) and time.time() - self.started >= limit
+        signum, late = dist.vote_max([self.stop.signum, int(late)])
+        return 128 + signum if signum else TIME_LIMIT_EXIT if late else 0
 
-    def stopped(self, signum: int) -> int:
+    def stopped(self, status: int) -> int:
         if dist.is_main():
+            why = (
+                f"by a signal ({signal.Signals(status - 128).name})"
+                if status > 128
+                else f"at train.time_limit ({self.cfg.train.time_limit:g} s)"
+            )
             print(
-                f"train.py: stopped by a signal ({signal.Signals(signum).name}) after step "
-                f"{self.step}; checkpoint {ckpt.latest_checkpoint(self.out_dir)} saved; run "
-                "the same command to resume",
+                f"train.py: stopped {why} after step {self.step}; checkpoint "
+                f"{ckpt.latest_checkpoint(self.out_dir)} saved; run the same command to resume",
                 file=sys.stderr,
             )
-        return 128 + signum
+        return status
 
     def abort_nonfinite(self) -> int:
         if dist.is_main():
