@@ -64,21 +64,44 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def precision(cfg: Config) -> str:
+    """How ``train.dtype`` is carried out (docs/performance.md compares them):
+
+    - "fp32": fp32 weights and arithmetic (TF32 matmuls on GPUs).
+    - "autocast" (bf16, the default): fp32 weights, the forward under ``torch.autocast`` to
+      bf16 (DeepSpeed's ``torch_autocast`` section), GuardedAdamW's fused step on the fp32
+      weights: nanoGPT's recipe, with no wrapper between DeepSpeed and the optimizer.
+    - "deepspeed-bf16" (bf16 with ``deepspeed.bf16.enabled = true``): bf16 weights, an fp32
+      master copy and DeepSpeed's optimizer wrapper; half the weight memory, but a slower
+      step (gradient-norm and overflow checks read back per step) at ZeRO 0.
+    - "fp16": DeepSpeed's fp16 with dynamic loss scaling.
+    """
+    t = cfg.train
+    if t.dtype == "bf16":
+        return "deepspeed-bf16" if cfg.deepspeed.get("bf16", {}).get("enabled") else "autocast"
+    return t.dtype
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """Our config in DeepSpeed's terms, then the [deepspeed] section on top (pass-through)."""
     t, o = cfg.train, cfg.optim
     zero_stage = cfg.zero_stage
+    mode = precision(cfg)
     ds = {
         "train_batch_size": cfg.global_batch(world_size),
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum,
-        # fp32 without ZeRO: GuardedAdamW clips; everywhere else DeepSpeed's optimizer does
-        "gradient_clipping": o.grad_clip if (t.dtype != "fp32" or zero_stage > 0) else 0.0,
+        # GuardedAdamW clips where it steps the whole fp32 weights, without a host read;
+        # elsewhere DeepSpeed's ZeRO or precision wrapper clips (and reads the norm back)
+        "gradient_clipping": 0.0 if guard_clips(cfg) else o.grad_clip,
         "zero_optimization": {"stage": zero_stage},
         # ZeRO wraps GuardedAdamW (an AdamW with a skip guard) rather than its own Adam
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": t.dtype == "bf16"},
-        "fp16": {"enabled": t.dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": mode == "deepspeed-bf16"},
+        "fp16": {"enabled": mode == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        # DeepSpeed wraps the module's forward in torch.autocast itself (an autocast around
+        # the engine would be switched off inside it)
+        "torch_autocast": {"enabled": mode == "autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
@@ -88,6 +111,12 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         else:
             ds[key] = value
     return ds
+
+
+def guard_clips(cfg: Config) -> bool:
+    """Whether GuardedAdamW clips the gradient norm: where it steps the whole fp32 weights
+    (no ZeRO, no DeepSpeed precision wrapper), without reading the norm back."""
+    return precision(cfg) in ("fp32", "autocast") and cfg.zero_stage == 0
 
 
 def build_engine(
@@ -101,10 +130,9 @@ def build_engine(
 
     ds = deepspeed_config(cfg, world_size)
     o = cfg.optim
-    fp32_plain = cfg.train.dtype == "fp32" and ds["zero_optimization"]["stage"] == 0
     optimizer = GuardedAdamW(
         param_groups(model, o.weight_decay),
-        clip=o.grad_clip if fp32_plain else 0.0,
+        clip=o.grad_clip if guard_clips(cfg) else 0.0,
         lr=o.lr,
         betas=(o.beta1, o.beta2),
         eps=o.eps,

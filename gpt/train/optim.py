@@ -45,8 +45,10 @@ class GuardedAdamW(torch.optim.AdamW):
     ``overflow`` stays False: DeepSpeed reads it as a host bool, which would synchronise.
     (A norm above ~1e38 overflows float32 and counts as non-finite, as it should.)
 
-    ``clip`` > 0 makes it clip the global gradient norm itself (used where DeepSpeed does
-    not: fp32 without ZeRO)."""
+    ``clip`` > 0 makes it clip the global gradient norm itself, where DeepSpeed hands it
+    the whole fp32 weights (no ZeRO, no DeepSpeed precision wrapper): DeepSpeed's clipping
+    reads the norm back to the host. (Under ZeRO 1-2 it cannot: DeepSpeed steps it one
+    parameter group at a time, each group's gradients made just before its step.)"""
 
     def __init__(self, params, clip: float = 0.0, **kwargs):
         super().__init__(params, fused=True, **kwargs)
