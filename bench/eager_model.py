@@ -10,10 +10,13 @@ logits, ``F.cross_entropy``). It is NOT nanoGPT's code. It uses the tanh GELU of
 of our model) so that both compute the same function: the script checks that, with our
 weights loaded, its loss equals ours.
 
+With ``--real-vocab N`` (GPT-2: 50257) two more rows time our model at the real vocabulary,
+unpadded and padded to a multiple of 64 (``vocab_multiple``), to show what padding buys.
+
 Each model is timed on the same batches for one training step without the optimizer
-(forward, loss, backward, gradients zeroed), interleaved A/B so that load on a shared
-machine hits both alike; the median over ``--repeats`` rounds of ``--steps`` steps is
-reported, with the ratio ours/plain in throughput (> 1: ours is faster).
+(forward, loss, backward, gradients zeroed), interleaved so that load on a shared machine
+hits every model alike; the median over ``--repeats`` rounds of ``--steps`` steps is
+reported, with each model's throughput over the plain model's (> 1: faster).
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     p.add_argument("--vocab", type=int, default=50304, help="vocabulary of both models")
+    p.add_argument("--real-vocab", type=int, default=None, help="also time ours at this one")
     p.add_argument("--batch", type=int, default=None, help="default: train.micro_batch_size")
     p.add_argument("--steps", type=int, default=5, help="steps per timed round")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (median reported)")
@@ -125,7 +129,12 @@ def main() -> None:
         a, b = ours(x, y)[1].item(), plain(x, y).item()
     if not math.isclose(a, b, rel_tol=1e-5):
         raise SystemExit(f"the models differ: loss {a} (ours) vs {b} (plain)")
-    models = {"ours": ours, "plain": plain}
+    models = {"plain": plain, "ours": ours}
+    if args.real_vocab:
+        for multiple in (1, 64):
+            real = dataclasses.replace(m, vocab_size=args.real_vocab, vocab_multiple=multiple)
+            models[f"ours-{args.real_vocab}-pad{multiple}"] = GPT(real)
+        x, y = x % args.real_vocab, y % args.real_vocab  # valid ids for every model
     for model in models.values():  # warm-up: allocator, thread pools
         step(model, x, y)
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -136,15 +145,14 @@ def main() -> None:
                 step(model, x, y)
             times[name].append((time.perf_counter() - t0) / args.steps)
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
-    ratio = ms["plain"] / ms["ours"]
+    ratios = {name: ms["plain"] / ms[name] for name in models}
     print(
         f"{m.n_layer} layers x {m.n_embd} wide, vocab {args.vocab}, batch {batch} x "
         f"{m.block_size}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
     )
     for name in models:
-        spread = ", ".join(f"{1000 * t:.1f}" for t in times[name])
-        print(f"{name:<6} {ms[name]:8.1f} ms/step (median; rounds: {spread})")
-    print(f"ours / plain throughput: {ratio:.3f}x")
+        spread = ", ".join(f"{1000 * t:.0f}" for t in times[name])
+        print(f"{name:<20} {ms[name]:8.1f} ms/step  {ratios[name]:.3f}x plain  (rounds: {spread})")
     if args.out:
         result = {
             "command": " ".join(["python", *sys.argv]),
@@ -154,7 +162,7 @@ def main() -> None:
             "load_1min": os.getloadavg()[0],
             "ms_per_step": ms,
             "rounds_s": times,
-            "ours_over_plain": ratio,
+            "throughput_vs_plain": ratios,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")

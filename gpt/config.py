@@ -291,6 +291,12 @@ class Config:
                     f"deepspeed.{key} is derived from train.micro_batch_size and "
                     "train.grad_accum; remove it from the [deepspeed] section"
                 )
+        bf16 = self.deepspeed.get("bf16", {})
+        if isinstance(bf16, dict) and bf16.get("enabled") and t.dtype != "bf16":
+            raise ConfigError(
+                f"deepspeed.bf16.enabled = true (bf16 weights) needs train.dtype = 'bf16', "
+                f"got {t.dtype!r}; set train.dtype = 'bf16' or remove it"
+            )
         batch = self.global_batch(world_size)
         if t.global_batch_size is not None and t.global_batch_size != batch:
             raise ConfigError(

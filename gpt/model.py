@@ -220,9 +220,14 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters counted once (the tied LM head is the token embedding). With
-        ``non_embedding`` the position embedding is left out, as in Kaplan et al. 2020."""
+        """Parameters counted once (the tied LM head is the token embedding), of the real
+        vocabulary only: padding rows (``vocab_multiple``) are storage that no token or
+        logit uses, so a padded model counts (and its MFU credits) what the unpadded one
+        does. With ``non_embedding`` the position embedding is left out, as in Kaplan et
+        al. 2020."""
         n = sum(p.numel() for p in self.parameters())
+        padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
+        n -= padding * (1 if self.cfg.tie_embeddings else 2)
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n

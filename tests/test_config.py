@@ -51,9 +51,28 @@ def test_every_shipped_config_loads_and_builds(path):
 
 
 def test_gpt2_124m_has_exactly_124439808_parameters():
+    """The real parameters; the shipped config pads the vocabulary to 50304 rows, storage
+    that no token uses (47 x 768 more elements), which num_params leaves out."""
     with torch.device("meta"):
         model = GPT(load_config(ROOT / "configs" / "gpt2-124m.toml").model)
+    assert model.cfg.vocab_multiple == 64 and model.transformer.wte.weight.shape[0] == 50304
     assert model.num_params() == 124_439_808
+    assert sum(p.numel() for p in model.parameters()) == 124_439_808 + 47 * 768
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_padding_rows_are_not_counted_as_parameters(tied):
+    def make(multiple):
+        cfg = ModelConfig(
+            vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, tie_embeddings=tied
+        )
+        return GPT(dataclasses.replace(cfg, vocab_multiple=multiple))
+
+    padded, plain = make(64), make(1)
+    stored = sum(p.numel() for p in padded.parameters())
+    assert stored == sum(p.numel() for p in plain.parameters()) + 14 * 16 * (1 if tied else 2)
+    assert padded.num_params() == plain.num_params()
+    assert padded.num_params(non_embedding=True) == plain.num_params(non_embedding=True)
 
 
 @pytest.mark.parametrize(

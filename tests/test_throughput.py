@@ -190,6 +190,14 @@ def test_precision_modes_map_to_deepspeed_sections(tmp_path, data_dir):
         assert got == expected, overrides
 
 
+def test_deepspeed_bf16_weights_need_train_dtype_bf16(tmp_path, data_dir, capsys):
+    path, _ = config(tmp_path, data_dir)
+    assert train.main([str(path), "--deepspeed.bf16.enabled=true"]) == 2
+    err = capsys.readouterr().err
+    assert "deepspeed.bf16.enabled = true (bf16 weights) needs train.dtype = 'bf16'" in err
+    assert "got 'fp32'" in err
+
+
 def test_bf16_autocast_trains_close_to_fp32(tmp_path, data_dir):
     """Same seed and batches: bf16 autocast losses stay within bf16's rounding of fp32's
     over a few steps, the weights stay fp32, and the step count is the same."""
