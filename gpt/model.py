@@ -64,6 +64,24 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+class MaskPadding(torch.autograd.Function):
+    """Logits of the padding columns (index >= V) set to -inf, in place: they get no
+    probability mass, so the loss is that of the real vocabulary. The gradient passes
+    through unchanged: at those columns it is exactly zero already (softmax(-inf) = 0, and
+    no target is a padding id), so autograd's own in-place slice assignment (CopySlices)
+    would only add a full-size copy of the logits' gradient to every backward pass."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, V: int) -> Tensor:
+        logits[..., V:] = float("-inf")
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 class KVCache:
     """Keys and values of the positions seen so far, for decoding without recomputation.
 
@@ -268,9 +286,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits[..., :V]  # a view: the padding columns are never seen
         if logits.size(-1) > V:
-            # -inf padding columns get no probability mass and no gradient, so the loss is
-            # that of the real vocabulary; in place, because a sliced copy would cost a pass
-            logits[..., V:] = float("-inf")
+            logits = MaskPadding.apply(logits, V)
         loss = F.cross_entropy(
             logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
         )
