@@ -16,7 +16,9 @@ unpadded and padded to a multiple of 64 (``vocab_multiple``), to show what paddi
 Each model is timed on the same batches for one training step without the optimizer
 (forward, loss, backward, gradients zeroed), interleaved so that load on a shared machine
 hits every model alike; the median over ``--repeats`` rounds of ``--steps`` steps is
-reported, with each model's throughput over the plain model's (> 1: faster).
+reported, with each model's throughput over the plain model's (> 1: faster), in wall time and
+in this process's CPU time (``time.process_time``: the work done, less sensitive to other
+processes on a shared machine than the wall clock).
 """
 
 from __future__ import annotations
@@ -138,21 +140,29 @@ def main() -> None:
     for model in models.values():  # warm-up: allocator, thread pools
         step(model, x, y)
     times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(args.repeats):
-        for name, model in models.items():  # interleaved: load hits both alike
-            t0 = time.perf_counter()
+        for name, model in models.items():  # interleaved: load hits every model alike
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.steps):
                 step(model, x, y)
             times[name].append((time.perf_counter() - t0) / args.steps)
+            cpu[name].append((time.process_time() - c0) / args.steps)
     ms = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    cpu_ms = {name: 1000 * statistics.median(t) for name, t in cpu.items()}
     ratios = {name: ms["plain"] / ms[name] for name in models}
+    cpu_ratios = {name: cpu_ms["plain"] / cpu_ms[name] for name in models}
     print(
         f"{m.n_layer} layers x {m.n_embd} wide, vocab {args.vocab}, batch {batch} x "
         f"{m.block_size}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}"
     )
+    print("wall ms/step (median), x plain; CPU ms/step of this process (median), x plain")
     for name in models:
         spread = ", ".join(f"{1000 * t:.0f}" for t in times[name])
-        print(f"{name:<20} {ms[name]:8.1f} ms/step  {ratios[name]:.3f}x plain  (rounds: {spread})")
+        print(
+            f"{name:<20} {ms[name]:8.1f} {ratios[name]:6.3f}x {cpu_ms[name]:9.1f} "
+            f"{cpu_ratios[name]:6.3f}x  (wall rounds: {spread})"
+        )
     if args.out:
         result = {
             "command": " ".join(["python", *sys.argv]),
@@ -161,8 +171,11 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "load_1min": os.getloadavg()[0],
             "ms_per_step": ms,
+            "cpu_ms_per_step": cpu_ms,
             "rounds_s": times,
+            "cpu_rounds_s": cpu,
             "throughput_vs_plain": ratios,
+            "cpu_throughput_vs_plain": cpu_ratios,
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
         }
         write_atomic(args.out, json.dumps(result, indent=2) + "\n")

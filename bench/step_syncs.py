@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import io
 import sys
 import tempfile
 import traceback
@@ -78,7 +80,7 @@ def count(config: str, steps: int, overrides: list[str]) -> collections.Counter:
             "--train.wandb=false",
             *overrides,
         ]
-        with ToLists(sites), Reads(sites):
+        with ToLists(sites), Reads(sites), contextlib.redirect_stdout(io.StringIO()):
             if train.main(argv) != 0:
                 raise SystemExit(f"train.py {' '.join(argv)} failed")
     return sites
@@ -95,6 +97,7 @@ def main() -> None:
     short, long = count(args.config, a, overrides), count(args.config, b, overrides)
     per_step = (sum(long.values()) - sum(short.values())) / (b - a)
     print(f"{' '.join(overrides) or 'defaults'}: {per_step:g} host reads per optimizer step")
+    print(f"  ({a} and {b} steps: {sum(short.values())} and {sum(long.values())} reads in all)")
     for where, n in (long - short).most_common():
         print(f"  {n / (b - a):g} per step at {where}")
 
