@@ -4,8 +4,8 @@
 
 Each RUN_DIR holds a ``bench.json`` written by ``python train.py CONFIG --bench.steps=N``;
 runs of the same configuration (repeated on a loaded machine) are grouped by loop,
-attention backend and compile setting, and each row shows the median step time over the
-runs, the median of the engine's ``vs_bare`` ratio, and every run's value.
+attention backend and compile setting, and each row shows the median step time (wall and CPU) over
+the runs, the medians of the engine's ``vs_bare`` ratios, and every run's wall time.
 """
 
 from __future__ import annotations
@@ -24,15 +24,22 @@ def main() -> None:
         for r in report["results"]:
             if r["status"] == "ok":
                 rows[r["loop"], r["attention"], r["compile"]].append(r)
-    print("| loop | attention | compile | step ms (median) | tokens/s | vs bare | runs (ms) |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| loop | attention | compile | step ms (median) | tokens/s | vs bare "
+        "| CPU ms (median) | vs bare (CPU) | runs (ms) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for (loop, attention, compiled), runs in rows.items():
         ms = statistics.median(r["step_ms"] for r in runs)
         tokens = statistics.median(r["tokens_per_s"] for r in runs)
-        ratios = [r["vs_bare"] for r in runs if "vs_bare" in r]
-        ratio = f"{statistics.median(ratios):.2f}x" if ratios else ""
+        cpu = statistics.median(r["step_cpu_ms"] for r in runs)
+        ratio, cpu_ratio = (
+            f"{statistics.median(r[key] for r in runs):.2f}x" if key in runs[0] else ""
+            for key in ("vs_bare", "vs_bare_cpu")
+        )
         each = ", ".join(f"{r['step_ms']:.0f}" for r in runs)
-        cells = [loop, attention, compiled, f"{ms:.1f}", f"{tokens:,.0f}", ratio, each]
+        cells = [loop, attention, compiled, f"{ms:.1f}", f"{tokens:,.0f}", ratio, f"{cpu:.1f}"]
+        cells += [cpu_ratio, each]
         print("| " + " | ".join(str(c) for c in cells) + " |")
 
 

@@ -156,6 +156,7 @@ def test_bench_mode_times_a_bare_loop_beside_the_engine(tmp_path, data_dir, caps
         8 * 16 / bare["step_ms"] * 1e3
     )
     assert engine["vs_bare"] == pytest.approx(bare["step_ms"] / engine["step_ms"])
+    assert engine["vs_bare_cpu"] == pytest.approx(bare["step_cpu_ms"] / engine["step_cpu_ms"])
     assert "vs_bare" not in bare and report["precision"] == "fp32"
     printed = capsys.readouterr().out
     assert "bare" in printed and f"{engine['vs_bare']:.2f}x" in printed

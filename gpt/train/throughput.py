@@ -6,9 +6,10 @@ then times ``bench.steps`` full optimizer steps (every micro-batch's forward and
 the gradient all-reduce and the update; no evaluation, logging or checkpointing). Beside
 each it times a ``bare`` loop: the same model, precision, micro-batch and accumulation with
 ``torch.optim.AdamW`` (fused) and no DeepSpeed, the forty lines a user could write instead;
-the engine's row reports ``vs_bare``, its throughput over the bare loop's. It reports the
-median step time, tokens per second and MFU (only where the device's peak is known), prints
-a table and writes ``train.out_dir/bench.json``.
+the engine's row reports ``vs_bare``, its throughput over the bare loop's (``vs_bare_cpu``:
+the same in process CPU time, steadier than the wall clock on a shared CPU machine). It
+reports the median step time, tokens per second and MFU (only where the device's peak is
+known), prints a table and writes ``train.out_dir/bench.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -48,30 +50,39 @@ def backends_to_run(cfg: Config) -> list[tuple[str, str | None]]:
     return [(n, status[n]) for n in cfg.bench.backends or list(status)]
 
 
+def timed(step: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``step()``, the device drained before and after.
+    (CPU time is the work done on the host: on a shared CPU-only machine it is less
+    disturbed by other processes than the wall clock.)"""
+    _sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    step()
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def time_one(
     cfg: Config, manifests: dict[str, dict], device: torch.device
-) -> tuple[list[float], float]:
-    """Seconds per optimizer step of the trainer's own step (``Trainer.train_step``), warm-up
-    steps excluded, and the model's FLOPs per token. Evaluation, logging and checkpoints
-    are off."""
+) -> tuple[list[tuple[float, float]], float]:
+    """(wall, CPU) seconds of each optimizer step of the trainer's own step
+    (``Trainer.train_step``), warm-up steps excluded, and the model's FLOPs per token.
+    Evaluation, logging and checkpoints are off."""
     cfg = dataclasses.replace(
         cfg, train=dataclasses.replace(cfg.train, eval_interval=0, sample_tokens=0, wandb=False)
     )
     trainer = Trainer(cfg, manifests, device)
-    times = []
-    for _ in range(cfg.bench.warmup + cfg.bench.steps):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def step() -> None:
         trainer.set_lr()
         trainer.train_step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+
+    times = [timed(step, device) for _ in range(cfg.bench.warmup + cfg.bench.steps)]
     return times[cfg.bench.warmup :], trainer.flops_per_token
 
 
 def time_bare(
     cfg: Config, manifests: dict[str, dict], device: torch.device
-) -> tuple[list[float], float]:
+) -> tuple[list[tuple[float, float]], float]:
     """``time_one`` for a bare PyTorch loop (one process, no DeepSpeed): the same model and
     batches, AdamW (fused) with the same groups, schedule and clipping, the forward under
     autocast for bf16 and fp16 (fp16 with a GradScaler), gradients accumulated as the mean
@@ -98,12 +109,12 @@ def time_bare(
         mode=cfg.data.mode,
     )
     pin = device.type == "cuda"
-    times = []
-    for step in range(cfg.bench.warmup + cfg.bench.steps):
-        _sync(device)
-        t0 = time.perf_counter()
+    steps = iter(range(cfg.bench.warmup + cfg.bench.steps))
+
+    def step() -> None:
+        lr = lr_at(next(steps), o, t.max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, o, t.max_steps)
+            group["lr"] = lr
         for _ in range(t.grad_accum):
             x, y = (b.pin_memory() if pin else b for b in loader.next_batch())
             x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
@@ -116,8 +127,8 @@ def time_bare(
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+
+    times = [timed(step, device) for _ in range(cfg.bench.warmup + cfg.bench.steps)]
     return times[cfg.bench.warmup :], flops_per_token(model, cfg.model.block_size)
 
 
@@ -158,6 +169,7 @@ def run_benchmark(
             engine, bare = rows
             if engine["status"] == bare["status"] == "ok":
                 engine["vs_bare"] = bare["step_ms"] / engine["step_ms"]
+                engine["vs_bare_cpu"] = bare["step_cpu_ms"] / engine["step_cpu_ms"]
             results += rows
     if dist.is_main():
         report(cfg, results, device, world, tokens_per_step, argv)
@@ -173,10 +185,12 @@ def measure(timer, cfg: Config, manifests: dict[str, dict], device: torch.device
         return {"status": "oom"}
     except Exception as err:  # a backend or compiler that fails is reported, not fatal
         return {"status": "error", "reason": f"{type(err).__name__}: {err}"}
+    wall, cpu = zip(*times, strict=True)
     return {
         "status": "ok",
-        "step_s": statistics.median(times),
-        "step_ms_min": 1000 * min(times),
+        "step_s": statistics.median(wall),
+        "step_ms_min": 1000 * min(wall),
+        "step_cpu_ms": 1000 * statistics.median(cpu),
         "flops_token": flops_token,
     }
 
@@ -198,7 +212,7 @@ def report(cfg, results, device, world, tokens_per_step, argv) -> None:
     )
     print(
         f"{'loop':<8}{'attention':<12}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}"
-        f"{'vs bare':>9}"
+        f"{'vs bare':>9}{'CPU ms':>10}{'vs bare':>9}"
     )
     for r in results:
         head = f"{r['loop']:<8}{r['attention']:<12}{r['compile']!s:<9}"
@@ -207,7 +221,11 @@ def report(cfg, results, device, world, tokens_per_step, argv) -> None:
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         ratio = f"{r['vs_bare']:.2f}x" if "vs_bare" in r else ""
-        print(f"{head}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}{ratio:>9}")
+        cpu_ratio = f"{r['vs_bare_cpu']:.2f}x" if "vs_bare_cpu" in r else ""
+        print(
+            f"{head}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}{ratio:>9}"
+            f"{r['step_cpu_ms']:>10.1f}{cpu_ratio:>9}"
+        )
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
