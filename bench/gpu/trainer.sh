@@ -5,7 +5,8 @@
 #
 #   bash bench/gpu/trainer-wheels.sh                 # HERE first, with PyPI: builds .whl/
 #   OUT=/tmp/t11 bash bench/gpu/trainer.sh           # on the GPU machine, carrying .whl
-#   CONFIG=configs/tiny.toml STEPS=3 WARMUP=1 ...     # a dry run of the stages elsewhere
+#   CONFIG=configs/tiny.toml STEPS=1 WARMUP=1 COMPILE=false PYTHON=.venv/bin/python \
+#     OUT=/tmp/t11 bash bench/gpu/trainer.sh      # a dry run of the stages on a CPU
 #
 # Stages, most important first:
 #   1. bench mode, GPT-2 124M, T = 1024, micro-batch 16, bf16 (autocast), compiled: sdpa and
@@ -25,12 +26,13 @@ PY=${PYTHON:-python3}
 CONFIG=${CONFIG:-configs/gpt2-124m.toml}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
+COMPILE=${COMPILE:-true}  # false: a dry run without compilation (and without stage 3)
 WORK=$(mktemp -d /tmp/t11.XXXX)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! "$PY" -c "import deepspeed" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" .whl/*.whl || exit 1
 fi
@@ -72,14 +74,14 @@ bench() {  # bench NAME SECONDS OVERRIDES...: one bench-mode run, its JSON copie
   stage "$name" "$limit" "${TRAIN[@]}" "--train.out_dir=$WORK/$name" "$@"
   cp "$WORK/$name/bench.json" "$OUT/$name.json" 2>/dev/null
 }
-bench bench-autocast 240 '--bench.backends=["sdpa", "triton"]' '--bench.compile=[true]'
-bench bench-ds-bf16 110 '--bench.backends=["sdpa"]' '--bench.compile=[true]' \
+bench bench-autocast 240 '--bench.backends=["sdpa", "triton"]' "--bench.compile=[$COMPILE]"
+bench bench-ds-bf16 110 '--bench.backends=["sdpa"]' "--bench.compile=[$COMPILE]" \
   --deepspeed.bf16.enabled=true
 EVAL=("$PY" bench/compiled_eval.py "$CONFIG" --steps 45 --eval-interval 15
   "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16 --train.dtype=bf16
   --train.eval_steps=5 --train.sample_tokens=32)
-stage compiled-eval-eager 100 "${EVAL[@]}" --out "$OUT/compiled-eval-eager.json"
-stage compiled-eval-through 120 "${EVAL[@]}" --through-compiled \
+[ "$COMPILE" = true ] && stage compiled-eval-eager 100 "${EVAL[@]}" --out "$OUT/compiled-eval-eager.json"
+[ "$COMPILE" = true ] && stage compiled-eval-through 120 "${EVAL[@]}" --through-compiled \
   --out "$OUT/compiled-eval-through.json"
 bench bench-eager 60 '--bench.backends=["sdpa"]' '--bench.compile=[false]'
 echo "done in $(($(date +%s) - START)) s"
