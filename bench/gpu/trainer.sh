@@ -31,6 +31,10 @@ WORK=$(mktemp -d /tmp/t11.XXXX)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1
+# DeepSpeed builds its ops just in time under a lock file; a stage killed at its time limit
+# during a build would leave the lock and hang every later stage: builds stay in $WORK and
+# locks are cleared after each stage (the stages run one at a time)
+export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"
 
 if ! "$PY" -c "import deepspeed" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -50,6 +54,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log its statu
   echo "=== $name (limit ${limit} s, $((t0 - START)) s into the run)"
   timeout "$limit" "$@"
   echo "=== $name: exit $? after $(($(date +%s) - t0)) s"
+  find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2> /dev/null
 }
 
 stage environment 30 sh -c "nvidia-smi; $PY -c 'import torch, deepspeed; \
