@@ -31,9 +31,10 @@ from gpt.data.loader import TokenLoader
 from gpt.fileio import write_atomic
 from gpt.train import dist
 from gpt.train.engine import precision
+from gpt.train.finetune import build_model
 from gpt.train.metrics import flops_per_token, peak_flops
 from gpt.train.optim import lr_at, param_groups
-from gpt.train.trainer import Trainer, build_model
+from gpt.train.trainer import Trainer
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
