@@ -31,3 +31,11 @@ def data_dir(tmp_path_factory):
         (docs / f"doc{i:02d}.txt").write_text(" ".join(words[j] for j in picks))
     prepare([str(docs)], root / "bytes", encoding="bytes", val_fraction=0.2, progress=False)
     return root / "bytes"
+
+
+@pytest.fixture(autouse=True)
+def same_thread_count():
+    """Every test starts with THREADS threads, whatever an earlier one set (a benchmark's
+    --threads): in-process and subprocess runs must reduce alike to be bitwise equal."""
+    torch.set_num_threads(THREADS)
+    yield
