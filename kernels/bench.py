@@ -395,11 +395,14 @@ def run_sweep(shapes, fns, device, timing, seed: int = 0, progress: bool = True)
             if not _is_oom(err):
                 raise
             inputs = ref = None
+            oom_message = (str(err).strip().splitlines() or [""])[0][:200]  # which allocation
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         peak = device_peak(device, shape.dtype)
         for name, fn in fns.items():
             bar.set_description(f"{name} T={shape.seq_len} D={shape.head_dim} {shape.dtype}")
             if ref is None:
-                why = "out of memory for the inputs or the reference"
+                why = f"out of memory for the inputs or the reference: {oom_message}"
                 records.append(blank_record(name, shape, status="oom", reason=why))
             else:
                 records.append(bench_backend(name, fn, shape, inputs, ref, device, timing, peak))

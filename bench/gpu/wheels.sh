@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Wheels that bench/gpu/trainer.sh needs on the GPU machine and its image lacks (DeepSpeed
+# Wheels that bench/gpu/run.sh needs on the GPU machine and its image lacks (DeepSpeed
 # and what it requires beyond the image's packages), written to .whl/ (git-ignored through
 # .git/info/exclude). Run HERE, where PyPI is reachable, from the repository root; then
 # carry .whl to the GPU machine. Versions are those of this checkout's .venv.

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Issues 11 and 17 on one H100 in one call of at most 10 minutes: the trainer's throughput
+# table and the attention kernels' sweep. Every stage has its own time limit and the whole
+# run a deadline (BUDGET seconds, default 540), so that a slow stage cannot eat the others;
+# stages run most important first, and those the deadline leaves no time for are skipped.
+#
+#   bash bench/gpu/wheels.sh                          # HERE first, with PyPI: builds .whl/
+#   OUT=/tmp/gpu bash bench/gpu/run.sh                # on the GPU machine, carrying .whl
+#   OUT=/tmp/gpu bash bench/gpu/run.sh causal full    # only these stages
+#   CONFIG=configs/tiny.toml STEPS=1 WARMUP=1 COMPILE=false CAUSAL=1x2x64x16 FULL=1x2x64x16 \
+#     PYTHON=.venv/bin/python OUT=/tmp/gpu bash bench/gpu/run.sh   # a dry run on a CPU
+#
+# Stages, in order:
+#   data           random bytes, prepared on the machine (throughput does not depend on text)
+#   bench-sdpa     bench mode, GPT-2 124M, T = 1024, micro-batch 16, bf16 autocast, compiled:
+#                  the engine beside the bare loop (vs_bare, MFU)                (issue 11)
+#   eval-eager     a compiled run with evaluations and samples: step time before and after
+#                  the first evaluation (the trainer evaluates on the uncompiled module)
+#   warmup         every Triton autotune candidate of the shapes below, compiled by 16 processes
+#   causal, full   gpt.kernels.bench on issue 17's shapes, GPT-2's (D = 64, T = 1024) and
+#                  D = 64 at T = 4096: sdpa-flash, sdpa-cudnn, triton, triton-hopper (bf16)
+#                  (causal before full, bench-triton between them)
+#   bench-triton, bench-hopper   bench mode as bench-sdpa, triton and triton-hopper backends
+#   tests          the kernels' GPU tests (GPT_FLASH_TUNE=quick): bf16 against float64
+#   eval-through   as eval-eager, evaluating through the compiled module (the old way)
+#   bench-ds-bf16  bench-sdpa with DeepSpeed's bf16 section (bf16 weights and its wrapper)
+#   bench-eager    bench-sdpa uncompiled (the eager-model comparison)
+# Results: $OUT/log.txt, $OUT/results.tar.gz (every stage's files), $OUT/summary-*.md.
+# Python: $PYTHON or python3.
+set -u
+OUT=${OUT:-out/gpu}
+PY=${PYTHON:-python3}
+CONFIG=${CONFIG:-configs/gpt2-124m.toml}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-5}
+COMPILE=${COMPILE:-true}
+read -r -a CAUSAL <<< "${CAUSAL:-4x16x4096x128 16x16x1024x128 1x16x16384x128 4x32/8x4096x128 2x12x1000x128 16x12x1024x64 4x16x4096x64}"
+read -r -a FULL <<< "${FULL:-4x16x4096x128 4x16x4096x64}"
+ALL=(data bench-sdpa eval-eager warmup causal bench-triton full bench-hopper tests
+  eval-through bench-ds-bf16 bench-eager)
+STAGES=("${@:-${ALL[@]}}")
+WORK=$(mktemp -d /tmp/gpu.XXXX)
+mkdir -p "$OUT" "$WORK/res"
+exec > >(tee "$OUT/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+# DeepSpeed builds its ops just in time under a lock file; a stage killed at its time limit
+# during a build would leave the lock and hang every later stage: builds stay in $WORK and
+# locks are cleared after each stage (the stages run one at a time)
+export TORCH_EXTENSIONS_DIR="$WORK/torch_extensions"
+
+if ! "$PY" -c "import deepspeed" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$WORK/site" .whl/*.whl || exit 1
+fi
+# not installed (an installed package maps them): the repository's gpt/ gets kernels/ and
+# data/ linked in (the scripts put the repository's root first on sys.path, so a package
+# elsewhere on PYTHONPATH would be shadowed by gpt/)
+if ! "$PY" -c "import gpt.kernels, gpt.data" 2> /dev/null; then
+  ln -sfn ../kernels gpt/kernels && ln -sfn ../data gpt/data
+fi
+export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+
+START=$(date +%s)
+DEADLINE=$((START + ${BUDGET:-540}))
+stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log its status and time
+  local name=$1 limit=$2 t0 left
+  shift 2
+  t0=$(date +%s)
+  left=$((DEADLINE - t0))
+  if [ "$left" -lt 20 ]; then
+    echo "=== $name: skipped, ${left} s left before the deadline"
+    return
+  fi
+  [ "$left" -lt "$limit" ] && limit=$left
+  echo "=== $name (limit ${limit} s, $((t0 - START)) s into the run)"
+  timeout "$limit" "$@"
+  echo "=== $name: exit $? after $(($(date +%s) - t0)) s"
+  find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2> /dev/null
+  tar czf "$OUT/results.tar.gz" -C "$WORK/res" .  # after every stage: a cut run keeps its results
+}
+
+TRAIN=("$PY" train.py "$CONFIG" "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16
+  --train.grad_accum=1 --train.dtype=bf16 --train.wandb=false "--bench.steps=$STEPS"
+  "--bench.warmup=$WARMUP")
+bench() {  # bench NAME SECONDS OVERRIDES...: one bench-mode run, its JSON kept
+  local name=$1 limit=$2
+  shift 2
+  stage "$name" "$limit" "${TRAIN[@]}" "--train.out_dir=$WORK/$name" "$@"
+  cp "$WORK/$name/bench.json" "$WORK/res/$name.json" 2> /dev/null
+}
+EVAL=("$PY" bench/compiled_eval.py "$CONFIG" --steps 45 --eval-interval 15
+  "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16 --train.dtype=bf16
+  --train.grad_accum=1 --train.eval_steps=5 --train.sample_tokens=32)
+KERNELS=("$PY" -m gpt.kernels.bench --dtypes bf16 --no-progress
+  --backends sdpa-flash sdpa-cudnn triton triton-hopper)
+
+run_stage() {
+  case $1 in
+    data) stage data 60 "$PY" - "$WORK/data" <<'PYTHON' ;;
+import random, sys
+from pathlib import Path
+from gpt.data.prepare import prepare
+docs = Path(sys.argv[1]) / "docs"
+docs.mkdir(parents=True)
+rng = random.Random(0)
+for i in range(8):  # 8 x 512 KiB of random printable bytes
+    (docs / f"d{i}.txt").write_text("".join(rng.choice("etaoin shrdlu\n") for _ in range(1 << 19)))
+prepare([str(docs)], Path(sys.argv[1]) / "bytes", encoding="bytes", progress=False)
+PYTHON
+    bench-sdpa) bench bench-sdpa 150 '--bench.backends=["sdpa"]' "--bench.compile=[$COMPILE]" ;;
+    bench-triton) bench bench-triton 100 '--bench.backends=["triton"]' "--bench.compile=[$COMPILE]" ;;
+    bench-hopper)
+      bench bench-hopper 100 '--bench.backends=["triton-hopper"]' "--bench.compile=[$COMPILE]" ;;
+    bench-ds-bf16) bench bench-ds-bf16 100 '--bench.backends=["sdpa"]' \
+      "--bench.compile=[$COMPILE]" --deepspeed.bf16.enabled=true ;;
+    bench-eager) bench bench-eager 60 '--bench.backends=["sdpa"]' '--bench.compile=[false]' ;;
+    eval-eager) [ "$COMPILE" = true ] &&
+      stage eval-eager 110 "${EVAL[@]}" --out "$WORK/res/compiled-eval-eager.json" ;;
+    eval-through) [ "$COMPILE" = true ] && stage eval-through 120 "${EVAL[@]}" \
+      --through-compiled --out "$WORK/res/compiled-eval-through.json" ;;
+    warmup) stage warmup 75 "$PY" -m gpt.kernels.warmup --shapes "${CAUSAL[@]}" \
+      --masks causal full --dtypes bf16 --jobs 16 ;;
+    causal) stage causal 150 "${KERNELS[@]}" --masks causal --shapes "${CAUSAL[@]}" \
+      --out "$WORK/res/causal" ;;
+    full) stage full 60 "${KERNELS[@]}" --masks full --shapes "${FULL[@]}" --out "$WORK/res/full" ;;
+    tests) stage tests 150 env GPT_FLASH_TUNE=quick "$PY" -m pytest -q -m gpu -p no:cacheprovider \
+      tests/test_flash_attention.py tests/test_flash_attention_hopper.py tests/test_warmup.py \
+      --junitxml "$WORK/res/tests.xml" ;;
+    *) echo "unknown stage $1; stages: ${ALL[*]}" && exit 2 ;;
+  esac
+}
+
+stage environment 30 sh -c "nvidia-smi; $PY -c 'import torch, triton, deepspeed; \
+print(torch.__version__, triton.__version__, deepspeed.__version__, torch.cuda.get_device_name())'"
+for s in "${STAGES[@]}"; do run_stage "$s"; done
+
+for d in "$WORK"/res/*/; do
+  [ -f "$d/summary.md" ] && cp "$d/summary.md" "$OUT/summary-$(basename "$d").md"
+done
+tar czf "$OUT/results.tar.gz" -C "$WORK/res" .
+echo "=== done in $(($(date +%s) - START)) s"
+"$PY" - "$WORK/res" <<'PYTHON'
+import json, sys
+from pathlib import Path
+for f in sorted(Path(sys.argv[1]).glob("*.json")):
+    data = json.loads(f.read_text())
+    rows = data.get("results") if isinstance(data, dict) else None
+    print(f"--- {f.name}")
+    for r in rows or []:
+        print("  ", {k: v for k, v in r.items() if k in (
+            "loop", "attention", "compile", "status", "step_ms", "tokens_per_s", "mfu", "vs_bare")})
+    if not rows:
+        print("  ", json.dumps(data)[:600])
+PYTHON
+cat "$OUT"/summary-*.md 2> /dev/null
