@@ -100,10 +100,15 @@ def freeze(model: nn.Module, embeddings: bool, blocks: int) -> None:
 
 
 def count_trainable(model: nn.Module) -> int:
-    """Trainable parameters, each shared tensor counted once."""
-    seen, n = set(), 0
-    for p in model.parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
+    """Trainable parameters, each shared tensor counted once, and of a GPT's real vocabulary
+    only (as ``GPT.num_params``: the rows ``vocab_multiple`` pads the token embedding and
+    LM head with are not counted)."""
+    cfg = getattr(model, "cfg", None)
+    padding = cfg.padded_vocab_size - cfg.vocab_size if cfg is not None else 0
+    n = 0
+    for name, p in model.named_parameters():  # a tied head is listed once
+        if p.requires_grad:
             n += p.numel()
+            if padding and name in ("transformer.wte.weight", "lm_head.weight"):
+                n -= padding * p.shape[1]
     return n

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {key:<24}{last[key]:.3f} (step {evals[0]['step']}: {start:.3f})")
     try:
         baseline = unigram_loss(run.data_dir)
-        print(f"  unigram baseline       {baseline:.3f} (validation tokens of {run.data_dir})")
+        shown = run.data_dir  # relative to here when it is below here, as configs write it
+        if shown.is_relative_to(Path.cwd()):
+            shown = shown.relative_to(Path.cwd())
+        print(f"  unigram baseline       {baseline:.3f} (validation tokens of {shown})")
     except ValueError as err:  # the data moved or has no validation split
         baseline = None
         print(f"  unigram baseline       unavailable: {err}")

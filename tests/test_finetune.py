@@ -15,7 +15,7 @@ from gpt.cli import train
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
 from gpt.data.replay import ReplayLoader
-from gpt.lora import add_lora, merge_lora
+from gpt.lora import add_lora, count_trainable, freeze, merge_lora
 from gpt.model import GPT
 from gpt.train.checkpoint import latest_checkpoint, load_model
 
@@ -209,6 +209,19 @@ def test_merge_lora_equals_the_adapted_model_in_float32():
         merged = merge_lora(model)(idx)
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
     assert not any(".lora_" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_counts_the_real_vocabulary_only(tied):
+    from gpt.config import ModelConfig
+
+    cfg = dict(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=8, tie_embeddings=tied)
+    padded = GPT(ModelConfig(**cfg, vocab_multiple=64))
+    plain = GPT(ModelConfig(**cfg))
+    assert count_trainable(padded) == count_trainable(plain) == plain.num_params()
+    freeze(padded, embeddings=True, blocks=1)
+    freeze(plain, embeddings=True, blocks=1)
+    assert count_trainable(padded) == count_trainable(plain) < plain.num_params()
 
 
 def test_replay_mixes_the_fraction_exactly_and_independently_of_the_world(domain, data_dir):
