@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from runs import subprocess_env
 from test_docs import FENCE, split_lines
 
 from gpt.data.assets import cache_dir
@@ -39,7 +40,8 @@ def test_the_readme_walkthrough_runs(tmp_path):
     sample = [c for c in first_block("Sample and evaluate") if "sample.py" in c][:1]
     steps = [*first_block("Train"), *sample, *first_block("Export")]
     assert any("train.py" in c for c in steps) and sample, steps
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = subprocess_env()  # not this process's own process-group variables (its port)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     for command in steps:
         if re.search(r"\btrain\.py\b", command):
             command += SHORT
