@@ -55,7 +55,7 @@ fi
 # not installed (an installed package maps them): the repository's gpt/ gets kernels/ and
 # data/ linked in (the scripts put the repository's root first on sys.path, so a package
 # elsewhere on PYTHONPATH would be shadowed by gpt/)
-if ! "$PY" -c "import gpt.kernels, gpt.data" 2> /dev/null; then
+if ! "$PY" -c "import gpt.kernels, gpt.data" 2> /dev/null; then  # links git ignores
   ln -sfn ../kernels gpt/kernels && ln -sfn ../data gpt/data
 fi
 export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
