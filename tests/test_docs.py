@@ -6,12 +6,13 @@ checked against the code it names.
   the config file exists and loads with those overrides (every key and type checked);
 - ``sample.py ...``: the sampler's own argument parser accepts the flags;
 - ``python -m MODULE ...`` and ``python SCRIPT.py ...``: the module or script exists and every
-  ``--flag`` given appears in its ``--help``;
-- ``bash`` / ``sbatch`` scripts exist.
+  ``--flag`` given appears in its ``--help``; ``--section.key=value`` flags, which the bench
+  scripts pass on to the trainer, load as config overrides;
+- ``bash`` / ``sbatch`` scripts exist; here-documents' bodies are not commands.
 Commands outside the project (pip, git, cd, ...) pass. Running them all at full size would
 take hours; what they do is tested where it is built (the trainer, sampler, data and export
-tests run the same code scaled down), and docs/data.md's commands are run as written by
-test_data_docs.py.
+tests run the same code scaled down), README's walk-through runs scaled down in
+test_readme.py, and docs/data.md's commands run as written in test_data_docs.py.
 """
 
 import re
