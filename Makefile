@@ -1,20 +1,39 @@
-# Everything depends on `make install`, which is idempotent: it (re)builds .venv only when
-# pyproject.toml changed since the last install.
+# Everything depends on `make install`, which is idempotent: it rebuilds .venv from scratch
+# only when pyproject.toml or the lock changed since the last install.
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock.txt
+# torch is held at the CPU build that pip finds on this machine's disk: a newer or unpinned
+# torch from PyPI is a CUDA build of several GB
+TORCH := 2.13.0
 
-.PHONY: install demo test lint format clean finetune
+.PHONY: install lock demo test lint format clean finetune
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	# torch first and pinned, so nothing later pulls a CUDA build onto a CPU-only machine
-	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test]"
+# Exactly the locked set, every file checked against its sha256, nothing resolved again; then
+# the project itself, editable, built with the locked setuptools.
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $(STAMP)
+
+# Refresh the lock: resolve pyproject.toml's ranges (runtime and test) to the newest releases,
+# write requirements/lock.txt with each file's sha256 (printing what changed), reinstall and
+# run the suite on them. Commit the lock only if the suite passes.
+lock:
+	rm -rf $(VENV)-lock
+	python3 -m venv $(VENV)-lock
+	$(VENV)-lock/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)-lock/bin/python -m pip install --quiet --dry-run --ignore-installed \
+		--report $(VENV)-lock/report.json pip setuptools wheel "torch==$(TORCH)" ".[test]"
+	$(VENV)-lock/bin/python scripts/lock.py $(VENV)-lock/report.json $(LOCK)
+	rm -rf $(VENV)-lock
+	$(MAKE) test
 
 # Prepare Shakespeare, pretrain configs/tiny.toml on the CPU (resumes if out/tiny has a
 # checkpoint), report losses against the unigram baseline with a loss plot, then sample.
@@ -67,6 +86,8 @@ out/data/shakespeare/manifest.json: | assets
 # BIG-bench's task.json files (1,041, subtasks included) for `sample.py --eval`, from the PyPI
 # sdist bigbench==1.0.0 (358 MB download, 1.7 GB extracted), verified by sha256 and cached in
 # $(GPT_CACHE_DIR)/bigbench-1.0.0/benchmark_tasks; a no-op when cached. Not part of `make test`.
+# Where PyPI does not offer that sdist: `make bigbench BIGBENCH=PATH`, PATH a downloaded
+# bigbench-1.0.0.tar.gz (sha256-checked) or a BIG-bench checkout.
 .PHONY: bigbench
 bigbench: install
-	$(PY) -m gpt.data.assets bigbench
+	$(PY) -m gpt.data.assets bigbench $(if $(BIGBENCH),--from "$(BIGBENCH)")

@@ -6,6 +6,8 @@ under `cache_dir()`. Nothing here runs at import time. Command line:
 
     python -m gpt.data.assets gpt2 shakespeare      # fetch + verify into the cache
     python -m gpt.data.assets bigbench              # BIG-bench's task.json files (358 MB sdist)
+    python -m gpt.data.assets bigbench --from bigbench-1.0.0.tar.gz   # a copy you downloaded
+    python -m gpt.data.assets bigbench --from ~/src/BIG-bench         # or a checkout
 """
 
 import argparse
@@ -113,13 +115,64 @@ def extract_bigbench(sdist: Path) -> Path:
     return out
 
 
-def fetch_bigbench() -> Path:
-    """The BIG-bench task directory, downloaded from PyPI and extracted on first use."""
+def copy_bigbench_checkout(checkout: Path) -> Path:
+    """The task.json files of a BIG-bench checkout (its root, or its benchmark_tasks folder)
+    into `bigbench_dir()`. A checkout has no published hash: the files are counted, and the
+    record says where they came from."""
+    tasks = checkout / "bigbench" / "benchmark_tasks"
+    if not tasks.is_dir():
+        tasks = checkout
+    files = sorted(p for p in tasks.rglob("task.json") if p.is_file())
+    if not files:
+        raise RuntimeError(
+            f"{checkout}: no task.json files under it; give the root of a BIG-bench checkout "
+            "(with bigbench/benchmark_tasks/) or its benchmark_tasks folder"
+        )
     out = bigbench_dir()
-    if (out / "VERIFIED").exists():
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staging = Path(tmp) / "benchmark_tasks"
+        for file in files:
+            target = staging / file.relative_to(tasks)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(file, target)
+        (staging / "CHECKOUT").write_text(
+            f"{len(files)} task.json files copied from {checkout.resolve()} "
+            f"(a checkout: no hash to verify; the sdist has {BIGBENCH_TASKS})\n"
+        )
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
+    return out
+
+
+def bigbench_hint() -> str:
+    """What to do when the BIG-bench suite is not in the cache."""
+    return (
+        f"fetch BIG-bench into {bigbench_dir()} with `make bigbench`, or where PyPI does not "
+        f"offer {BIGBENCH_SDIST}, from a copy: `python -m gpt.data.assets bigbench --from "
+        "PATH` (PATH: the sdist bigbench-1.0.0.tar.gz, checked against its sha256, or a "
+        "BIG-bench checkout)"
+    )
+
+
+def fetch_bigbench(source: Path | None = None) -> Path:
+    """The BIG-bench task directory: from `source` (an sdist or a checkout) when given, else
+    from the cache, else downloaded from PyPI and extracted."""
+    out = bigbench_dir()
+    if source is not None:
+        if source.is_dir():
+            return copy_bigbench_checkout(source)
+        if not source.is_file():
+            raise RuntimeError(f"{source}: no such file or directory")
+        return extract_bigbench(source)
+    if (out / "VERIFIED").exists() or (out / "CHECKOUT").exists():
         return out
     with tempfile.TemporaryDirectory() as tmp:
-        return extract_bigbench(pip_download(BIGBENCH_SDIST, Path(tmp)))
+        try:
+            sdist = pip_download(BIGBENCH_SDIST, Path(tmp))
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\nTo use a copy instead: {bigbench_hint()}") from None
+        return extract_bigbench(sdist)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,15 +189,25 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         help=f"encodings {sorted(FETCHABLE)}, recipes {sorted(RECIPES)} or bigbench",
     )
+    parser.add_argument(
+        "--from",
+        dest="source",
+        type=Path,
+        metavar="PATH",
+        help="bigbench only: take the tasks from this sdist (bigbench-1.0.0.tar.gz, checked "
+        "against its sha256) or BIG-bench checkout instead of downloading",
+    )
     args = parser.parse_args(argv)
     valid = sorted(FETCHABLE) + sorted(RECIPES) + ["bigbench"]
     for name in args.names:
         if name not in valid:
             parser.error(f"unknown asset {name!r}; valid: {', '.join(valid)}")
+    if args.source is not None and args.names != ["bigbench"]:
+        parser.error("--from is for `bigbench` alone")
     for name in args.names:
         try:
             if name == "bigbench":
-                path = fetch_bigbench()
+                path = fetch_bigbench(args.source)
             else:
                 path = (fetch_ranks if name in FETCHABLE else fetch_recipe)(name)
             print(f"{name}: {path}")

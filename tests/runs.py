@@ -84,12 +84,8 @@ def optimizer_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def subprocess_env() -> dict[str, str]:
-    """The environment without this process's own (in-process) process-group variables.
-    DeepSpeed's CPU communication op is compiled into one directory per virtual environment:
-    shared between checkouts, each would rebuild it (~50 s) whenever another one ran."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
-    return env
+    """The environment without this process's own (in-process) process-group variables."""
+    return {k: v for k, v in os.environ.items() if k not in DIST_ENV}
 
 
 def run_script(args, env: dict | None = None, **kwargs):

@@ -58,3 +58,48 @@ def test_wrong_hash_or_count_is_refused_and_keeps_the_old_suite(tmp_path, monkey
         assets.extract_bigbench(sdist)
     assert old.read_text() == "old"
     assert [p.name for p in old.parents[1].parent.iterdir()] == ["benchmark_tasks"]  # no debris
+
+
+def test_a_registry_without_the_sdist_says_how_to_use_a_copy(tmp_path, monkeypatch, capsys):
+    """Where PyPI offers no bigbench==1.0.0, the error carries pip's reason and the way out."""
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+
+    def no_such_version(spec, dest, sdist=True):
+        raise RuntimeError(f"could not download {spec} from PyPI: No matching distribution")
+
+    monkeypatch.setattr(assets, "pip_download", no_such_version)
+    with pytest.raises(SystemExit) as exit_:
+        assets.main(["bigbench"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "could not download bigbench==1.0.0 from PyPI: No matching distribution" in err
+    assert "python -m gpt.data.assets bigbench --from PATH" in err
+    assert "bigbench-1.0.0.tar.gz" in err and "checkout" in err
+
+
+def test_from_a_downloaded_sdist_or_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT_CACHE_DIR", str(tmp_path / "cache"))
+    sdist = make_sdist(tmp_path / "bigbench-1.0.0.tar.gz", MEMBERS)
+    with pytest.raises(SystemExit):  # wrong hash: refused, exit 1
+        assets.main(["bigbench", "--from", str(sdist)])
+    assert not assets.bigbench_dir().exists()
+    monkeypatch.setattr(assets, "BIGBENCH_SHA256", sha256_file(sdist))
+    monkeypatch.setattr(assets, "BIGBENCH_TASKS", 2)
+    assets.main(["bigbench", "--from", str(sdist)])
+    assert (assets.bigbench_dir() / "VERIFIED").exists()
+
+    checkout = tmp_path / "BIG-bench"
+    for name, data in MEMBERS.items():
+        path = checkout / name.removeprefix("bigbench-1.0.0/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    out = assets.fetch_bigbench(checkout)
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == ["CHECKOUT", "a/task.json", "b/sub/task.json"]  # api/task.json left out
+    assert "2 task.json files copied from" in (out / "CHECKOUT").read_text()
+    assert assets.fetch_bigbench() == out  # now cached
+    with pytest.raises(RuntimeError, match=r"empty: no task\.json files under it"):
+        (tmp_path / "empty").mkdir()
+        assets.fetch_bigbench(tmp_path / "empty")
+    with pytest.raises(SystemExit):
+        assets.main(["gpt2", "--from", str(checkout)])  # --from is for bigbench alone

@@ -292,5 +292,17 @@ def test_subtasks_are_found_and_a_container_names_them(tmp_path):
     with pytest.raises(ValueError, match=r"parent/task\.json: a container task .*\(one, two\)"):
         load_task(root / "parent" / "task.json")
     assert find_task_files(str(root / "**" / "t*.json")) == found[1:]
-    with pytest.raises(ValueError, match=r"--eval .*nothing\*: no task files"):
+    with pytest.raises(ValueError, match=r"--eval .*nothing\*: no task files .*: the pattern"):
         find_task_files(str(tmp_path / "nothing*"))
+    with pytest.raises(ValueError, match=r"no task files .*: no such file or directory$"):
+        find_task_files(str(tmp_path / "gone"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"the directory holds no task\.json or \.jsonl file$"):
+        find_task_files(str(tmp_path / "empty"))
+    missing = str(tmp_path / "bigbench-1.0.0" / "benchmark_tasks" / "cause_and_effect")
+    with pytest.raises(
+        ValueError,
+        match=r"no such file or directory; fetch BIG-bench into .*"
+        r"`make bigbench`, .* --from PATH",
+    ):
+        find_task_files(missing)

@@ -52,12 +52,8 @@ if ! "$PY" -c "import deepspeed" 2> /dev/null && compgen -G ".whl/*.whl" > /dev/
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$WORK/site" .whl/*.whl || exit 1
 fi
-# not installed (an installed package maps them): the repository's gpt/ gets kernels/ and
-# data/ linked in (the scripts put the repository's root first on sys.path, so a package
-# elsewhere on PYTHONPATH would be shadowed by gpt/)
-if ! "$PY" -c "import gpt.kernels, gpt.data" 2> /dev/null; then  # links git ignores
-  ln -sfn ../kernels gpt/kernels && ln -sfn ../data gpt/data
-fi
+# not installed: the repository's gpt/ holds kernels/ and data/ as committed links, and the
+# root goes first on PYTHONPATH
 export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
 
 START=$(date +%s)

@@ -7,6 +7,7 @@ a message naming the key. Exit statuses are listed in train.py.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -51,60 +52,60 @@ def main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError too
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
-    _, _, device = init_distributed(cfg.train.dist_timeout)  # for the process's life
-    # fp32 matmuls on TF32 tensor cores (as nanoGPT); MFU is then against the TF32 peak
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if cfg.bench.steps:
-        return run_benchmark(cfg, manifests, device, argv)
-    return train(cfg, manifests, device, argv)
-
-
-def train(cfg: Config, manifests: dict[str, dict], device: torch.device, argv: list[str]) -> int:
-    """Take the run directory, resume or start, and run the loop; an exit status."""
-    out_dir = Path(cfg.train.out_dir)
-    lock = RunLock(out_dir)
-    refused = ""
-    if dist.is_main():
+    lock = RunLock(cfg.train.out_dir)
+    if not cfg.bench.steps and os.environ.get("RANK", "0") == "0":
+        # rank 0 takes the run directory before the process group starts and DeepSpeed builds
+        # its op (a minute or more on a fresh installation), so a busy directory is refused at
+        # once; a launcher then stops the other ranks
         try:
             lock.acquire()
-            if lock.previous:
-                print(
-                    f"train.py: taking over {out_dir} from a job that did not exit cleanly "
-                    f"({lock.previous})",
-                    file=sys.stderr,
-                )
-            for partial in ckpt.remove_partial_checkpoints(out_dir):
-                print(f"train.py: removed the partial checkpoint {partial}", file=sys.stderr)
         except RunLocked as err:
-            refused = str(err)
-    if dist.vote_max([int(bool(refused))])[0]:
-        if refused:
-            print(f"train.py: error: {refused}", file=sys.stderr)
-        return 2
-    try:
-        try:
-            trainer = Trainer(cfg, manifests, device)  # ValueError: a damaged data shard
-            resumed = trainer.resume()  # ConfigError: no checkpoint this run can continue
-        except ValueError as err:
-            if dist.is_main():
-                print(f"train.py: error: {err}", file=sys.stderr)
-            return 2
-        if dist.is_main():
-            save_config(cfg, out_dir / "config.toml")
-            params, trainable = trainer.model.num_params(), count_trainable(trainer.model)
-            ckpt.write_run_info(
-                out_dir, ["train.py", *argv], params=params, trainable_params=trainable
-            )
-            print(
-                f"{'resuming from ' + str(resumed) if resumed else 'starting'}: "
-                f"{params:,} parameters ({trainable:,} trainable), {dist.world_size()} process(es) "
-                f"on {device}, global batch {cfg.global_batch(dist.world_size())} x "
-                f"{cfg.model.block_size} tokens"
-            )
-        try:
-            return trainer.fit()
-        except ckpt.CheckpointWriteError as err:
             print(f"train.py: error: {err}", file=sys.stderr)
-            return CHECKPOINT_WRITE_EXIT
+            return 2
+    try:
+        _, _, device = init_distributed(cfg.train.dist_timeout)  # for the process's life
+        # fp32 matmuls on TF32 tensor cores (as nanoGPT); MFU is then against the TF32 peak
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if cfg.bench.steps:
+            return run_benchmark(cfg, manifests, device, argv)
+        return train(cfg, manifests, device, argv, lock)
     finally:
         lock.release()
+
+
+def train(
+    cfg: Config, manifests: dict[str, dict], device: torch.device, argv: list[str], lock: RunLock
+) -> int:
+    """Resume or start in the run directory rank 0 holds, and run the loop; an exit status."""
+    out_dir = Path(cfg.train.out_dir)
+    if dist.is_main():
+        if lock.previous:
+            print(
+                f"train.py: taking over {out_dir} from a job that did not exit cleanly "
+                f"({lock.previous})",
+                file=sys.stderr,
+            )
+        for partial in ckpt.remove_partial_checkpoints(out_dir):
+            print(f"train.py: removed the partial checkpoint {partial}", file=sys.stderr)
+    try:
+        trainer = Trainer(cfg, manifests, device)  # ValueError: a damaged data shard
+        resumed = trainer.resume()  # ConfigError: no checkpoint this run can continue
+    except ValueError as err:
+        if dist.is_main():
+            print(f"train.py: error: {err}", file=sys.stderr)
+        return 2
+    if dist.is_main():
+        save_config(cfg, out_dir / "config.toml")
+        params, trainable = trainer.model.num_params(), count_trainable(trainer.model)
+        ckpt.write_run_info(out_dir, ["train.py", *argv], params=params, trainable_params=trainable)
+        print(
+            f"{'resuming from ' + str(resumed) if resumed else 'starting'}: "
+            f"{params:,} parameters ({trainable:,} trainable), {dist.world_size()} process(es) "
+            f"on {device}, global batch {cfg.global_batch(dist.world_size())} x "
+            f"{cfg.model.block_size} tokens"
+        )
+    try:
+        return trainer.fit()
+    except ckpt.CheckpointWriteError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        return CHECKPOINT_WRITE_EXIT

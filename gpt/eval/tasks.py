@@ -305,7 +305,18 @@ def find_task_files(spec: str) -> list[Path]:
         found = [Path(p) for p in glob.glob(spec, recursive=True)]
         found = [p for p in found if p.is_file() and p.suffix in (".json", ".jsonl")]
     if not found:
-        raise ValueError(f"--eval {spec}: no task files (task.json / *.jsonl) found there")
+        if path.is_dir():
+            why = "the directory holds no task.json or .jsonl file"
+        elif glob.has_magic(spec):
+            why = "the pattern matches no .json or .jsonl file"
+        else:
+            why = "no such file or directory"
+        hint = ""
+        if "bigbench" in spec:
+            from gpt.data.assets import bigbench_hint
+
+            hint = f"; {bigbench_hint()}"
+        raise ValueError(f"--eval {spec}: no task files (task.json / *.jsonl): {why}{hint}")
     return sorted(set(found))
 
 

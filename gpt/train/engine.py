@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +34,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def use_own_extensions_dir() -> None:
+    """DeepSpeed compiles its CPU communication op just in time into TORCH_EXTENSIONS_DIR
+    (default ~/.cache/torch_extensions): shared by two installations, each rebuilds it (1-2.5
+    min) whenever the other ran. Unless the user chose a directory, the build stays with this
+    installation (under sys.prefix, i.e. .venv/torch_extensions) where that is writable."""
+    own = Path(sys.prefix) / "torch_extensions"
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(own)
+
+
 def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     """Start the process group (gloo on CPU, nccl on GPU); returns (rank, world, device).
 
@@ -41,6 +53,7 @@ def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
     and stops the rest (see docs/cluster.md)."""
     import datetime
 
+    use_own_extensions_dir()
     import deepspeed
     import torch.distributed as dist
 

@@ -1,1 +1,0 @@
-"""Tokenizing, corpus recipes, sharding and loading (installed as `gpt.data`)."""
