@@ -129,10 +129,19 @@ time.sleep(600)
 """
 
 
-def test_a_second_trainer_on_the_same_run_directory_is_refused(tmp_path, data_dir, capsys):
+def test_a_second_trainer_on_the_same_run_directory_is_refused(
+    tmp_path, data_dir, capsys, monkeypatch
+):
     """Another job holds the run directory (here a process holding its lock the way the
-    trainer does): the trainer refuses with status 2, naming the holder, and writes nothing."""
+    trainer does): the trainer refuses with status 2, naming the holder, and writes nothing;
+    before the process group starts, i.e. before DeepSpeed builds its op (minutes on a fresh
+    installation)."""
     path, out = config(tmp_path, data_dir)
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the process group started before the run directory was taken")
+
+    monkeypatch.setattr(train, "init_distributed", too_late)
     holder = run_script(["-c", HOLD_LOCK, str(out)])
     try:
         assert holder.stdout.readline().strip() == "locked"
