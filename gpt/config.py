@@ -9,7 +9,6 @@ the wrong type, raises ``ConfigError`` naming the key and listing what is valid.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 import tomllib
@@ -461,8 +460,14 @@ def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
     if section == "deepspeed":
         node = cfg.deepspeed
         *parents, leaf = key.split(".")
-        for p in parents:
+        for depth, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                where = ".".join(["deepspeed", *parents[: depth + 1]])
+                raise ConfigError(
+                    f"{origin}: {where} is {node!r}, not a table, so deepspeed.{key} cannot be "
+                    f"set; set {where} as a table (--{where}.KEY=VALUE) or leave out one of them"
+                )
         node[leaf] = value
         return
     fields = _section_fields(section)
@@ -501,9 +506,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); TOML files are UTF-8"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
         for section, table in data.items():
             if not isinstance(table, dict):
                 raise ConfigError(
@@ -519,6 +530,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not sep:
             raise ConfigError(f"command line: {arg!r} has no value; write --{name}=VALUE")
         section, _, key = name.partition(".")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ConfigError(
+                f"command line: --{name} holds bytes that are not UTF-8 text; give the value "
+                "in UTF-8"
+            ) from None
         _set(cfg, section, key, _parse_value(text), "command line")
     return cfg
 
@@ -608,13 +626,35 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        # JSON string escapes (\n, \", \uXXXX) are valid in a TOML basic string.
-        return json.dumps(value)
+        return _toml_string(value)
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} to TOML")
+
+
+SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
+
+
+def _toml_string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped, every other
+    character as itself (JSON's ensure_ascii escapes would split a character outside the
+    Basic Multilingual Plane into two surrogate escapes, which TOML refuses)."""
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in SHORT_ESCAPES:
+            out.append(SHORT_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F:
+            out.append(f"\\u{code:04x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            raise ConfigError(f"{text!r}: holds a lone surrogate, which is not text TOML can hold")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _toml_key(key: str) -> str:

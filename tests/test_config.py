@@ -103,6 +103,40 @@ def test_round_trip_through_toml(tmp_path):
     assert load_config(None) == Config() and "[deepspeed]" in to_toml(Config())
 
 
+@pytest.mark.parametrize(
+    "text", ["😀", "🚀 out/ünï", 'tab\tnew\nline "q" \\ del\x7f bell\x07', "", "\U0010fffd"]
+)
+def test_every_written_config_reads_back_with_any_text(tmp_path, text):
+    """Characters outside the Basic Multilingual Plane, control characters, quotes and
+    backslashes, in a list, a table and a plain string: the run's own config.toml must read
+    back to the same Config."""
+    cfg = load_config(None, [f"--train.out_dir={text}x"])
+    cfg.train.sample_prompts = [text, "ROMEO:"]
+    cfg.data.extra_val = {text or "k": f"out/{text}"}
+    save_config(cfg, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == cfg
+
+
+def test_text_toml_cannot_hold_is_refused():
+    cfg = Config()
+    cfg.train.out_dir = "a\udcff"  # the command line refuses it first (below)
+    with pytest.raises(ConfigError, match="holds a lone surrogate"):
+        to_toml(cfg)
+
+
+def test_unreadable_config_files_and_overrides_are_one_line_errors(tmp_path):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[train]\nout_dir = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match=rf"{bad}: not UTF-8 text \(byte 22"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="deepspeed.zero_optimization is 5, not a table"):
+        load_config(
+            None, ["--deepspeed.zero_optimization=5", "--deepspeed.zero_optimization.stage=1"]
+        )
+    with pytest.raises(ConfigError, match="--train.out_dir holds bytes that are not UTF-8"):
+        load_config(None, ["--train.out_dir=" + b"caf\xe9".decode("utf-8", "surrogateescape")])
+
+
 def test_none_resets_an_optional_value():
     assert (
         load_config(None, ["--model.n_kv_head=2", "--model.n_kv_head=none"]).model.n_kv_head is None
