@@ -8,7 +8,10 @@ Every option: ``python sample.py --help``; the code is in gpt/cli/sample.py.
 
 import sys
 
-from gpt.cli.sample import main
+try:  # Ctrl-C while the imports load (seconds): an exit status, not a traceback
+    from gpt.cli.sample import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -5,16 +5,20 @@ with N processes; always through a DeepSpeed engine (gpt/engine.py). Running the
 command again resumes from the latest complete checkpoint in ``train.out_dir``.
 
 Exit status: 0 finished; 2 bad configuration; 3 aborted after too many consecutive
-non-finite steps; 4 a checkpoint could not be written (disk full); 5 stopped at
-train.time_limit; 128 + signal number (130 SIGINT, 138 SIGUSR1, 143 SIGTERM) when stopped by
-a signal. 5 and 128 + N come after saving a checkpoint, on every rank (docs/cluster.md).
+non-finite steps; 4 a checkpoint or metrics.jsonl could not be written (disk full); 5
+stopped at train.time_limit; 128 + signal number (130 SIGINT, 138 SIGUSR1, 143 SIGTERM)
+when stopped by a signal. 5 and 128 + N come after saving a checkpoint, on every rank
+(docs/cluster.md).
 """
 
 import sys
 
-import torch.distributed as dist
+try:  # Ctrl-C while the imports load (seconds): an exit status, not a traceback
+    import torch.distributed as dist
 
-from gpt.cli.train import main
+    from gpt.cli.train import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 if __name__ == "__main__":
     status = main(sys.argv[1:])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gpt.eval.baseline import unigram_loss
 from gpt.train.checkpoint import read_run
-from gpt.train.metrics import plot_losses, read_metrics
+from gpt.train.metrics import is_number, plot_losses, read_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,17 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     records = read_metrics(run.metrics)
     if not records:
         parser.error(f"{run.metrics} is empty: the run has not logged a step yet")
-    trained = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    print(f"run {args.run_dir}: {records[-1]['step']} steps, {records[-1]['tokens']:,} tokens")
+    trained = [r for r in records if is_number(r.get("loss"))]
+    evals = [r for r in records if is_number(r.get("val_loss"))]
+    tokens = records[-1].get("tokens")
+    seen = f"{tokens:,} tokens" if is_number(tokens) else "tokens not recorded"
+    print(f"run {args.run_dir}: {records[-1]['step']} steps, {seen}")
     if trained:
         print(f"  final training loss    {trained[-1]['loss']:.3f}")
     if evals:
         last = evals[-1]
         print(f"  final validation loss  {last['val_loss']:.3f} (step {last['step']})")
-        for key in sorted(k for k in last if k.startswith("val_loss/")):
+        for key in sorted(k for k in last if k.startswith("val_loss/") and is_number(last[k])):
             start = next((r[key] for r in evals if key in r), None)
-            print(f"    {key:<24}{last[key]:.3f} (step {evals[0]['step']}: {start:.3f})")
+            first = f"{start:.3f}" if is_number(start) else "not recorded"
+            print(f"    {key:<24}{last[key]:.3f} (step {evals[0]['step']}: {first})")
     try:
         baseline = unigram_loss(run.data_dir)
         shown = run.data_dir  # relative to here when it is below here, as configs write it

@@ -16,7 +16,7 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
-from gpt.train.checkpoint import latest_checkpoint
+from gpt.store import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = """

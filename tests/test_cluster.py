@@ -32,7 +32,7 @@ from runs import (
 from safetensors.torch import load_file
 
 from gpt.cli import train
-from gpt.train.checkpoint import complete_checkpoints, latest_checkpoint, verify_checksums
+from gpt.store import complete_checkpoints, latest_checkpoint, verify_checksums
 from gpt.train.trainer import TIME_LIMIT_EXIT
 
 # n_embd = 30: parameters whose size 4 does not divide (ZeRO-3 pads the last slice)

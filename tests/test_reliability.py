@@ -16,8 +16,8 @@ from runs import config, losses, run_script
 
 from gpt.cli import train
 from gpt.model import GPT
+from gpt.store import complete_checkpoints, latest_checkpoint
 from gpt.train import checkpoint as ckpt
-from gpt.train.checkpoint import complete_checkpoints, latest_checkpoint
 from gpt.train.trainer import CHECKPOINT_WRITE_EXIT
 
 
@@ -236,5 +236,5 @@ def test_non_finite_parameters_are_never_saved(run, tmp_path):
         model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     engine, _ = build_engine(model, cfg, 1)
     with pytest.raises(RuntimeError, match="step 99: parameters are not finite"):
-        ckpt.save_checkpoint(engine, tmp_path / "nan", 99, {}, keep=0)
+        ckpt.save_checkpoint(engine, tmp_path / "nan", 99, {})
     assert not (tmp_path / "nan" / "checkpoints").exists()

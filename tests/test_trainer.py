@@ -23,7 +23,7 @@ from gpt.config import load_config
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
 from gpt.model import GPT
-from gpt.train.checkpoint import complete_checkpoints, latest_checkpoint
+from gpt.store import complete_checkpoints, latest_checkpoint
 from gpt.train.optim import lr_at
 from gpt.train.trainer import NONFINITE_EXIT
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import json
 import pickle
 import random
 import shutil
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +42,21 @@ import numpy as np
 import torch
 
 from gpt.config import Config, ConfigError, load_config
-from gpt.fileio import sha256_file, write_atomic
+from gpt.fileio import write_atomic
+from gpt.store import (
+    ADAPTERS,
+    CHECKPOINTS,
+    COMPLETE,
+    LATEST,
+    NAME,
+    CheckpointError,
+    checkpoint_name,
+    checkpoint_step,
+    complete_checkpoints,
+    is_complete,
+    verify_checksums,
+    write_checksums,
+)
 from gpt.train import dist
 from gpt.train.universal import (
     UniversalStateError,
@@ -52,18 +66,9 @@ from gpt.train.universal import (
     supported,
 )
 
-CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-LATEST = "latest"
-CHECKSUMS = "checksums.json"
 TRAINER_STATE = "trainer.json"
 RUN_INFO = "run.json"
-ADAPTERS = "adapters"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (damaged, unsafe, or from another run); the message
-    names the file."""
+ASIDE = ".aside"  # suffix of a checkpoint the trainer found damaged and set aside
 
 
 class CheckpointWriteError(RuntimeError):
@@ -71,116 +76,11 @@ class CheckpointWriteError(RuntimeError):
     removed and the previous checkpoints are intact."""
 
 
-# ------------------------------------------------------------------------------------------
-# Finding checkpoints and models
-# ------------------------------------------------------------------------------------------
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def checkpoint_step(ckpt: Path) -> int:
-    return int(ckpt.name.split("_")[1])
-
-
-def complete_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None. ``latest`` is a hint: if it names
-    a checkpoint that is missing or incomplete, the newest complete one is used instead."""
-    root = Path(out_dir) / CHECKPOINTS
-    hint = root / LATEST
-    if hint.is_file():
-        named = root / hint.read_text().strip()
-        if (named / COMPLETE).is_file():
-            return named
-    found = complete_checkpoints(out_dir)
-    return found[-1] if found else None
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """The model directory (config.json + model.safetensors) that ``path`` refers to: a model
-    directory itself, one checkpoint, or a run directory (its latest complete checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
-    if (path / COMPLETE).is_file() and (path / "model" / "config.json").is_file():
-        return path / "model"
-    ckpt = latest_checkpoint(path)
-    if ckpt is not None:
-        return ckpt / "model"
-    if (path / CHECKPOINTS).is_dir():
-        raise FileNotFoundError(f"{path}: the run has no complete checkpoint yet")
-    raise FileNotFoundError(
-        f"{path}: not a model directory (config.json + model.safetensors), a checkpoint "
-        f"({COMPLETE} + model/) or a run directory (checkpoints/)"
-    )
-
-
-def _adapters_dir(path: Path) -> Path | None:
-    """The adapters/ of the LoRA checkpoint ``path`` refers to (itself or a run's latest)."""
-    if (path / "config.json").is_file():
-        return None
-    found = path if (path / COMPLETE).is_file() else latest_checkpoint(path)
-    adapters = found / ADAPTERS if found is not None else None
-    return adapters if adapters is not None and adapters.is_dir() else None
-
-
-def load_model(path: str | Path, **overrides):
-    """The GPT at ``path`` (a model directory, a checkpoint or a run directory), with the
-    adapters of a LoRA checkpoint merged into its base: a plain model either way.
-    ``overrides`` as for ``GPT.from_pretrained``."""
-    from gpt.lora import add_lora, merge_lora
-    from gpt.model import GPT
-
-    adapters = _adapters_dir(Path(path))
-    if adapters is None:
-        return GPT.from_pretrained(resolve_model_dir(path), **overrides)
-    from safetensors.torch import load_file
-
-    info = json.loads((adapters / "adapter.json").read_text())
-    model = load_model(info["base"], **overrides)
-    add_lora(model, info["rank"], info["alpha"], 0.0, info["targets"])
-    state = load_file(adapters / "adapters.safetensors")
-    expected = {n for n, _ in model.named_parameters() if ".lora_" in n}
-    if set(state) != expected:
-        raise CheckpointError(
-            f"{adapters}: the adapters do not fit the base model {info['base']}: "
-            f"{sorted(set(state) ^ expected)[:4]}"
-        )
-    model.load_state_dict(state, strict=False)
-    return merge_lora(model)
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """The model directory whose config ``load_model(path)`` builds: ``path``'s own, or, for
-    a LoRA run or checkpoint, its base's."""
-    adapters = _adapters_dir(Path(path))
-    if adapters is None:
-        return resolve_model_dir(path)
-    return model_dir_of(json.loads((adapters / "adapter.json").read_text())["base"])
-
-
-def tokenizer_of(path: str | Path) -> str | None:
-    """The tokenizer recorded with the model at ``path`` (as ``load_model`` resolves it)."""
-    from gpt.convert import tokenizer_name
-
-    return tokenizer_name(model_dir_of(path))
-
-
 def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
     """Delete ``*.tmp`` checkpoint directories left by a run killed while saving (they are
     never read); returns what was removed. Call on one rank, before training starts."""
     root = Path(out_dir) / CHECKPOINTS
-    doomed = sorted(root.glob("step_*.tmp")) if root.is_dir() else []
+    doomed = sorted(p for p in root.glob("step_*.tmp") if NAME.fullmatch(p.stem))
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -276,48 +176,6 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# Checksums
-# ------------------------------------------------------------------------------------------
-
-
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name not in (COMPLETE, CHECKSUMS))
-
-
-def write_checksums(root: Path) -> None:
-    """sha256 of every file under ``root`` into ``root/checksums.json`` (hashed in threads:
-    hashlib releases the GIL)."""
-    files = _files(root)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = list(pool.map(sha256_file, files))
-    table = {str(p.relative_to(root)): d for p, d in zip(files, digests, strict=True)}
-    write_atomic(root / CHECKSUMS, json.dumps(table, indent=1) + "\n")
-
-
-def verify_checksums(root: Path) -> None:
-    """CheckpointError naming the first file that is missing, unexpected or altered. A
-    checkpoint written before checksums existed (no checksums.json) passes."""
-    table_file = root / CHECKSUMS
-    if not table_file.is_file():
-        return
-    try:
-        table = json.loads(table_file.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{table_file}: damaged ({err})") from None
-    present = {str(p.relative_to(root)) for p in _files(root)}
-    for name in sorted(set(table) - present):
-        raise CheckpointError(f"{root / name}: missing (listed in {table_file})")
-    names = sorted(table)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = list(pool.map(lambda n: sha256_file(root / n), names))
-    for name, digest in zip(names, digests, strict=True):
-        if digest != table[name]:
-            raise CheckpointError(
-                f"{root / name}: checksum mismatch (the file changed after it was saved)"
-            )
-
-
-# ------------------------------------------------------------------------------------------
 # Saving and loading
 # ------------------------------------------------------------------------------------------
 
@@ -344,14 +202,13 @@ def save_checkpoint(
     out_dir: str | Path,
     step: int,
     trainer_state: dict,
-    keep: int,
     tokenizer: str | None = None,
     adapters: dict | None = None,
     universal_from: torch.optim.Optimizer | None = None,
 ) -> Path:
     """Collective: every rank calls it. Writes the checkpoint of ``step`` under a temporary
-    name, records the checksums, marks it COMPLETE once every rank finished, renames it,
-    points ``latest`` at it and deletes all but the newest ``keep`` (0: keep all). Refuses
+    name, records the checksums, marks it COMPLETE once every rank finished, renames it and
+    points ``latest`` at it (pruning is ``prune_checkpoints``, the trainer's call). Refuses
     (RuntimeError) non-finite parameters. ``adapters`` (LoRA: rank, alpha, targets, base)
     saves the adapters and their optimizer state only, not the frozen base. With
     ``universal_from`` (the optimizer the engine was built with) it also writes
@@ -389,8 +246,10 @@ def save_checkpoint(
         write_atomic(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=1))
         write_checksums(tmp)
         write_atomic(tmp / COMPLETE, f"{final.name}\n")  # last: only now does it count
-        if final.exists():  # an older save of the same step
+        if is_complete(final):  # this step's state saved before (e.g. the one resumed from)
             shutil.rmtree(final)
+        elif final.exists():  # a folder of that name the trainer did not write: kept
+            set_aside(final, "not a checkpoint the trainer wrote, and its name was needed")
         tmp.rename(final)
         write_atomic(root / LATEST, final.name)
 
@@ -402,13 +261,45 @@ def save_checkpoint(
     # each stage ends with a vote of every rank (it doubles as the barrier between stages)
     for stage in (make_dir, write_ranks_files, write_whole_model, complete):
         _all_or_nothing(stage, tmp, final)
-    if rank == 0:
-        for old in complete_checkpoints(out_dir)[:-keep] if keep > 0 else []:
-            doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
-            old.rename(doomed)
-            shutil.rmtree(doomed)
     dist.barrier()
     return final
+
+
+def set_aside(ckpt: Path, why: str) -> Path:
+    """Rename a checkpoint the trainer cannot use to ``<name>.aside`` (never deleted, never
+    counted as a checkpoint again) and say so; returns the new path."""
+    target, n = ckpt.with_name(ckpt.name + ASIDE), 1
+    while target.exists():
+        target, n = ckpt.with_name(f"{ckpt.name}{ASIDE}.{n}"), n + 1
+    ckpt.rename(target)
+    print(f"train.py: warning: moved {ckpt} aside to {target.name} ({why})", file=sys.stderr)
+    return target
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, good: list[Path]) -> list[Path]:
+    """Rank 0: delete the checkpoints older than the ``keep`` newest of ``good`` (those this
+    process wrote or verified when it resumed); 0 keeps everything. Only complete checkpoints
+    whose every file still matches its table are deleted: one that fails is set aside
+    instead, and nothing newer than the oldest kept one, nor anything the trainer did not
+    write (see ``is_complete``), is touched. Returns what was deleted."""
+    kept = sorted(good, key=checkpoint_step)[-keep:] if keep > 0 else []
+    if not kept:
+        return []
+    oldest_kept = checkpoint_step(kept[0])
+    deleted = []
+    for old in complete_checkpoints(out_dir):
+        if checkpoint_step(old) >= oldest_kept:
+            break
+        try:
+            verify_checksums(old)
+        except CheckpointError as err:
+            set_aside(old, f"damaged, so not pruned: {err}")
+            continue
+        doomed = old.with_name(old.name + ".tmp")  # incomplete from the first byte deleted
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+        deleted.append(old)
+    return deleted
 
 
 def _all_or_nothing(stage, tmp: Path, final: Path) -> None:
@@ -512,16 +403,61 @@ def weights_only_loads():
 
 
 def read_trainer_state(ckpt: Path) -> dict:
-    """``trainer.json`` of a checkpoint; CheckpointError naming the file when it is damaged."""
+    """``trainer.json`` of a checkpoint with its types checked; CheckpointError naming the
+    file and key when it is damaged (the trainer then falls back to an older checkpoint)."""
+    from gpt.config import ModelConfig
+
     path = ckpt / TRAINER_STATE
     try:
-        state = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        state = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable ({err})") from None
-    required = ("step", "tokens", "loader", "world_size", "config", "data_fingerprint")
-    missing = [k for k in required if k not in state] if isinstance(state, dict) else required
-    if missing:
-        raise CheckpointError(f"{path}: damaged: missing {', '.join(missing)}")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: damaged: not a JSON object")
+    types = {
+        "step": int, "tokens": int, "loader": dict, "world_size": int, "config": dict,
+        "data_fingerprint": (list, dict),
+    }  # fmt: skip
+    for key, tp in types.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: damaged: missing {key}")
+        if not isinstance(state[key], tp) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path}: damaged: {key} has the wrong type")
+    if state["step"] < 0 or state["world_size"] < 1:
+        raise CheckpointError(f"{path}: damaged: step or world_size out of range")
+    model = state["config"].get("model")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    if not isinstance(model, dict) or set(model) - fields:
+        extra = sorted(set(model) - fields) if isinstance(model, dict) else "not an object"
+        raise CheckpointError(f"{path}: damaged: config.model: unknown keys {extra}")
+    if not isinstance(state["config"].get("train"), dict):
+        raise CheckpointError(f"{path}: damaged: config.train missing")
+    return state
+
+
+def read_rng_state(ckpt: Path) -> dict | None:
+    """This rank's ``rng_rank{r}.json`` with its shape checked (None when absent: resuming
+    on more ranks than were saved); CheckpointError naming the file when damaged."""
+    path = ckpt / f"rng_rank{dist.rank()}.json"
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_bytes())
+        version, internal, gauss = state["python"]
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        ok = (
+            isinstance(version, int) and isinstance(internal, list) and len(internal) == 625
+            and all(isinstance(v, int) for v in internal) and isinstance(kind, str)
+            and isinstance(keys, list) and len(keys) == 624 and isinstance(pos, int)
+            and isinstance(state["torch"], str)
+            and (gauss is None or isinstance(gauss, float))
+            and isinstance(has_gauss, int) and isinstance(cached, float)
+        )  # fmt: skip
+        base64.b64decode(state["torch"], validate=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: damaged: not the random-number state this trainer writes")
     return state
 
 
@@ -536,6 +472,7 @@ def load_checkpoint(
     that saved it (see ``check_resume``); else from DeepSpeed's own files."""
     verify_checksums(ckpt)
     trainer_state = read_trainer_state(ckpt)
+    rng = read_rng_state(ckpt)
     if universal_into is not None:
         try:
             load_universal(engine, universal_into, ckpt)
@@ -549,9 +486,8 @@ def load_checkpoint(
             )
         if load_path is None:
             raise CheckpointError(f"{ckpt / 'ds'}: DeepSpeed could not load this checkpoint")
-    rng_file = ckpt / f"rng_rank{dist.rank()}.json"
-    if rng_file.is_file():  # absent when resuming on more ranks than were saved
-        set_rng_state(json.loads(rng_file.read_text()))
+    if rng is not None:
+        set_rng_state(rng)
     return trainer_state
 
 
@@ -560,14 +496,25 @@ def load_checkpoint(
 # ------------------------------------------------------------------------------------------
 
 
-def data_fingerprint(manifest: dict) -> list:
-    """What identifies a prepared data set: its shard files and their CRCs."""
-    return sorted(
-        [s["file"], s["crc32"]] for split in manifest["splits"].values() for s in split["shards"]
-    )
+TRAINED_ON = ("train", "replay")  # the data sets whose tokens training consumes, by role
 
 
-def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Path) -> bool:
+def data_fingerprint(manifests: dict[str, dict]) -> dict[str, list]:
+    """What identifies the data a run trains on: per role (data.dir's "train", and the
+    replay set's when there is one) its shard files and their CRCs. Validation sets are
+    left out: adding one to a run is allowed."""
+    return {
+        role: sorted(
+            [s["file"], s["crc32"]] for split in m["splits"].values() for s in split["shards"]
+        )
+        for role, m in manifests.items()
+        if role in TRAINED_ON
+    }
+
+
+def check_resume(
+    cfg: Config, saved: dict, manifests: dict[str, dict], world: int, ckpt: Path
+) -> bool:
     """Refuse (ConfigError), before the first step, to resume what would not continue the
     same run: another model shape or another data set. Returns whether the checkpoint must be
     loaded through its universal state (``needs_universal``)."""
@@ -580,11 +527,20 @@ def check_resume(cfg: Config, saved: dict, manifest: dict, world: int, ckpt: Pat
         raise ConfigError(
             f"{ckpt}: cannot resume with a different model shape: {'; '.join(changed)}"
         )
-    if saved["data_fingerprint"] != data_fingerprint(manifest):
-        raise ConfigError(
-            f"{ckpt}: cannot resume: the data set changed (data.dir {cfg.data.dir} now holds "
-            "different shards than when the checkpoint was written)"
-        )
+    then, now = saved["data_fingerprint"], data_fingerprint(manifests)
+    if isinstance(then, list):  # written before roles: data.dir's shards only
+        then = {"train": then, **({"replay": now["replay"]} if "replay" in now else {})}
+    for role in sorted(set(then) | set(now)):
+        if then.get(role) != now.get(role):
+            key, value = (
+                ("data.dir", cfg.data.dir)
+                if role == "train"
+                else ("finetune.replay_dir", cfg.finetune.replay_dir)
+            )
+            raise ConfigError(
+                f"{ckpt}: cannot resume: the data set changed ({key} = {value!r} now holds "
+                "different shards than when the checkpoint was written, or none)"
+            )
     return needs_universal(cfg, saved, world, ckpt)
 
 

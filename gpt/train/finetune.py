@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from gpt import store
 from gpt.config import Config, ConfigError, ModelConfig
 from gpt.convert import read_model_config
 from gpt.lora import add_lora, freeze
 from gpt.model import GPT
-from gpt.train import checkpoint as ckpt
 
 OVERRIDABLE = ("attention", "dropout", "vocab_multiple")  # do not change the weights
 
@@ -35,9 +35,9 @@ def init_model_config(cfg: Config) -> ModelConfig:
             f"train.init_from = {source!r}: no such file or directory; give a run directory, "
             "a checkpoint, an exported model/ directory, or 'scratch'"
         )
-    try:
-        saved = read_model_config(ckpt.resolve_model_dir(source))
-    except (FileNotFoundError, ValueError) as err:
+    try:  # a LoRA run or checkpoint: its (pinned) base's shape, which the merge keeps
+        saved = read_model_config(store.model_dir_of(source))
+    except (FileNotFoundError, ValueError, store.CheckpointError) as err:
         raise ConfigError(f"train.init_from = {source!r}: {err}") from None
     given = {f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in cfg.given}
     contradictions = [
@@ -56,20 +56,33 @@ def init_model_config(cfg: Config) -> ModelConfig:
     )
 
 
-def build_model(cfg: Config) -> GPT:
+def init_pin(cfg: Config) -> dict | None:
+    """The exact weights train.init_from names now (``store.pin``: a run directory resolves to
+    its latest checkpoint); None for a run from scratch."""
+    if cfg.train.init_from == "scratch":
+        return None
+    try:
+        return store.pin(cfg.train.init_from)
+    except (FileNotFoundError, store.CheckpointError) as err:
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: {err}") from None
+
+
+def build_model(cfg: Config, pin: dict | None = None) -> GPT:
     """A fresh model of ``cfg.model`` (seeded: identical on every rank), or the weights of
-    train.init_from (``cfg.model`` must then be ``init_model_config(cfg)``), with the
-    ``[finetune]`` freezing or LoRA adapters applied."""
+    train.init_from (``cfg.model`` must then be ``init_model_config(cfg)``; ``pin`` its
+    ``init_pin``, so that the weights loaded are the ones pinned), with the ``[finetune]``
+    freezing or LoRA adapters applied."""
     torch.manual_seed(cfg.train.seed)
     if cfg.train.init_from == "scratch":
         return GPT(cfg.model)
     m, f = cfg.model, cfg.finetune
-    model = ckpt.load_model(
-        cfg.train.init_from,
-        attention=m.attention,
-        dropout=m.dropout,
-        vocab_multiple=m.vocab_multiple,
-    )
+    pin = pin or init_pin(cfg)
+    try:
+        model = store.load_model(
+            pin["path"], attention=m.attention, dropout=m.dropout, vocab_multiple=m.vocab_multiple
+        )
+    except store.CheckpointError as err:
+        raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: {err}") from None
     if f.lora_rank:
         torch.manual_seed(cfg.train.seed)  # the adapters' initialisation, identical on every rank
         add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)

@@ -8,8 +8,10 @@ tied LM head included) + 6·L·T·C for attention (QKᵀ and AV: 4·T·C per lay
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -50,24 +52,34 @@ class MetricsLog:
     """Appends one JSON object per record to ``out_dir/metrics.jsonl`` (rank 0 only) and
     mirrors it to wandb when enabled. On resume from step s, records after s (written by
     the interrupted run after its last checkpoint) are dropped first, so the file reads as
-    one uninterrupted run."""
+    one uninterrupted run; a damaged line (a kill's partial last line) is dropped too.
+
+    A failed append (a full disk) never leaves a partial line and never raises: ``error``
+    holds the reason, nothing more is written, and the trainer stops with status 4."""
 
     def __init__(self, out_dir: Path, enabled: bool, resume_step: int, wandb_run=None):
         self.path = Path(out_dir) / "metrics.jsonl"
         self.enabled, self.wandb_run = enabled, wandb_run
+        self.error: str | None = None
         if enabled and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
-            write_atomic(self.path, "".join(line + "\n" for line in kept))
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.error is not None:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(f"short write to {self.path}")
+        except OSError as err:
+            self.error = f"{self.path}: {err}"
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)  # no partial line left behind
+        finally:
+            os.close(fd)
         if self.wandb_run is not None:
             import wandb
 
@@ -101,7 +113,35 @@ def start_wandb(enabled: bool, out_dir: Path, project: str, config: dict):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl. A line that is not a JSON object with an integer
+    ``step`` (a partial last line left by a kill or a full disk, or a damaged one) is dropped
+    with a warning naming the file and line: one bad line never makes a run unreadable."""
+    path = Path(path)
+    records, dropped = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            records.append(record)
+        else:
+            dropped.append(number)
+    if dropped:
+        where = ", ".join(map(str, dropped[:5])) + (" ..." if len(dropped) > 5 else "")
+        print(
+            f"warning: {path}: dropped {len(dropped)} damaged line(s) ({where}): not a JSON "
+            "record with a step (a kill or a full disk mid-write leaves such a line)",
+            file=sys.stderr,
+        )
+    return records
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def plot_losses(
@@ -118,14 +158,14 @@ def plot_losses(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_file)
-    train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+    records = [r for r in read_metrics(metrics_file) if is_number(r.get("tokens"))]
+    train = [(r["tokens"], r["loss"]) for r in records if is_number(r.get("loss"))]
     keys = sorted({k for r in records for k in r if k.startswith("val_loss")} - set(skip))
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", lw=1)
     for key in keys:
-        points = [(r["tokens"], r[key]) for r in records if key in r]
+        points = [(r["tokens"], r[key]) for r in records if is_number(r.get(key))]
         label = "val loss" if key == "val_loss" else key.replace("val_loss/", "val loss: ")
         ax.plot(*zip(*points, strict=True), "o-", label=label)
     if baseline is not None:

@@ -28,17 +28,18 @@ from gpt.data.loader import TokenLoader
 from gpt.data.replay import ReplayLoader
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.validation import eager, eval_samples, validation_loss
+from gpt.store import latest_checkpoint, read_adapter_info
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import build_engine
-from gpt.train.finetune import build_model
+from gpt.train.finetune import build_model, init_pin
 from gpt.train.metrics import MetricsLog, flops_per_token, peak_flops, start_wandb
 from gpt.train.optim import lr_at
 
 # Exit statuses (documented in train.py): 0 finished, 2 bad configuration or run directory in
-# use, 3 aborted after too many consecutive non-finite steps, 4 a checkpoint could not be
-# written (disk full), 5 stopped at train.time_limit, 128 + N stopped by signal N (the last
-# two after saving a checkpoint).
+# use, 3 aborted after too many consecutive non-finite steps, 4 a checkpoint or metrics.jsonl
+# could not be written (disk full), 5 stopped at train.time_limit, 128 + N stopped by signal
+# N (the last two after saving a checkpoint).
 NONFINITE_EXIT = 3
 CHECKPOINT_WRITE_EXIT = 4
 TIME_LIMIT_EXIT = 5
@@ -70,10 +71,12 @@ class Trainer:
 
     def __init__(self, cfg: Config, manifests: dict[str, dict], device: torch.device):
         t, m = cfg.train, cfg.model
-        self.cfg, self.manifest, self.device = cfg, manifests["train"], device
+        self.cfg, self.manifests, self.device = cfg, manifests, device
+        self.manifest = manifests["train"]
         self.rank, self.world = dist.rank(), dist.world_size()
         self.out_dir = Path(t.out_dir)
-        self.model = build_model(cfg).to(device)
+        self.base_pin = init_pin(cfg)  # the exact weights train.init_from names now
+        self.model = build_model(cfg, self.base_pin).to(device)
         self.engine, self.optimizer = build_engine(self.model, cfg, self.world)
         self.loader = self._loader(cfg.data.dir, "train", t.grad_accum, cfg.data.mode)
         f = cfg.finetune
@@ -94,6 +97,7 @@ class Trainer:
         self.pending: list[dict] = []  # steps not yet read back from the device
         self.nonfinite_run = 0
         self.abort_at: int | None = None  # step at which max_nonfinite_steps was reached
+        self.good: list[Path] = []  # checkpoints this process wrote or resumed from: prunable
 
     def _loader(self, data_dir: str, split: str, grad_accum: int, mode: str) -> TokenLoader:
         t = self.cfg.train
@@ -112,20 +116,22 @@ class Trainer:
     # -- resume and save ----------------------------------------------------------------
 
     def resume(self) -> Path | None:
-        """Continue from the latest usable checkpoint of ``out_dir`` (a damaged newest one is
-        skipped with a warning naming the file); None when starting afresh. A checkpoint of
-        another number of processes or ZeRO stage loads through its universal state.
-        ConfigError if it belongs to another model or data set, or cannot be loaded here."""
+        """Continue from the latest usable checkpoint of ``out_dir``; None when starting
+        afresh. A damaged newer one is skipped with a warning naming the file, and set aside
+        (renamed, never deleted) once an older one loaded. A checkpoint of another number of
+        processes or ZeRO stage loads through its universal state. ConfigError if it belongs
+        to another model, data set or LoRA base, or cannot be loaded here."""
         damaged = []
         for path in reversed(ckpt.complete_checkpoints(self.out_dir)):
             try:
                 saved = ckpt.read_trainer_state(path)
-                universal = ckpt.check_resume(self.cfg, saved, self.manifest, self.world, path)
+                universal = ckpt.check_resume(self.cfg, saved, self.manifests, self.world, path)
+                self.check_base(path)
                 saved = ckpt.load_checkpoint(
                     self.engine, path, universal_into=self.optimizer if universal else None
                 )
             except ckpt.CheckpointError as err:
-                damaged.append(str(err))
+                damaged.append((path, str(err)))
                 if dist.is_main():
                     print(f"train.py: warning: skipping checkpoint {path}: {err}", file=sys.stderr)
                 continue
@@ -137,13 +143,32 @@ class Trainer:
                     file=sys.stderr,
                 )
             self.load_state_dict(saved)
+            self.good = [path]
+            if dist.is_main():  # every rank is past them: out of the way, kept for a look
+                for bad, why in damaged:
+                    ckpt.set_aside(bad, f"skipped as damaged: {why}")
             return path
         if damaged:  # never start afresh over a run whose every checkpoint is unusable
             raise ConfigError(
-                f"{self.out_dir}: no usable checkpoint ({'; '.join(damaged)}); restore one, or "
-                "move the checkpoints directory away to start afresh"
+                f"{self.out_dir}: no usable checkpoint ({'; '.join(w for _, w in damaged)}); "
+                "restore one, or move the checkpoints directory away to start afresh"
             )
         return None
+
+    def check_base(self, path: Path) -> None:
+        """A LoRA checkpoint resumes only on the base its adapters were trained on: ConfigError
+        naming it when train.init_from now holds other weights."""
+        adapters = path / ckpt.ADAPTERS
+        if not adapters.is_dir() or self.base_pin is None:
+            return
+        base = read_adapter_info(adapters)["base"]
+        if base["sha256"] != self.base_pin["sha256"]:
+            raise ConfigError(
+                f"{path}: its adapters were trained on the base {base['path']}, but "
+                f"train.init_from = {self.cfg.train.init_from!r} now holds other weights "
+                f"({self.base_pin['path']}); resume with --train.init_from={base['path']} "
+                "(if it still exists)"
+            )
 
     def state_dict(self) -> dict:
         """``trainer.json``: everything besides DeepSpeed's state needed to continue exactly."""
@@ -155,7 +180,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "world_size": self.world,
             "config": dataclasses.asdict(self.cfg),
-            "data_fingerprint": ckpt.data_fingerprint(self.manifest),
+            "data_fingerprint": ckpt.data_fingerprint(self.manifests),
             "versions": {
                 "torch": torch.__version__,
                 "deepspeed": deepspeed.__version__,
@@ -174,24 +199,27 @@ class Trainer:
         f = self.cfg.finetune
         adapters = None
         if f.lora_rank:
-            base = str(Path(self.cfg.train.init_from).resolve())
             adapters = dict(
                 rank=f.lora_rank,
                 alpha=f.lora_alpha,
                 targets=f.lora_targets,
-                base=base,
+                base=self.base_pin,
                 tokenizer=self.manifest["encoding"],
             )
-        return ckpt.save_checkpoint(
+        final = ckpt.save_checkpoint(
             self.engine,
             self.out_dir,
             self.step,
             self.state_dict(),
-            self.cfg.train.keep_checkpoints,
             tokenizer=self.manifest["encoding"],
             adapters=adapters,
             universal_from=self.optimizer if self.cfg.train.universal_checkpoint else None,
         )
+        keep = self.cfg.train.keep_checkpoints
+        self.good = [*self.good, final][-keep:] if keep else [*self.good, final]
+        if dist.is_main():
+            ckpt.prune_checkpoints(self.out_dir, keep, self.good)
+        return final
 
     # -- one step, validation ---------------------------------------------------------
 
@@ -252,6 +280,8 @@ class Trainer:
         """Train to ``max_steps``; returns the exit status (0, NONFINITE_EXIT,
         TIME_LIMIT_EXIT, 128 + signal)."""
         t = self.cfg.train
+        if self.step >= t.max_steps and self.step > 0:
+            return self.nothing_to_do()
         self.start_logging()
         if self.step == 0 and t.init_from != "scratch" and t.eval_interval:
             self.log_start()  # where fine-tuning starts from: the base model's losses
@@ -377,12 +407,16 @@ class Trainer:
 
     def stop_requested(self) -> int:
         """The exit status to stop with after this step, the same on every rank: 128 + N if
-        any rank got signal N, TIME_LIMIT_EXIT if train.time_limit has passed on any rank,
-        else 0 (one vote over the CPU group; a signal wins over the time limit)."""
+        any rank got signal N, CHECKPOINT_WRITE_EXIT if metrics.jsonl could not be written,
+        TIME_LIMIT_EXIT if train.time_limit has passed on any rank, else 0 (one vote over the
+        CPU group; a signal wins)."""
         limit = self.cfg.train.time_limit
         late = bool(limit) and time.time() - self.started >= limit
-        signum, late = dist.vote_max([self.stop.signum, int(late)])
-        return 128 + signum if signum else TIME_LIMIT_EXIT if late else 0
+        failed = self.log.error is not None
+        signum, failed, late = dist.vote_max([self.stop.signum, int(failed), int(late)])
+        if signum:
+            return 128 + signum
+        return CHECKPOINT_WRITE_EXIT if failed else TIME_LIMIT_EXIT if late else 0
 
     def stopped(self, status: int) -> int:
         if dist.is_main():
@@ -390,13 +424,30 @@ class Trainer:
                 f"by a signal ({signal.Signals(status - 128).name})"
                 if status > 128
                 else f"at train.time_limit ({self.cfg.train.time_limit:g} s)"
+                if status == TIME_LIMIT_EXIT
+                else f"because metrics.jsonl could not be written ({self.log.error}); free "
+                "disk space, then"
             )
             print(
                 f"train.py: stopped {why} after step {self.step}; checkpoint "
-                f"{ckpt.latest_checkpoint(self.out_dir)} saved; run the same command to resume",
+                f"{latest_checkpoint(self.out_dir)} saved; run the same command to resume",
                 file=sys.stderr,
             )
         return status
+
+    def nothing_to_do(self) -> int:
+        """A resumed run already at (or past) train.max_steps: say so and what to set."""
+        if dist.is_main():
+            t = self.cfg.train
+            where = "at" if self.step == t.max_steps else "past"
+            print(
+                f"train.py: {self.out_dir} is already at step {self.step}, {where} "
+                f"train.max_steps = {t.max_steps}: nothing to train. To train on, raise it "
+                f"(e.g. --train.max_steps={2 * self.step}); the cosine schedule is then the "
+                "one of the longer run, so the learning rate rises to its value at this step.",
+                file=sys.stderr,
+            )
+        return 0
 
     def abort_nonfinite(self) -> int:
         if dist.is_main():
@@ -404,7 +455,7 @@ class Trainer:
                 f"train.py: aborting: {self.cfg.train.max_nonfinite_steps} consecutive "
                 f"non-finite steps up to step {self.abort_at}; they left the parameters "
                 "unchanged. The last complete checkpoint is "
-                f"{ckpt.latest_checkpoint(self.out_dir)}; lower optim.lr or check the data, "
+                f"{latest_checkpoint(self.out_dir)}; lower optim.lr or check the data, "
                 "then run the same command to resume.",
                 file=sys.stderr,
             )

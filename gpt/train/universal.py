@@ -132,6 +132,28 @@ def read_index(ckpt: Path) -> dict:
         raise UniversalStateError(f"{path}: unreadable ({err})") from None
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise UniversalStateError(f"{path}: not a universal state of format {FORMAT}")
+    step = index.get("adam_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise UniversalStateError(f"{path}: damaged: adam_step must be an integer >= 0")
+    params = index.get("params")
+    if not isinstance(params, dict):
+        raise UniversalStateError(f"{path}: damaged: params must be an object")
+    for name, entry in params.items():
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if (
+            not isinstance(file, str)
+            or Path(file).name != file
+            or not file.endswith(".safetensors")
+        ):
+            raise UniversalStateError(
+                f"{path}: damaged: params.{name}.file must name a .safetensors file beside it"
+            )
+    for key in ("engine", "loss_scaler"):
+        table = index.get(key, {})
+        if not isinstance(table, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in table.values()
+        ):
+            raise UniversalStateError(f"{path}: damaged: {key} must map names to numbers")
     return index
 
 

@@ -1,0 +1,190 @@
+"""gpt/store.py: the one verified loader. `latest` must name a sibling checkpoint, the checksum
+table must be complete and exact, every file a tool reads is checked first, and LoRA adapters
+load only onto the exact base they were trained on."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from runs import config
+from test_finetune import finetune_config
+
+from gpt import store
+from gpt.cli import sample, train
+from gpt.config import load_config, save_config
+from gpt.convert.__main__ import main as convert
+from gpt.train.finetune import build_model, init_model_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir):
+    """A 10-step base run (checkpoints 5, 10) and a 3-step LoRA run on it (trained once)."""
+    tmp = tmp_path_factory.mktemp("store")
+    path, base = config(tmp, data_dir, "base")
+    assert train.main([str(path), "--train.eval_interval=0"]) == 0
+    lora_path, lora = finetune_config(
+        tmp, "lora", base, data_dir, data_dir, lora_rank=2, lora_alpha=4.0
+    )
+    args = [str(lora_path), "--train.max_steps=3", "--train.eval_interval=0"]
+    assert train.main(args) == 0
+    return tmp, base, lora
+
+
+@pytest.fixture
+def copy(tmp_path, trained):
+    """A copy of both runs to damage, with the LoRA run's pin moved to the copied base."""
+    tmp, base, lora = trained
+    shutil.copytree(base, tmp_path / "base")
+    shutil.copytree(lora, tmp_path / "lora")
+    for ckpt in store.complete_checkpoints(tmp_path / "lora"):
+        info_file = ckpt / "adapters" / "adapter.json"
+        info = json.loads(info_file.read_text())
+        info["base"]["path"] = info["base"]["path"].replace(str(base), str(tmp_path / "base"))
+        info_file.write_text(json.dumps(info))
+        store.write_checksums(ckpt)
+    return tmp_path / "base", tmp_path / "lora"
+
+
+def relocated(run, **train_keys):
+    """The run's own config.toml with train keys replaced, written beside the run."""
+    cfg = load_config(run / "config.toml")
+    cfg.train.out_dir = str(run)
+    for key, value in train_keys.items():
+        setattr(cfg.train, key, value)
+    path = run.parent / f"{run.name}.toml"
+    save_config(cfg, path)
+    return path
+
+
+def train_on(run, steps: int) -> None:
+    args = [str(relocated(run)), f"--train.max_steps={steps}", "--train.eval_interval=0"]
+    assert train.main(args) == 0
+
+
+def test_latest_must_name_a_sibling_checkpoint(copy, tmp_path, capsys):
+    base, _ = copy
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    hint = base / "checkpoints" / "latest"
+    for named in [
+        str(other / "checkpoints" / "step_00000005"),
+        "../../other/checkpoints/step_00000005",
+        "step_00000005/../../../other/checkpoints/step_00000005",
+        "\x00\xff binary",
+        "step_00000099",
+    ]:
+        hint.write_bytes(named.encode("utf-8", "surrogateescape"))
+        assert store.latest_checkpoint(base) == base / "checkpoints" / "step_00000010"
+        assert f"{hint} names" in capsys.readouterr().err
+    hint.write_text("step_00000005")  # a sibling: honoured
+    assert store.latest_checkpoint(base) == base / "checkpoints" / "step_00000005"
+
+
+@pytest.mark.parametrize("table", ["null", "[]", "{}", '{"model/config.json": 5}', "drop"])
+def test_a_checksum_table_that_is_not_complete_and_exact_is_refused(copy, table):
+    base, _ = copy
+    ckpt = base / "checkpoints" / "step_00000010"
+    file = ckpt / "checksums.json"
+    if table == "drop":
+        entries = json.loads(file.read_text())
+        del entries["trainer.json"]
+        table = json.dumps(entries)
+    file.write_text(table)
+    with pytest.raises(store.CheckpointError, match=rf"{ckpt}.*(damaged|not listed)"):
+        store.verify_checksums(ckpt)
+    with pytest.raises(store.CheckpointError):
+        store.load_model(base)
+
+
+def test_a_file_the_table_does_not_list_is_refused(copy):
+    base, _ = copy
+    ckpt = base / "checkpoints" / "step_00000010"
+    (ckpt / "model" / "extra.safetensors").write_bytes(b"x")
+    with pytest.raises(store.CheckpointError, match=r"extra.safetensors: not listed in"):
+        store.load_model(ckpt)
+
+
+def test_a_checkpoint_copied_under_another_name_is_not_one(copy):
+    base, _ = copy
+    copied = base / "checkpoints" / "step_00000001"
+    shutil.copytree(base / "checkpoints" / "step_00000005", copied)
+    assert copied not in store.complete_checkpoints(base)
+    with pytest.raises(store.CheckpointError, match="COMPLETE file does not name it"):
+        store.locate(copied)
+
+
+def test_a_flipped_byte_in_the_adapters_is_refused_by_every_tool(copy, tmp_path, capsys):
+    _, lora = copy
+    adapters = store.latest_checkpoint(lora) / "adapters" / "adapters.safetensors"
+    raw = bytearray(adapters.read_bytes())
+    raw[-10] ^= 0x01
+    adapters.write_bytes(bytes(raw))
+    with pytest.raises(store.CheckpointError, match=rf"{adapters}: checksum mismatch"):
+        store.load_model(lora)
+    assert convert([str(lora), str(tmp_path / "export")]) == 2
+    assert f"{adapters}: checksum mismatch" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--ckpt", str(lora), "--prompt", "a", "--max-new-tokens", "2"])
+    assert exit_.value.code == 2
+    assert f"{adapters}: checksum mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "export").exists()
+
+
+def test_adapters_pin_their_exact_base(copy):
+    base, lora = copy
+    info = store.read_adapter_info(store.latest_checkpoint(lora) / "adapters")
+    pinned = base / "checkpoints" / "step_00000010"
+    assert info["base"]["path"] == str(pinned.resolve())
+    table = json.loads((pinned / "model" / "checksums.json").read_text())
+    assert info["base"]["sha256"] == table["model.safetensors"]
+    merged = store.load_model(lora)
+    assert store.model_dir_of(lora) == pinned / "model"
+    # the base run trains on: the adapters still load onto the pinned checkpoint
+    train_on(base, 12)
+    assert store.latest_checkpoint(base).name == "step_00000012"
+    again = store.load_model(lora)
+    for (name, a), b in zip(merged.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_changed_or_missing_base_is_refused_naming_it(copy):
+    base, lora = copy
+    pinned = base / "checkpoints" / "step_00000010"
+    weights = pinned / "model" / "model.safetensors"
+    other = base / "checkpoints" / "step_00000005" / "model"
+    shutil.copy(other / "model.safetensors", weights)  # other weights, consistent tables
+    shutil.copy(other / "checksums.json", pinned / "model" / "checksums.json")
+    store.write_checksums(pinned)
+    with pytest.raises(store.CheckpointError, match=rf"the base {pinned} holds other weights"):
+        store.load_model(lora)
+    shutil.rmtree(pinned)
+    with pytest.raises(store.CheckpointError, match=rf"the base .*, {pinned}, is gone"):
+        store.load_model(lora)
+
+
+def test_a_lora_run_resumes_only_on_its_base(copy, capsys):
+    """The base run trained on: `init_from = BASE_RUN` now names other weights. Resuming the
+    LoRA run is refused (status 2), naming the checkpoint to point init_from at."""
+    base, lora = copy
+    lora_config = relocated(lora, init_from=str(base))
+    train_on(base, 12)
+    assert train.main([str(lora_config), "--train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    pinned = (base / "checkpoints" / "step_00000010").resolve()
+    assert f"its adapters were trained on the base {pinned}" in err
+    assert f"--train.init_from={pinned}" in err
+    assert train.main([str(lora_config), "--train.max_steps=4", f"--train.init_from={pinned}"]) == 0
+
+
+def test_init_from_a_lora_run_starts_from_the_merged_model(copy, tmp_path, data_dir):
+    """The docs promise init_from takes a LoRA run: its adapters merged into its base."""
+    _, lora = copy
+    path, out = finetune_config(tmp_path, "after-lora", lora, data_dir, data_dir)
+    cfg = load_config(path)
+    cfg.model = init_model_config(cfg)
+    built = build_model(cfg)
+    merged = store.load_model(lora)
+    for (name, a), b in zip(merged.state_dict().items(), built.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert train.main([str(path), "--train.max_steps=1", "--train.eval_interval=0"]) == 0
