@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from gpt import GPT, ModelConfig
 from gpt.config import ConfigError
-from gpt.convert import choose_layout
+from gpt.convert import choose_layout, read_model_config
 from gpt.convert.__main__ import main as convert_main
 from gpt.generate import generate
 
@@ -431,6 +431,29 @@ def test_convert_command_exports_or_refuses_with_status_2(tmp_path, capsys):
     assert (
         convert_main([str(tmp_path / "post"), str(tmp_path / "out2"), "--architecture", "gpt"]) == 0
     )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "triton", "naive"])
+@pytest.mark.parametrize("architecture", ["transformers", "gpt"])
+def test_the_export_records_the_sources_attention_backend(tmp_path, attention, architecture):
+    """The exporter builds the model with the naive backend (it runs anywhere), but whatever
+    reads the export back (sample.py --ckpt, train.init_from) must run the source's own."""
+    torch.manual_seed(9)
+    small = dict(vocab_size=257, block_size=8, n_layer=1, n_head=2, n_embd=8)
+    GPT(ModelConfig(**small)).save_pretrained(tmp_path / "src", tokenizer="bytes")
+    # set by hand: a triton model cannot be built on a CPU outside Triton's interpreter
+    config = json.loads((tmp_path / "src" / "config.json").read_text())
+    config["gpt_config"]["attention"] = attention
+    (tmp_path / "src" / "config.json").write_text(json.dumps(config))
+    args = [str(tmp_path / "src"), str(tmp_path / "out"), "--architecture", architecture]
+    assert convert_main(args) == 0
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert exported["gpt_config"]["attention"] == attention
+    assert read_model_config(tmp_path / "out").attention == attention
+    source, export = (GPT.from_pretrained(tmp_path / d, attention="naive") for d in ("src", "out"))
+    idx = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(export.eval()(idx), source.eval()(idx))
 
 
 # ---- config.json files that are malformed or contradict themselves -----------------------

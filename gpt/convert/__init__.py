@@ -18,8 +18,10 @@ Three layouts, told apart by ``model_type`` in config.json:
 
 Every directory we write also holds our full ModelConfig under ``gpt_config``; on reading,
 the transformers keys must agree with it. Embedding and LM-head rows are the real vocabulary
-only (``vocab_size``, never the padded one). Only safetensors are read: a pickle (``.bin``,
-``.pt``, ...) can run arbitrary code when loaded, so it is refused rather than unpickled.
+only (``vocab_size``, never the padded one). A directory written with a tokenizer holds its
+Hugging Face tokenizer files too (``hf_tokenizer.py``), where that format can represent it.
+Only safetensors are read: a pickle (``.bin``, ``.pt``, ...) can run arbitrary code when
+loaded, so it is refused rather than unpickled.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from typing import Any
 import torch
 
 from gpt.config import ConfigError, ModelConfig
-from gpt.convert import gpt2, llama
+from gpt.convert import gpt2, hf_tokenizer, llama
 from gpt.fileio import sha256_file, write_atomic
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CHECKSUMS = "checksums.json"
+# every file write_model_dir writes: a directory holding only these is an export
+EXPORT_FILES = (CONFIG, WEIGHTS, CHECKSUMS, *hf_tokenizer.FILES)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ARCHITECTURES = {"gpt2": gpt2, "llama": llama}  # transformers' model_type -> mapping
 LAYOUTS = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's architecture
@@ -273,8 +277,10 @@ def write_model_dir(
 ) -> str:
     """Write config.json + model.safetensors, each atomically: an interrupted save never
     leaves a half-written file under a final name. ``architecture`` as ``choose_layout``;
-    ``tokenizer`` (an encoding name of gpt.data.tokenizer) is recorded as ``gpt_tokenizer``
-    and gives the end-of-text id. Returns the layout written."""
+    ``tokenizer`` (an encoding name of gpt.data.tokenizer) is recorded as ``gpt_tokenizer``,
+    gives the end-of-text id and, where ``hf_tokenizer.unsupported`` allows, has its Hugging
+    Face tokenizer files written beside the model (tokenizer files of an earlier save that
+    do not fit any more are removed). Returns the layout written."""
     from safetensors.torch import save
 
     layout = choose_layout(cfg, architecture)
@@ -300,29 +306,28 @@ def write_model_dir(
     raw = save(weights, metadata={"format": "pt"})
     text = json.dumps(config, indent=2) + "\n"
     write_atomic(path / WEIGHTS, raw)
+    sums = {WEIGHTS: hashlib.sha256(raw).hexdigest()}
+    written = []
+    if tokenizer is not None and hf_tokenizer.unsupported(tokenizer) is None:
+        written = hf_tokenizer.write_tokenizer(path, tokenizer, cfg.block_size)
+        sums |= {name: sha256_file(path / name) for name in hf_tokenizer.CHECKSUMMED}
+    for stale in set(hf_tokenizer.FILES) - set(written):  # another tokenizer's, or none
+        (path / stale).unlink(missing_ok=True)
     write_atomic(path / CONFIG, text)
-    # last: the weights' checksum (config.json is left out: editing it by hand is legitimate,
-    # and read_model_dir validates every key of it)
-    write_atomic(path / CHECKSUMS, json.dumps({WEIGHTS: hashlib.sha256(raw).hexdigest()}) + "\n")
+    # last: the checksums of the weights and the vocabulary (config.json is left out: editing
+    # it by hand is legitimate, and read_model_dir validates every key of it)
+    write_atomic(path / CHECKSUMS, json.dumps(sums) + "\n")
     return layout
 
 
 def verify_model_dir(path: Path) -> None:
     """ValueError naming the file whose sha256 differs from the sidecar ``checksums.json``
-    written with it (the weights; exports made before sidecars existed, and Hugging Face
-    directories, have none and pass)."""
-    sidecar = path / CHECKSUMS
-    if not sidecar.is_file():
-        return
+    written with it (gpt/store.py checks it; exports made before sidecars existed, and Hugging
+    Face directories, have none and pass)."""
+    from gpt.store import CheckpointError
+    from gpt.store import verify_model_dir as verify
+
     try:
-        sums = json.loads(sidecar.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{sidecar}: damaged ({err}); export the model again") from None
-    for name, digest in sums.items():
-        if not (path / name).is_file():
-            raise ValueError(f"{path / name}: missing (listed in {sidecar})")
-        if sha256_file(path / name) != digest:
-            raise ValueError(
-                f"{path / name}: checksum mismatch: the file changed or was damaged after it "
-                "was written; export or copy it again"
-            )
+        verify(path)
+    except CheckpointError as err:
+        raise ValueError(str(err)) from None
