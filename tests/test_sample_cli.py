@@ -3,6 +3,7 @@ evaluation, attention maps, and every error path (status 2, `sample.py: error: .
 
 import io
 import json
+import math
 import re
 import shutil
 import sys
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from deadline import deadline
 
-from gpt import GPT, ModelConfig
+from gpt import GPT, ModelConfig, store
 from gpt.cli import sample
 from gpt.data.tokenizer import get_tokenizer
 
@@ -62,6 +64,8 @@ def test_run_dir_checkpoint_and_model_dir_give_the_same_text(capsys, model_dir, 
         model = GPT.from_pretrained(model_dir)
         model.transformer.wte.weight.mul_(-1.0)
         model.save_pretrained(ckpts / "step_00000020" / "model", tokenizer="bytes")
+    for step in (10, 20):  # the table every checkpoint the trainer writes has
+        store.write_checksums(ckpts / f"step_{step:08d}")
     expected = greedy(capsys, ckpts / "step_00000020" / "model")
     assert greedy(capsys, run_dir) == expected
     assert greedy(capsys, ckpts / "step_00000020") == expected
@@ -351,3 +355,92 @@ def test_recorded_backend_is_used_and_an_unusable_one_falls_back_to_sdpa(
     _, _, err = run(capsys, "--ckpt", tmp_path / "m", "--prompt", "a", "--max-new-tokens", "1")
     assert "warning: attention backend 'fancy' is unavailable here: it needs hardware" in err
     assert "using sdpa" in err
+
+
+def strict_json(path: Path):
+    """The file as RFC 8259 JSON: NaN, Infinity and -Infinity are refused."""
+
+    def refuse(name):
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def test_eval_suite_skips_bad_tasks_and_always_writes_standard_json(
+    capsys, model_dir, tmp_path, monkeypatch
+):
+    """A NaN score once ended the whole suite (IndexError), a non-UTF-8 file too; now each is
+    one skipped line with its reason, the summary counts them, and --out is standard JSON,
+    a non-finite number computed on the way (here a NaN log-likelihood) written as null
+    with a note."""
+    root = tmp_path / "suite"
+    root.mkdir()
+    write_task(root / "add.jsonl")
+    (root / "nan").mkdir()
+    nan = [{"input": f"q{i}", "target_scores": {"x": "NaN" if i else 0, "y": 1}} for i in range(3)]
+    (root / "nan" / "task.json").write_text(json.dumps({"examples": nan}).replace('"NaN"', "NaN"))
+    (root / "latin1.jsonl").write_bytes(b'{"input": "caf\xe9", "target": "b"}\n')
+    out_file = tmp_path / "r.json"
+    code, out, err = run(capsys, "--ckpt", model_dir, "--eval", root, "--shots", "1",
+                         "--out", out_file)  # fmt: skip
+    assert code == 0, err
+    assert "1 tasks x 1 shot counts (6 queries) evaluated, 2 skipped" in out
+    assert "skipped nan: example 1: \"target_scores\" value of 'x' is NaN; valid: finite" in out
+    assert "skipped latin1: not UTF-8 text: byte 0xe9 at line 1 (offset 14)" in out
+    report = strict_json(out_file)
+    assert [s["task"] for s in report["skipped"]] == ["latin1", "nan"]
+    assert report["notes"] == [] and [r["task"] for r in report["results"]] == ["add"]
+
+    import gpt.eval.scoring as scoring  # a broken model: one log-likelihood is NaN
+
+    real = scoring.continuation_logprobs
+    monkeypatch.setattr(scoring, "continuation_logprobs",
+                        lambda *a, **k: [math.nan, *real(*a, **k)[1:]])  # fmt: skip
+    code, out, err = run(capsys, "--ckpt", model_dir, "--eval", root / "add.jsonl", "--out",
+                         out_file)  # fmt: skip
+    assert code == 0, err
+    report = strict_json(out_file)
+    assert report["results"][0]["records"][0]["logprobs"][0] is None
+    assert report["notes"] == ["results[0].records[0].logprobs[0]: nan written as null"]
+    assert f"sample.py: warning: {out_file}: non-finite numbers (NaN, infinity) written as " in err
+
+
+def test_files_in_the_wrong_encoding_are_one_line_errors_naming_the_file(
+    capsys, model_dir, tmp_path, monkeypatch
+):
+    latin1, utf16 = tmp_path / "latin1.txt", tmp_path / "utf16.txt"
+    latin1.write_bytes("café au lait".encode("latin-1"))
+    utf16.write_bytes("café".encode("utf-16"))
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(b'{"input": "a", "target": "b"}\n{"input": "caf\xe9", "target": "b"}\n')
+    cases = [
+        (["--prompt-file", latin1], f"--prompt-file {latin1}: not UTF-8 text: byte 0xe9 at line "
+         "1 (offset 3): invalid continuation byte; prompt files must be UTF-8: convert it, e.g. "
+         "iconv -f latin1 -t utf-8"),
+        (["--prompt-file", utf16], f"--prompt-file {utf16}: not UTF-8 text (it looks like "
+         "UTF-16): byte 0xff at line 1 (offset 0)"),
+        (["--task", task], f"{task}: not UTF-8 text: byte 0xe9 at line 2 (offset 44)"),
+        (["--eval", task], f"{task}: not UTF-8 text: byte 0xe9 at line 2 (offset 44)"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        code, out, err = run(capsys, "--ckpt", model_dir, "--max-new-tokens", "1", *argv)
+        assert code == 2 and err.startswith(f"sample.py: error: {message}"), err
+        assert err.count("\n") == 1 and out == ""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xff\xfe a prompt")))
+    code, _, err = run(capsys, "--ckpt", model_dir, "--max-new-tokens", "1")
+    assert code == 2 and err.startswith(
+        "sample.py: error: stdin: not UTF-8 text (it looks like UTF-16): byte 0xff at line 1"
+    ), err
+
+
+def test_eval_glob_through_a_symlink_loop_finishes(capsys, model_dir, tmp_path, monkeypatch):
+    """`--eval 'd/**/*.jsonl'` once followed d/sub/up -> .. for hours."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    write_task(tmp_path / "d" / "sub" / "add.jsonl")
+    (tmp_path / "d" / "sub" / "up").symlink_to("..")
+    (tmp_path / "d" / "sub" / "self").symlink_to(".")
+    with deadline(60):
+        code, out, err = run(capsys, "--ckpt", model_dir, "--eval", "d/**/*.jsonl", "--limit", "2")
+    assert code == 0, err
+    assert "1 tasks x 1 shot counts (2 queries) evaluated, 0 skipped" in out

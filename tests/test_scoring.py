@@ -4,6 +4,7 @@ every log-likelihood, prediction and accuracy can be worked out on paper."""
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from gpt import GPT, ModelConfig
 from gpt.data.tokenizer import get_tokenizer
+from gpt.eval import bounded_regex
 from gpt.eval.scoring import (
     continuation_logprobs,
     encode_pair,
@@ -247,3 +249,47 @@ def test_shared_prefix_scoring_equals_one_full_pass_per_pair():
         for batch_size in (1, 2, 16):
             got = continuation_logprobs(model, pairs, batch_size, vocab_size=vocab)
             assert got == pytest.approx(expected, abs=1e-4), (vocab, batch_size)
+
+
+def test_a_catastrophic_output_regex_is_bounded_and_its_examples_score_misses(
+    tmp_path, monkeypatch, capsys
+):
+    """A task's output_regex (a+)+b on the model's 26 'a's backtracks for ~10 s per example in
+    re; under the limit each example stops at it, scores a miss and is counted, with one
+    warning naming the task and the pattern."""
+    monkeypatch.setattr(bounded_regex, "REGEX_TIMEOUT_S", 0.3)
+    model = Bigram(uniform_bytes_except({(":", "a"): 0.9, ("a", "a"): 0.9}))
+    examples = [{"input": "1", "target": "a"}, {"input": "2", "target": "aa"}]
+    path = tmp_path / "slow" / "task.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"examples": examples, "output_regex": "(a+)+b"}))
+    task = load_task(path)
+    assert task.output_regex == "(a+)+b"
+    start = time.monotonic()
+    results = evaluate_task(model, BYTES, task, max_new_tokens=26, progress=False)
+    assert time.monotonic() - start < 2 * 0.3 + 5.0
+    assert [r["raw_output"] for r in results["records"]] == ["a" * 26] * 2
+    assert [(r["output"], r["regex_timeout"], r["correct"]) for r in results["records"]] == [
+        (None, True, False)] * 2  # fmt: skip
+    assert results["regex_timeouts"] == 2 and results["metrics"] == {"exact_str_match": 0.0}
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1
+    assert "warning: task slow: output_regex '(a+)+b' ran past 0.3 s on example 0" in err
+    json.dumps(results, allow_nan=False)
+
+
+def test_huge_finite_scores_give_finite_grades_and_chance(tmp_path):
+    """sum(scores) of 1e308s overflows to inf ("inf%" in the table, Infinity in the JSON);
+    the means stay finite, and a non-finite value prints as "-"."""
+    model = Bigram(uniform_bytes_except({}))
+    examples = [{"input": str(i), "target_scores": {"x": 1.7e308, "y": 1.6e308, "z": 0}}
+                for i in range(3)]  # fmt: skip
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps({"metrics": ["multiple_choice_grade"], "examples": examples}))
+    results = evaluate_task(model, BYTES, load_task(path), progress=False)
+    assert results["chance"] == pytest.approx(1.7e308 / 3 + 1.6e308 / 3, rel=1e-12)
+    assert math.isfinite(results["metrics"]["multiple_choice_grade"])
+    json.dumps(results, allow_nan=False)
+    row = format_summary({**results, "chance": math.inf}).splitlines()[2]
+    grade = results["metrics"]["multiple_choice_grade"]
+    assert row.split()[-2:] == [f"{grade:.2e}".replace("e+308", "e+310%"), "-"]

@@ -1,11 +1,14 @@
-"""Suite planning (gpt.eval.suite): skips with reasons found before any model work, the
---kind filter, a lone file's problem is an error, and the shot-curve plot."""
+"""Suite planning (gpt.eval.suite): skips with reasons found before any model work (a bad
+file never ends the suite), the --kind filter, a lone file's problem is an error, standard
+JSON (non-finite numbers as null, with notes), and the shot-curve plot."""
 
 import json
+import math
 
 import pytest
 
-from gpt.eval.suite import plan_suite, plot_shot_curves
+from gpt.eval import suite as suite_module
+from gpt.eval.suite import MAX_NOTES, plan_suite, plot_shot_curves, replace_non_finite
 
 
 def write(path, data):
@@ -51,3 +54,49 @@ def test_shot_curve_plot_is_a_png(tmp_path):
                for t in ("a", "b") for k in (0, 1, 2, 4)]  # fmt: skip
     path = plot_shot_curves(results, tmp_path / "plots" / "shots.png", title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_bad_task_is_skipped_with_its_reason_and_the_others_are_planned(suite, monkeypatch):
+    """NaN scores (once an IndexError that ended the suite), a file that is not UTF-8, and
+    an error no check foresaw: each task is skipped, named, with why."""
+    nan = '{"examples": [{"input": "a", "target_scores": {"x": NaN, "y": 1}}]}'
+    (suite / "nan").mkdir()
+    (suite / "nan" / "task.json").write_text(nan)
+    (suite / "latin1.jsonl").write_bytes(b'{"input": "caf\xe9", "target": "b"}\n')
+    load = suite_module.load_task
+
+    def flaky_load(path, *args):
+        if path.parent.name == "both":
+            raise IndexError("list index out of range")
+        return load(path, *args)
+
+    monkeypatch.setattr(suite_module, "load_task", flaky_load)
+    planned, skipped = plan_suite([str(suite)], [0], progress=False)
+    assert [p.task.name for p in planned] == ["gen", "mc"]
+    reasons = {s["task"]: s["reason"] for s in skipped}
+    assert reasons == {
+        "both": "IndexError while loading: list index out of range",
+        "latin1": "not UTF-8 text: byte 0xe9 at line 1 (offset 14): invalid continuation byte; "
+        "task files must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8",
+        "nan": "example 0: \"target_scores\" value of 'x' is NaN; "
+        "valid: finite numbers (NaN, Infinity and numbers beyond +-1.8e308 are not scores)",
+    }
+    with pytest.raises(IndexError):  # named alone, a file's problem is an error
+        plan_suite([str(suite / "both" / "task.json")], [0], progress=False)
+
+
+def test_non_finite_numbers_are_written_as_null_with_a_note():
+    report = {"results": [{"metrics": {"grade": math.nan}, "records": [{"logprobs": [-1.0,
+              -math.inf]}]}], "config": {"seed": 1, "name": "x"}}  # fmt: skip
+    clean, notes = replace_non_finite(report)
+    assert clean == {"results": [{"metrics": {"grade": None}, "records": [{"logprobs": [-1.0,
+                     None]}]}], "config": {"seed": 1, "name": "x"}}  # fmt: skip
+    assert notes == ["results[0].metrics.grade: nan written as null",
+                     "results[0].records[0].logprobs[1]: -inf written as null"]  # fmt: skip
+    json.dumps(clean, allow_nan=False)
+    clean, notes = replace_non_finite([math.inf] * (MAX_NOTES + 5))
+    assert clean == [None] * (MAX_NOTES + 5) and len(notes) == MAX_NOTES + 1
+    assert notes[0] == "[0]: inf written as null"
+    assert notes[-1] == "... and 5 more non-finite numbers written as null"
+    assert replace_non_finite({"ok": [1, 2.5, "s", None, True]}) == (
+        {"ok": [1, 2.5, "s", None, True]}, [])  # fmt: skip

@@ -2,8 +2,11 @@
 deterministic shots that never include the query, and every malformed-file error."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
+from deadline import deadline
 
 from gpt.eval.tasks import (
     Example,
@@ -306,3 +309,69 @@ def test_subtasks_are_found_and_a_container_names_them(tmp_path):
         r"`make bigbench`, .* --from PATH",
     ):
         find_task_files(missing)
+
+
+@pytest.mark.parametrize(
+    "score, shown",
+    [("NaN", "NaN"), ("Infinity", "Infinity"), ("-Infinity", "-Infinity"), ("1e400", "Infinity"),
+     ("1" + "0" * 400, "an integer of 401 digits")],
+)  # fmt: skip
+def test_non_finite_target_scores_are_refused_naming_file_example_and_choice(
+    tmp_path, score, shown
+):
+    """json.loads reads NaN, Infinity and 1e400 (as inf): a NaN score once made "the right
+    choice" an empty list (an IndexError that ended a whole suite), an infinite one printed
+    "inf%" and wrote non-standard JSON."""
+    good = '{"input": "q", "target_scores": {"yes": 1, "no": 0}}'
+    bad = f'{{"input": "r", "target_scores": {{"yes": 1, "no": {score}}}}}'
+    path = tmp_path / "task.json"
+    path.write_text(f'{{"examples": [{good}, {bad}]}}')
+    match = (
+        rf"task\.json, example 1: \"target_scores\" value of 'no' is {re.escape(shown)}; "
+        r"valid: finite numbers \(NaN, Infinity and numbers beyond \+-1\.8e308 are not scores\)$"
+    )
+    with pytest.raises(ValueError, match=match):
+        load_task(path)
+    path.write_text(f'{{"examples": [{good}, {good.replace("0", "1e308")}]}}')
+    assert load_task(path).examples[1].scores == [1.0, 1e308]  # huge but finite is a score
+
+
+def test_task_files_that_are_not_utf8_name_the_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"input": "a", "target": "b"}\n{"input": "caf\xe9", "target": "b"}\n')
+    with pytest.raises(ValueError) as err:
+        load_task(path)
+    assert str(err.value) == (
+        f"{path}: not UTF-8 text: byte 0xe9 at line 2 (offset 44): invalid continuation byte; "
+        "task files must be UTF-8: convert it, e.g. iconv -f latin1 -t utf-8"
+    )
+    path = write_json(tmp_path / "task.json", {"examples": [{"input": "a", "target": "b"}]})
+    path.write_bytes(path.read_text().encode("utf-16"))
+    with pytest.raises(ValueError, match=r"task\.json: not UTF-8 text \(it looks like UTF-16\): "
+                       r"byte 0xff at line 1 .* iconv -f utf-16 -t utf-8$"):  # fmt: skip
+        load_task(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"examples": [{"input": "a", "target": "b"}]})
+                     .encode())  # fmt: skip
+    assert load_task(path).examples[0].input == "a"  # a UTF-8 byte-order mark is fine
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"task\.json: JSON nested too deeply"):
+        load_task(path)
+
+
+def test_task_files_behind_a_symlink_loop_are_found_once(tmp_path, monkeypatch):
+    """glob.glob("d/**/*.jsonl") followed d/sub/up -> .. for hours; a directory is now read
+    once, and a folder reached only through a link is read."""
+    monkeypatch.chdir(tmp_path)
+    row = [{"input": "a", "target": "b"}]
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    write_jsonl(tmp_path / "d" / "sub" / "one.jsonl", row)
+    write_jsonl(tmp_path / "outside" / "two.jsonl", row)
+    (tmp_path / "d" / "sub" / "up").symlink_to("..")
+    (tmp_path / "d" / "sub" / "self").symlink_to(".")
+    (tmp_path / "d" / "out").symlink_to("../outside")
+    (tmp_path / "outside" / "back").symlink_to("../d")
+    expected = [Path("d/out/two.jsonl"), Path("d/sub/one.jsonl")]
+    with deadline(20):
+        assert find_task_files("d/**/*.jsonl") == expected
+        assert find_task_files("d") == expected

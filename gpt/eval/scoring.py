@@ -13,7 +13,9 @@ choices). The prompt's trailing spaces are moved to the start of each choice, so
 
 Generation: greedy decoding from the prompt (trailing spaces moved the same way), then the
 task's normalisation: BIG-bench's output is cut after its ``stop_string`` and reduced to the
-first match of its ``output_regex`` (an empty string if none), and ``exact_str_match`` asks
+first match of its ``output_regex`` (an empty string if none; a task file's own regex runs
+with a time limit, gpt.eval.bounded_regex, and an output on which it runs past the limit
+scores as a miss, with a warning), and ``exact_str_match`` asks
 for that string to be one of the targets exactly (``case_insensitive_str_match``: after
 lower-casing and stripping both); our JSONL tasks stop at a newline and compare stripped
 strings. The first target's log-likelihood is recorded too.
@@ -29,13 +31,15 @@ from __future__ import annotations
 import math
 import random
 import re
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
 
-from gpt.eval.tasks import Example, Task, build_prompt, select_shots
+from gpt.eval import bounded_regex
+from gpt.eval.tasks import BIGBENCH_OUTPUT_REGEX, Example, Task, build_prompt, select_shots
 from gpt.generate import sample_texts
 from gpt.model import GPT, KVCache
 
@@ -160,18 +164,21 @@ def prepare_prompts(task: Task, shots: int, seed: int, queries: list[int]) -> li
     ]
 
 
-def normalise_output(task: Task, text: str) -> str:
-    """BIG-bench's post-processing: cut after the stop string, then the first regex match."""
+def normalise_output(task: Task, text: str, timeout: float | None = None) -> str:
+    """BIG-bench's post-processing: cut after the stop string, then the first regex match.
+    A task file's own regex runs in a worker with a time limit (``timeout`` seconds, default
+    ``bounded_regex.REGEX_TIMEOUT_S``) and raises ``bounded_regex.RegexTimeout`` past it;
+    BIG-bench's default regex (linear, ours) runs here."""
     if task.stop_string:
         cut = text.find(task.stop_string)
         if cut >= 0:
             text = text[: cut + len(task.stop_string)]
-    if task.output_regex is not None:
+    if task.output_regex == BIGBENCH_OUTPUT_REGEX:
         match = re.search(task.output_regex, text)
-        if match is None:
-            return ""
-        # as re.findall: the one group's text if the pattern has exactly one group
-        text = match.group(1 if re.compile(task.output_regex).groups == 1 else 0) or ""
+        return "" if match is None else match.group(0)
+    if task.output_regex is not None:
+        found = bounded_regex.search(task.output_regex, text, timeout)
+        return "" if found is None else found
     return text
 
 
@@ -253,10 +260,20 @@ def evaluate_prompts(
     }
     if task.multiple_choice:
         summary["accuracy_norm"] = metrics["multiple_choice_grade_per_byte"]
-        summary["chance"] = sum(sum(e.scores) / len(e.scores) for e in examples) / len(examples)
+        summary["chance"] = _mean([_mean(e.scores) for e in examples])
     if task.unimplemented:
         summary["not_implemented"] = task.unimplemented
+    timeouts = sum(r.get("regex_timeout", False) for r in records)
+    if timeouts:
+        summary["regex_timeouts"] = timeouts
     return {**summary, "records": records}
+
+
+def _mean(values: Sequence[float]) -> float:
+    """The mean, finite for any finite values: where sum(x) overflows (target_scores of
+    1e308), sum(x / n) does not."""
+    total = sum(values)
+    return total / len(values) if math.isfinite(total) else sum(x / len(values) for x in values)
 
 
 def _check_fits(model, records, i: int, answer: str, ids: list[int]) -> None:
@@ -278,12 +295,13 @@ def _score_choices(model, tokenizer, examples, prompts, batch_size, records) -> 
     per_example: list[list[float]] = [[] for _ in examples]
     for lp, i in zip(logprobs, owner, strict=True):
         per_example[i].append(lp)
-    grade = grade_norm = 0.0
+    grades, grades_norm = [], []
     for record, ex, lp in zip(records, examples, per_example, strict=True):
         per_byte = [x / max(1, len(c.encode("utf-8"))) for x, c in zip(lp, ex.choices, strict=True)]
         pred = max(range(len(lp)), key=lp.__getitem__)  # ties: the first
         pred_norm = max(range(len(lp)), key=per_byte.__getitem__)
-        grade, grade_norm = grade + ex.scores[pred], grade_norm + ex.scores[pred_norm]
+        grades.append(ex.scores[pred])
+        grades_norm.append(ex.scores[pred_norm])
         record.update(
             choices=ex.choices,
             scores=ex.scores,
@@ -294,8 +312,10 @@ def _score_choices(model, tokenizer, examples, prompts, batch_size, records) -> 
             correct=pred in ex.correct,
             correct_norm=pred_norm in ex.correct,
         )
-    n = len(examples)
-    return {"multiple_choice_grade": grade / n, "multiple_choice_grade_per_byte": grade_norm / n}
+    return {
+        "multiple_choice_grade": _mean(grades),
+        "multiple_choice_grade_per_byte": _mean(grades_norm),
+    }
 
 
 def _score_generation(
@@ -323,10 +343,22 @@ def _score_generation(
         ids = (tokenizer.encode(stripped) or [tokenizer.eot])[-(block - 1) :]
         raw = sample_texts(model, tokenizer, ids, 1, new, temperature=0.0, stops=stops)[0]
         raw = raw[len(moved) :] if raw.startswith(moved) else raw
-        output = raw.strip() if task.strip else normalise_output(task, raw)
+        try:
+            output = raw.strip() if task.strip else normalise_output(task, raw)
+        except bounded_regex.RegexTimeout:
+            output = None  # a miss, whatever the targets
+            record["regex_timeout"] = True
+            if sum(r.get("regex_timeout", False) for r in records) == 1:
+                print(
+                    f"warning: task {task.name}: output_regex {task.output_regex!r} ran past "
+                    f"{bounded_regex.REGEX_TIMEOUT_S:g} s on example {record['index']} "
+                    f"({len(raw)} characters of output); it scores as a miss (the results "
+                    "count every such example under regex_timeouts)",
+                    file=sys.stderr,
+                )
         record.update(targets=ex.targets, raw_output=raw, output=output, target_logprob=lp)
         for name in names:
-            hit = _string_match(task, name, output, ex.targets)
+            hit = output is not None and _string_match(task, name, output, ex.targets)
             hits[name] += hit
             record[name] = hit
         record["correct"] = record[names[0]]
@@ -334,7 +366,12 @@ def _score_generation(
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
+    if value is None or not math.isfinite(value):
+        return "-"
+    if math.isfinite(100 * value):
+        return f"{100 * value:.1f}%"
+    mantissa, exponent = f"{value:.2e}".split("e")  # x 100 would overflow: shift the exponent
+    return f"{mantissa}e{int(exponent) + 2:+d}%"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -6,6 +6,10 @@ every shot count built, so that a task that cannot run (a metric we do not imple
 examples for k shots, a malformed file, a container whose subtasks are run instead) is
 skipped with a one-line reason up front rather than failing halfway. A single task file named
 on its own is not skipped: its problem is an error.
+
+The results are written as standard JSON (RFC 8259 has no NaN or Infinity): a task file's
+non-finite scores are refused when it loads, and any non-finite number computed later (a
+broken model's NaN log-likelihoods) is written as null, with a note saying where.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from gpt.eval.tasks import (
 from gpt.fileio import write_atomic
 
 MAX_PANELS = 48  # per-task panels of the shot-curve plot; the rest are in the JSON
+MAX_NOTES = 100  # notes of non-finite numbers written as null; the rest are counted
 
 
 @dataclass
@@ -79,10 +84,12 @@ def plan_suite(
                     raise ValueError(f"{path}: no {kind} metric (--kind {kind})")
             queries = query_indices(task, seed, limit)
             prompts = {k: prepare_prompts(task, k, seed, queries) for k in shots}
-        except ValueError as err:
+        except Exception as err:  # one bad file is reported and skipped, never ends the suite
             if alone:
                 raise
-            reason = str(err).splitlines()[0].removeprefix(f"{path}: ")
+            reason = str(err).splitlines()[0].removeprefix(f"{path}: ").removeprefix(f"{path}, ")
+            if not isinstance(err, ValueError | OSError):  # not a message of ours: say what
+                reason = f"{type(err).__name__} while loading: {reason}"
             skipped.append({"task": task_name(path), "path": str(path), "reason": reason})
             continue
         examples = [(i, task.examples[i]) for i in queries]
@@ -132,6 +139,32 @@ def run_suite(
         results += done
     bar.close()
     return results
+
+
+def replace_non_finite(value, where: str = "") -> tuple[object, list[str]]:
+    """``value`` (JSON-like: dicts, lists, numbers, strings) with every NaN and infinity
+    replaced by None, and a note per replacement naming where it was (the first MAX_NOTES,
+    then a count), so that ``json.dumps(..., allow_nan=False)`` succeeds."""
+    notes: list[str] = []
+    found = 0
+
+    def walk(v, at: str):
+        nonlocal found
+        if isinstance(v, float) and not math.isfinite(v):
+            found += 1
+            if len(notes) < MAX_NOTES:
+                notes.append(f"{at or 'the value'}: {v} written as null")
+            return None
+        if isinstance(v, dict):
+            return {k: walk(x, f"{at}.{k}" if at else str(k)) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [walk(x, f"{at}[{i}]") for i, x in enumerate(v)]
+        return v
+
+    out = walk(value, where)
+    if found > len(notes):
+        notes.append(f"... and {found - len(notes)} more non-finite numbers written as null")
+    return out, notes
 
 
 def format_skipped(skipped: list[dict]) -> str:

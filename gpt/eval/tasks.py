@@ -14,6 +14,9 @@ Two task formats are read:
   ``output_regex`` are honoured with BIG-bench's defaults (``bigbench/api/json_task.py``).
   A ``task.json`` without examples is a container whose subtasks sit in subdirectories.
 
+Task files are UTF-8 (a file that is not is refused naming its line and byte), and scores
+must be finite: JSON's NaN and Infinity (which ``json`` reads) are refused naming the example.
+
 A prompt is ``prefix + separator.join(demonstrations + [query])``: each demonstration is the
 template filled with an example followed by its answer, the query is the template alone, so
 the model continues with the answer. As in BIG-bench, the choices listed in a multiple-choice
@@ -29,10 +32,13 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import math
 import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from gpt.data.globbing import glob_files, walk_files
 
 # BIG-bench's defaults (bigbench/api/json_task.py)
 BIGBENCH_INPUT_PREFIX = "\nQ: "
@@ -115,6 +121,32 @@ def _fail(where: str, what: str):
     raise ValueError(f"{where}: {what}")
 
 
+def decode_utf8(data: bytes, name: str, what: str = "task files") -> str:
+    """``data`` (read from ``name``) as text, a UTF-8 byte-order mark dropped; bytes that are
+    not UTF-8 are a one-line ValueError naming ``name``, the line and the byte; ``what`` names
+    the kind of file in the advice."""
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        utf16 = data[:2] in (b"\xff\xfe", b"\xfe\xff")  # a UTF-16 byte-order mark
+        raise ValueError(
+            f"{name}: not UTF-8 text{' (it looks like UTF-16)' if utf16 else ''}: byte "
+            f"0x{data[err.start]:02x} at line {line} (offset {err.start}): {err.reason}; {what} "
+            f"must be UTF-8: convert it, e.g. iconv -f {'utf-16' if utf16 else 'latin1'} -t utf-8"
+        ) from None
+
+
+def read_utf8(path: str | Path, what: str = "task files") -> str:
+    """The text of file ``path`` (``decode_utf8``); a file that cannot be read is a one-line
+    ValueError naming it too."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
+    return decode_utf8(data, str(path), what)
+
+
 def _string_list(value, where: str, key: str) -> list[str]:
     values = value if isinstance(value, list) else [value]
     if not values or not all(isinstance(v, str) for v in values):
@@ -147,6 +179,13 @@ def _jsonl_example(obj, where: str) -> Example:
 _NUMBERS = frozenset((int, float))  # JSON numbers; bool (a subclass of int) is not one
 
 
+def _finite(values) -> bool:
+    try:
+        return all(map(math.isfinite, values))  # in C: suites hold millions of scores
+    except OverflowError:  # an integer literal beyond a float's range
+        return False
+
+
 def _bigbench_example(obj, where: str, index: int, needs_choices: bool, needs_target: bool):
     # suites hold millions of examples: the checks below stay in C where they can
     if type(obj) is not dict or type(obj.get("input")) is not str:
@@ -166,6 +205,17 @@ def _bigbench_example(obj, where: str, index: int, needs_choices: bool, needs_ta
     values = list(scores.values())
     if not _NUMBERS.issuperset(map(type, values)):
         _fail(where, f'"target_scores" values must be numbers, got {scores!r}')
+    if not _finite(values):  # NaN breaks "the highest score", inf every mean
+        choice, value = next((c, v) for c, v in scores.items() if not _finite([v]))
+        if isinstance(value, int):
+            value = f"an integer of {int(value.bit_length() * math.log10(2)) + 1} digits"
+        else:  # as JSON spells it (1e400 reads as Infinity)
+            value = "NaN" if math.isnan(value) else ("-" if value < 0 else "") + "Infinity"
+        _fail(
+            where,
+            f'"target_scores" value of {choice!r} is {value}; valid: finite numbers (NaN, '
+            "Infinity and numbers beyond +-1.8e308 are not scores)",
+        )
     if len(values) > 1 and max(values) <= min(values):
         _fail(where, f'"target_scores" has no right choice (all scores equal): {scores!r}')
     return Example(obj["input"], targets, list(scores), list(map(float, values)), True, index)
@@ -173,7 +223,7 @@ def _bigbench_example(obj, where: str, index: int, needs_choices: bool, needs_ta
 
 def _load_jsonl(path: Path) -> Task:
     examples = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {n}"
@@ -181,6 +231,8 @@ def _load_jsonl(path: Path) -> Task:
             obj = json.loads(line)
         except json.JSONDecodeError as err:
             _fail(where, f"not valid JSON ({err.msg})")
+        except RecursionError:
+            _fail(where, "JSON nested too deeply to be an example")
         example = _jsonl_example(obj, where)
         if examples and bool(example.choices) != bool(examples[0].choices):
             _fail(where, "mixes generative and multiple-choice examples")
@@ -211,9 +263,11 @@ def _bigbench_metrics(data: dict, raw: list, path: Path) -> tuple[list[str], lis
 
 def _load_bigbench(path: Path) -> Task:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as err:
         _fail(str(path), f"not valid JSON ({err.msg} at line {err.lineno})")
+    except RecursionError:
+        _fail(str(path), "JSON nested too deeply to be a task file")
     if isinstance(data, dict) and "examples" not in data and subtask_files(path):
         names = ", ".join(p.parent.name for p in subtask_files(path))
         _fail(str(path), f"a container task without examples; evaluate its subtasks ({names})")
@@ -295,15 +349,15 @@ def load_task(path: str | Path, template: str | None = None, separator: str | No
 
 def find_task_files(spec: str) -> list[Path]:
     """Task files named by ``spec``: a file, a directory (every ``task.json`` and ``.jsonl``
-    below it) or a glob pattern (``**`` allowed). Sorted; ValueError if nothing matches."""
+    below it) or a glob pattern (``**`` allowed). Symlinked directories are followed, each
+    directory once (a link loop ends). Sorted; ValueError if nothing matches."""
     path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
-        found = [*path.rglob("task.json"), *path.rglob("*.jsonl")]
+        found = [p for p in walk_files(path) if p.name == "task.json" or p.suffix == ".jsonl"]
     else:
-        found = [Path(p) for p in glob.glob(spec, recursive=True)]
-        found = [p for p in found if p.is_file() and p.suffix in (".json", ".jsonl")]
+        found = [p for p in glob_files(spec) if p.suffix in (".json", ".jsonl")]
     if not found:
         if path.is_dir():
             why = "the directory holds no task.json or .jsonl file"
