@@ -20,14 +20,16 @@ Evaluation: make a `split="val", mode="sequential"` loader once and call `reset(
 evaluation; it then yields the same batches every time.
 """
 
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from gpt.data.shards import MANIFEST, open_split, read_manifest
+from gpt.data.shards import HEADER_SIZE, MANIFEST, iter_split, read_manifest
 
 STATE_VERSION = 1
+MAX_OPEN_SHARDS = 32  # per loader; a run has one per data set and split it reads
 MODES = ("random", "sequential")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -45,6 +47,31 @@ def split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T+1) windows -> inputs x and targets y, each (B, T) int64."""
     batch = torch.from_numpy(windows)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+class ShardCache:
+    """The shards of a split, indexable like a list of memory maps, of which at most
+    ``MAX_OPEN_SHARDS`` (the most recently read) are open: each map holds a file descriptor,
+    and a split of many small shards (``--shard-tokens``) would otherwise exhaust the
+    process's limit (``ulimit -n``, often 1024). Re-opening a shard that was validated at
+    start-up costs an open and an mmap."""
+
+    def __init__(self, shards: list[tuple[Path, np.dtype, int]]) -> None:
+        self.shards = shards  # (path, dtype, tokens) of each shard
+        self.maps: OrderedDict[int, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        tokens = self.maps.pop(index, None)
+        if tokens is None:
+            if len(self.maps) >= MAX_OPEN_SHARDS:
+                self.maps.popitem(last=False)  # the least recently read: closed once unused
+            path, dtype, count = self.shards[index]
+            tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
+        self.maps[index] = tokens
+        return tokens
 
 
 class TokenLoader:
@@ -100,8 +127,10 @@ class TokenLoader:
                 f"tokens, more than the model's vocab_size {vocab_size}"
             )
         self.manifest = manifest
-        self._shards = [s for s in open_split(self.data_dir, split, verify) if len(s)]
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards])
+        # every shard is validated now, one open at a time, and re-opened when read
+        shards = iter_split(self.data_dir, split, verify)
+        self._shards = ShardCache([(p, t.dtype, len(t)) for p, t in shards if len(t)])
+        self._starts = np.cumsum([0] + [n for _, _, n in self._shards.shards])
         self.n_tokens = int(self._starts[-1])
         if self.n_tokens == 0:
             todo = "prepare more data"
@@ -140,7 +169,9 @@ class TokenLoader:
             pieces.append(piece)
             start += len(piece)
             i += 1
-        return np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0])
+        # a copy, never a view: a view would keep its shard's map (and file) open after the
+        # cache let it go, one per sequence of a batch
+        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
 
     def _starts_of(self, k: np.ndarray) -> np.ndarray:
         if self.mode == "sequential":

@@ -44,6 +44,9 @@ from gpt.data.tokenizer import FETCHABLE, NAMES, fetch_ranks, get_tokenizer
 BATCH_CHARS = 1 << 20  # text per task: large enough to amortise scheduling, small for memory
 SPLITS = ("train", "val")
 PROG = "python -m gpt.data.prepare"
+# Below this many tokens per shard prepare warns: every shard is a file, so a billion-token
+# corpus at --shard-tokens 1000 is a million files (slow to list, copy and checksum).
+SMALL_SHARD_TOKENS = 1_000_000
 
 
 def _batches(docs, batch_chars: int):
@@ -273,6 +276,14 @@ def main(argv: list[str] | None = None) -> None:
         help="replace DIR even if it holds files prepare did not write (they are deleted)",
     )
     args = parser.parse_args(argv)
+    if 1 <= args.shard_tokens < SMALL_SHARD_TOKENS:
+        print(
+            f"{PROG}: warning: --shard-tokens {args.shard_tokens:,} is small: each shard is a "
+            f"file, so every 1,000,000 tokens make {-(-1_000_000 // args.shard_tokens):,} "
+            f"files; use at least {SMALL_SHARD_TOKENS:,} (default 100,000,000) unless the "
+            "corpus is tiny",
+            file=sys.stderr,
+        )
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join([*PROG.split(), *given])
     try:

@@ -26,6 +26,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,14 +297,17 @@ def read_manifest(data_dir: Path) -> dict:
     return manifest
 
 
-def open_split(data_dir: Path, split: str, verify: str = "full") -> list[np.ndarray]:
-    """Validate every shard of `split` against its header and the manifest; memory-map them."""
+def iter_split(
+    data_dir: Path, split: str, verify: str = "full"
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """Validate each shard of `split` against its header and the manifest and yield (path,
+    its memory map), one at a time: a caller that keeps only what it needs holds one open
+    file, however many shards the split has (each map holds a file descriptor)."""
     manifest = read_manifest(data_dir)
     splits = manifest["splits"]
     if split not in splits:
         raise ValueError(f"{Path(data_dir) / MANIFEST}: no split {split!r}; has {sorted(splits)}")
     fix = remedy(data_dir, manifest)
-    arrays = []
     for entry in splits[split]["shards"]:
         path = Path(data_dir) / entry["file"]
         header = read_header(path, fix)
@@ -314,5 +318,10 @@ def open_split(data_dir: Path, split: str, verify: str = "full") -> list[np.ndar
                 f"shard {path}: header (encoding, vocabulary, tokens, crc32) = {found}, "
                 f"manifest says {wanted}: replaced after the manifest was written; {fix}"
             )
-        arrays.append(open_shard(path, verify, fix))
-    return arrays
+        yield path, open_shard(path, verify, fix)
+
+
+def open_split(data_dir: Path, split: str, verify: str = "full") -> list[np.ndarray]:
+    """Validate every shard of `split` against its header and the manifest; memory-map them
+    all (one open file each: for many shards, use `iter_split`)."""
+    return [tokens for _, tokens in iter_split(data_dir, split, verify)]

@@ -3,7 +3,8 @@
 Precedence is defaults < TOML file < command line (``--section.key=value``). Every field
 carries a one-line help text (shown by ``--help``). An unknown section or key, or a value of
 the wrong type, raises ``ConfigError`` naming the key and listing what is valid. The
-``deepspeed`` section is passed through untouched to the DeepSpeed engine's config.
+``deepspeed`` section is passed on to the DeepSpeed engine's config; which of its keys are
+accepted, and of what type, is gpt/train/engine.py's to say (``check_deepspeed_section``).
 """
 
 from __future__ import annotations
@@ -142,7 +143,10 @@ class TrainConfig:
     micro_batch_size: int = option(8, "Sequences per rank per forward/backward.", min=1)
     grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.", min=1)
     global_batch_size: int | None = option(
-        None, "If set, must equal micro_batch_size * grad_accum * world size (a check).", min=1
+        None,
+        "Sequences per optimizer step over all processes; if set, grad_accum is derived as "
+        "global_batch_size / (micro_batch_size * world size), which must divide exactly.",
+        min=1,
     )
     eval_interval: int = option(100, "Evaluate every this many steps (0: never).", min=0)
     eval_steps: int = option(20, "Validation batches per evaluation.", min=1)
@@ -238,7 +242,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
-    deepspeed: dict = field(default_factory=dict)  # passed through to DeepSpeed untouched
+    deepspeed: dict = field(default_factory=dict)  # passed on to DeepSpeed, checked in engine.py
 
     @property
     def given(self) -> set[str]:
@@ -256,8 +260,9 @@ class Config:
 
     def validate(self, world_size: int, manifests: dict[str, dict] | None = None) -> None:
         """Every range and combination check, before any model is built: ConfigError naming
-        the key. ``manifests`` maps "train" (data.dir) and each data.extra_val name to its
-        data manifest; without it the checks against the data are skipped."""
+        the key. With train.global_batch_size it derives train.grad_accum for ``world_size``
+        (``resolve_grad_accum``). ``manifests`` maps each role of ``data_sets()`` to its data
+        manifest; without it the checks against the data are skipped."""
         for section in SECTION_TYPES:
             validate_ranges(getattr(self, section), section)
         self.model.validate()
@@ -280,29 +285,10 @@ class Config:
         t, o = self.train, self.optim
         if o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr ({o.min_lr}) must be at most optim.lr ({o.lr})")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(
-                f"deepspeed.zero_optimization.stage = {self.zero_stage!r}; valid: 0, 1, 2, 3"
-            )
-        for key in BATCH_KEYS:
-            if key in self.deepspeed:
-                raise ConfigError(
-                    f"deepspeed.{key} is derived from train.micro_batch_size and "
-                    "train.grad_accum; remove it from the [deepspeed] section"
-                )
-        bf16 = self.deepspeed.get("bf16", {})
-        if isinstance(bf16, dict) and bf16.get("enabled") and t.dtype != "bf16":
-            raise ConfigError(
-                f"deepspeed.bf16.enabled = true (bf16 weights) needs train.dtype = 'bf16', "
-                f"got {t.dtype!r}; set train.dtype = 'bf16' or remove it"
-            )
-        batch = self.global_batch(world_size)
-        if t.global_batch_size is not None and t.global_batch_size != batch:
-            raise ConfigError(
-                f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
-                f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size "
-                f"({world_size}) = {batch}; change one of them"
-            )
+        from gpt.train.engine import check_deepspeed_section  # DeepSpeed's keys live there
+
+        check_deepspeed_section(self)
+        self.resolve_grad_accum(world_size)
         if not t.out_dir:
             raise ConfigError("train.out_dir must not be empty")
         f = self.finetune
@@ -324,6 +310,8 @@ class Config:
                 f"finetune.lora_targets = {f.lora_targets!r}: choose one or more of "
                 f"{', '.join(TARGETS)}"
             )
+        self.validate_trainable()
+        self.validate_val_names()
         if bool(f.replay_fraction) != bool(f.replay_dir):
             raise ConfigError(
                 f"finetune.replay_fraction = {f.replay_fraction} and finetune.replay_dir = "
@@ -337,27 +325,111 @@ class Config:
         if manifests is not None:
             self.validate_data(manifests)
 
+    def resolve_grad_accum(self, world_size: int) -> None:
+        """With train.global_batch_size set, derive train.grad_accum = global batch /
+        (micro_batch_size x world size) in place, so the global batch stays what the config
+        says on any number of processes; ConfigError listing what would divide exactly. A
+        grad_accum the config sets itself must then agree."""
+        t = self.train
+        if t.global_batch_size is None:
+            return
+        if "train.grad_accum" in self.given:
+            batch = self.global_batch(world_size)
+            if t.global_batch_size != batch:
+                raise ConfigError(
+                    f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
+                    f"({t.micro_batch_size}) x grad_accum ({t.grad_accum}) x world size "
+                    f"({world_size}) = {batch}; change one of them, or leave train.grad_accum "
+                    "unset to derive it"
+                )
+            return
+        per_step = t.micro_batch_size * world_size
+        if t.global_batch_size % per_step:
+            raise ConfigError(
+                f"train.global_batch_size = {t.global_batch_size} but micro_batch_size "
+                f"({t.micro_batch_size}) x world size ({world_size}) = {per_step} does not "
+                f"divide it, so no train.grad_accum gives that batch; "
+                f"{batch_suggestions(t.global_batch_size, t.micro_batch_size, world_size)}"
+            )
+        t.grad_accum = t.global_batch_size // per_step
+
+    def validate_trainable(self) -> None:
+        """[finetune] against the model's shape (the checkpoint's, with train.init_from): a
+        LoRA rank the targeted layers can hold, and something left to train."""
+        m, f = self.model, self.finetune
+        if f.freeze_blocks > m.n_layer:
+            raise ConfigError(
+                f"finetune.freeze_blocks = {f.freeze_blocks}, but the model has "
+                f"{m.n_layer} blocks; use at most {m.n_layer}"
+            )
+        from gpt.lora import max_rank
+        from gpt.memory import param_counts
+
+        if f.lora_rank:
+            bound, layer = max_rank(m, f.lora_targets)
+            if f.lora_rank > bound:
+                raise ConfigError(
+                    f"finetune.lora_rank = {f.lora_rank} is larger than the targeted layers: "
+                    f"a rank-r update of an (out x in) weight has rank at most min(in, out), "
+                    f"and {layer}; use finetune.lora_rank <= {bound}"
+                )
+        if self.train.init_from == "scratch" or param_counts(self)[1]:
+            return
+        if f.lora_rank:
+            raise ConfigError(
+                f"finetune.lora_rank = {f.lora_rank} with finetune.freeze_blocks = "
+                f"{f.freeze_blocks} (every block) leaves nothing to train: LoRA freezes every "
+                "base weight, and a frozen block's adapters too; set finetune.freeze_blocks "
+                f"below {m.n_layer} (0: adapters in every block)"
+            )
+        raise ConfigError(
+            f"finetune.freeze_embeddings = true with finetune.freeze_blocks = {f.freeze_blocks} "
+            "(every block) leaves nothing to train (the head is tied to the embedding and the "
+            "model has no final norm); set finetune.freeze_blocks below "
+            f"{m.n_layer} or finetune.freeze_embeddings = false"
+        )
+
+    def validate_val_names(self) -> None:
+        """A data.extra_val name must not stand for another set: the names "train", "val"
+        and "replay" are the roles of data.dir and finetune.replay_dir, and data.name is
+        already logged as val_loss/<data.name>."""
+        for name in self.data.extra_val:
+            if name in RESERVED_VAL_NAMES or not name:
+                raise ConfigError(
+                    f"data.extra_val.{name}: the name {name!r} is reserved "
+                    f"({', '.join(RESERVED_VAL_NAMES)} name data.dir's sets and the replay "
+                    "set, and the name must not be empty); choose another name"
+                )
+            if name == self.data.name:
+                raise ConfigError(
+                    f"data.extra_val.{name}: {name!r} is data.name, the name data.dir's own "
+                    "validation set is logged under (val_loss/" + name + "); choose another "
+                    "name for one of them"
+                )
+
+    def data_sets(self) -> list[tuple[str, str, str]]:
+        """(role, config key, directory) of every prepared data set the run reads: "train"
+        (data.dir), "replay" (finetune.replay_dir, if set) and "extra_val/<name>" for each
+        data.extra_val set, a role no other set can take."""
+        sets = [("train", "data.dir", self.data.dir)]
+        if self.finetune.replay_dir:
+            sets.append(("replay", "finetune.replay_dir", self.finetune.replay_dir))
+        for name, directory in self.data.extra_val.items():
+            sets.append((f"extra_val/{name}", f"data.extra_val.{name}", directory))
+        return sets
+
     def validate_data(self, manifests: dict[str, dict]) -> None:
         """Checks of the config against the prepared data (see ``validate``)."""
         t, m = self.train, self.model
-        if self.finetune.freeze_blocks > m.n_layer:
-            raise ConfigError(
-                f"finetune.freeze_blocks = {self.finetune.freeze_blocks}, but the model has "
-                f"{m.n_layer} blocks"
-            )
         window = m.block_size + 1  # one sequence: block_size inputs and the next token
-        sets = [("train", "data.dir", self.data.dir)]
-        sets += [(n, f"data.extra_val.{n}", d) for n, d in self.data.extra_val.items()]
-        if self.finetune.replay_dir:
-            sets.append(("replay", "finetune.replay_dir", self.finetune.replay_dir))
-        for name, key, directory in sets:
-            manifest = manifests[name]
+        for role, key, directory in self.data_sets():
+            manifest = manifests[role]
             if manifest["n_vocab"] > m.vocab_size:
                 raise ConfigError(
                     f"{key} = {directory} uses {manifest['encoding']} with "
                     f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}"
                 )
-            splits = {"train": ["train", "val"], "replay": ["train"]}.get(name, ["val"])
+            splits = {"train": ["train", "val"], "replay": ["train"]}.get(role, ["val"])
             if not t.eval_interval:
                 splits = [s for s in splits if s == "train"]
             for split in splits:
@@ -371,7 +443,21 @@ class Config:
                     )
 
 
-BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+RESERVED_VAL_NAMES = ("train", "val", "replay")
+
+
+def batch_suggestions(global_batch: int, micro: int, world: int) -> str:
+    """What makes a global batch divide: micro-batch sizes up to ``micro`` that divide
+    global_batch / world, and the nearest global batches ``micro`` x ``world`` divides."""
+    lower = global_batch // (micro * world) * micro * world
+    nearest = [n for n in (lower, lower + micro * world) if n > 0]
+    hint = f"train.global_batch_size = {' or '.join(map(str, nearest))}"
+    if global_batch % world == 0:
+        per_rank = global_batch // world
+        fits = [b for b in range(micro, 0, -1) if per_rank % b == 0][:4]
+        options = ", ".join(f"{b} (grad_accum {per_rank // b})" for b in fits)
+        hint = f"train.micro_batch_size = {options}; or {hint}"
+    return f"these would work on {world} process(es): {hint}"
 
 
 def validate_ranges(section_cfg: Any, section: str) -> None:
@@ -551,7 +637,10 @@ def config_help() -> str:
             default = getattr(getattr(defaults, section), key)
             lines.append(f"  --{section}.{key}=<{_type_name(tp)}>  {help} (default: {default!r})")
     lines.append("[deepspeed]")
-    lines.append("  --deepspeed.<key>[.<key>...]=<value>  passed through to the DeepSpeed config")
+    lines.append(
+        "  --deepspeed.<key>[.<key>...]=<value>  passed on to the DeepSpeed config (the keys "
+        "are listed in docs/configuration.md)"
+    )
     return "\n".join(lines)
 
 
@@ -608,13 +697,29 @@ def config_markdown() -> str:
             ]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
+    from gpt.train.engine import DEEPSPEED_KEYS, DEEPSPEED_REFUSED
+
     out += [
         "## [deepspeed]",
         "",
-        "Passed through to DeepSpeed's config, merged over what `gpt/train/engine.py` derives",
-        "(batch sizes, ZeRO stage, precision); `train_batch_size`,",
-        "`train_micro_batch_size_per_gpu` and `gradient_accumulation_steps` are derived and",
-        "refused here. Example: `--deepspeed.zero_optimization.stage=2`.",
+        "Passed on to DeepSpeed's config, merged over what `gpt/train/engine.py` derives",
+        "(batch sizes, ZeRO stage, precision). Only the keys below are passed on, each checked",
+        "(a key DeepSpeed would ignore, or one misspelt, is an error naming it). Example:",
+        "`--deepspeed.zero_optimization.stage=2`.",
+        "",
+        "| key | valid |",
+        "|---|---|",
+        *(f"| `{k}` | {rule} |" for k, (rule, _) in DEEPSPEED_KEYS.items()),
+        "",
+        '`fp16.*` apply with `train.dtype = "fp16"` only; `bf16.enabled = true` (bf16',
+        "weights and DeepSpeed's optimizer wrapper instead of autocast) needs",
+        '`train.dtype = "bf16"`.',
+        "",
+        "Refused, because the trainer derives them, overrides them or does not use them:",
+        "",
+        "| key | why | set instead |",
+        "|---|---|---|",
+        *(f"| `{k}` | {why} | {instead} |" for k, (why, instead) in DEEPSPEED_REFUSED.items()),
         "",
     ]
     return "\n".join(out)
@@ -661,6 +766,10 @@ def _toml_key(key: str) -> str:
     return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
 
 
+def _derived_grad_accum(cfg: Config) -> bool:
+    return cfg.train.global_batch_size is not None and "train.grad_accum" not in cfg.given
+
+
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML that ``load_config`` reads back to an equal Config.
     None values are left out: every optional field defaults to None."""
@@ -669,6 +778,8 @@ def to_toml(cfg: Config) -> str:
         table = (
             dataclasses.asdict(getattr(cfg, section)) if section != "deepspeed" else cfg.deepspeed
         )
+        if section == "train" and _derived_grad_accum(cfg):
+            table.pop("grad_accum")  # it follows the world size: re-derived when read back
         out.append(f"[{section}]")
         out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
         out.append("")

@@ -18,7 +18,20 @@ import math
 import torch
 from torch import Tensor, nn
 
+from gpt.config import ModelConfig
+from gpt.model import linear_shapes
+
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def max_rank(cfg: ModelConfig, targets: list[str]) -> tuple[int, str]:
+    """The largest rank LoRA may use on ``targets`` of a model of shape ``cfg``, and the layer
+    that sets it: min(in, out) over the targeted layers. B A, of shape (out, in), has rank at
+    most min(in, out): a larger r adds parameters (r * (in + out) per layer, more than the
+    layer's own in * out) but no capacity."""
+    shapes = linear_shapes(cfg)
+    name = min(sorted(set(targets)), key=lambda t: min(shapes[t]))
+    return min(shapes[name]), f"{name} is {shapes[name][0]} -> {shapes[name][1]}"
 
 
 class LoRALinear(nn.Linear):
@@ -108,7 +121,8 @@ def count_trainable(model: nn.Module) -> int:
     n = 0
     for name, p in model.named_parameters():  # a tied head is listed once
         if p.requires_grad:
-            n += p.numel()
+            # under ZeRO-3 a parameter is an empty placeholder: its whole size is ds_numel
+            n += getattr(p, "ds_numel", p.numel())
             if padding and name in ("transformer.wte.weight", "lm_head.weight"):
-                n -= padding * p.shape[1]
+                n -= padding * getattr(p, "ds_shape", p.shape)[1]
     return n

@@ -152,6 +152,19 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear layer of a block, by its name in the block:
+    what bounds a LoRA rank (gpt/lora.py) and what the memory estimate counts
+    (gpt/memory.py), known without building the model."""
+    head_dim, hidden = cfg.n_embd // cfg.n_head, cfg.mlp_hidden
+    return {
+        "attn.c_attn": (cfg.n_embd, (cfg.n_head + 2 * cfg.kv_heads) * head_dim),
+        "attn.c_proj": (cfg.n_embd, cfg.n_embd),
+        "mlp.c_fc": (cfg.n_embd, 2 * hidden if cfg.mlp == "swiglu" else hidden),
+        "mlp.c_proj": (hidden, cfg.n_embd),
+    }
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -243,11 +256,13 @@ class GPT(nn.Module):
         logit uses, so a padded model counts (and its MFU credits) what the unpadded one
         does. With ``non_embedding`` the position embedding is left out, as in Kaplan et
         al. 2020."""
-        n = sum(p.numel() for p in self.parameters())
+        # under ZeRO-3 a parameter is an empty placeholder: its whole size is ds_numel
+        n = sum(getattr(p, "ds_numel", p.numel()) for p in self.parameters())
         padding = (self.cfg.padded_vocab_size - self.cfg.vocab_size) * self.cfg.n_embd
         n -= padding * (1 if self.cfg.tie_embeddings else 2)
         if non_embedding and "wpe" in self.transformer:
-            n -= self.transformer.wpe.weight.numel()
+            wpe = self.transformer.wpe.weight
+            n -= getattr(wpe, "ds_numel", wpe.numel())
         return n
 
     def set_attention(self, name: str) -> None:

@@ -1,6 +1,7 @@
 """Typed configuration: precedence, every shipped config, round trip, and every error path."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -324,3 +325,241 @@ def test_the_configuration_reference_is_current():
     from gpt.config import config_markdown
 
     assert (ROOT / "docs" / "configuration.md").read_text() == config_markdown()
+
+
+# -- [deepspeed]: only what the trainer honours ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ['--deepspeed.optimizer={type = "SGD"}'],
+            "deepspeed.optimizer is ignored: the trainer always steps its own AdamW "
+            "(gpt/train/optim.py); remove it and set optim.lr, optim.beta1",
+        ),
+        (["--deepspeed.optimizer.type=SGD"], "deepspeed.optimizer is ignored"),
+        (['--deepspeed.scheduler.type="WarmupLR"'], "set optim.lr, optim.warmup_steps"),
+        (["--deepspeed.gradient_clipping=0.5"], "remove it and set optim.grad_clip"),
+        (["--deepspeed.train_batch_size=8"], "and set train.global_batch_size"),
+        (["--deepspeed.gradient_accumulation_steps=2"], "and set train.grad_accum"),
+        (["--deepspeed.steps_per_print=1"], "remove it and set train.log_interval"),
+        (["--deepspeed.fp16.enabled=true"], "set train.dtype = 'fp16'"),
+        (["--deepspeed.torch_autocast.enabled=true"], "set train.dtype = 'bf16'"),
+        (["--deepspeed.zero_allow_untested_optimizer=false"], "is set by the trainer"),
+        (
+            ['--deepspeed.zero_optimization.offload_optimizer.device="cpu"'],
+            "deepspeed.zero_optimization.offload_optimizer is not supported",
+        ),
+        (
+            ["--deepspeed.zero_optimization.stage=true"],
+            "deepspeed.zero_optimization.stage = true is not valid; use an integer in [0, 3]",
+        ),
+        (["--deepspeed.zero_optimization.stage=1.0"], "stage = 1.0 is not valid"),
+        (['--deepspeed.zero_optimization.stage="2"'], "stage = '2' is not valid"),
+        (["--deepspeed.zero_optimization.stage=-1"], "stage = -1 is not valid"),
+        (["--deepspeed.zero_optimization.overlap_comm=1"], "overlap_comm = 1 is not valid; use "),
+        (["--deepspeed.zero_optimization.reduce_bucket_size=5e8"], "an integer >= 1"),
+        (["--deepspeed.bf16.enabled=1", "--train.dtype=bf16"], "bf16.enabled = 1 is not valid"),
+        (["--deepspeed.wall_clock_breakdown=yes"], "wall_clock_breakdown = 'yes' is not valid"),
+        (['--deepspeed.data_types.grad_accum_dtype="fp64"'], "one of 'fp32', 'fp16', 'bf16'"),
+        (["--deepspeed.fp16.loss_scale=128"], "only used with train.dtype = 'fp16' (now 'fp32')"),
+        (
+            ["--deepspeed.zero_optimisation.stage=2"],
+            "deepspeed.zero_optimisation is not a key this trainer passes on to DeepSpeed; "
+            "valid keys of [deepspeed]: bf16, communication_data_type",
+        ),
+        (
+            ["--deepspeed.zero_optimization.stages=2"],
+            "valid keys of [deepspeed.zero_optimization]: allgather_bucket_size",
+        ),
+        (["--deepspeed.zero_optimization=2"], "deepspeed.zero_optimization = 2 must be a table"),
+        (["--deepspeed.bf16.enabled=true"], "needs train.dtype = 'bf16', got 'fp32'"),
+    ],
+)
+def test_deepspeed_keys_the_trainer_would_not_honour_are_refused(args, message):
+    cfg = load_config(None, args)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate(1)
+    assert message in str(err.value)
+
+
+def test_deepspeed_keys_it_passes_on_reach_the_engine_config():
+    from gpt.train.engine import deepspeed_config
+
+    args = [
+        "--train.dtype=fp16",
+        "--deepspeed.zero_optimization.stage=2",
+        "--deepspeed.zero_optimization.overlap_comm=true",
+        "--deepspeed.zero_optimization.reduce_bucket_size=50_000_000",
+        "--deepspeed.fp16.loss_scale=0",
+        "--deepspeed.fp16.initial_scale_power=12",
+        '--deepspeed.communication_data_type="fp32"',
+        "--deepspeed.wall_clock_breakdown=true",
+    ]
+    cfg = load_config(None, args)
+    cfg.validate(1)
+    ds = deepspeed_config(cfg, 1)
+    assert ds["zero_optimization"] == {
+        "stage": 2,
+        "overlap_comm": True,
+        "reduce_bucket_size": 50_000_000,
+    }
+    assert ds["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}
+    assert ds["communication_data_type"] == "fp32" and ds["wall_clock_breakdown"] is True
+    bf16 = load_config(None, ["--train.dtype=bf16", "--deepspeed.bf16.enabled=true"])
+    bf16.validate(1)
+    assert deepspeed_config(bf16, 1)["bf16"] == {"enabled": True}
+
+
+def _leaves(table: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in table.items():
+        if isinstance(value, dict) and value:
+            out += _leaves(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}")
+    return out
+
+
+def test_every_key_the_trainer_writes_is_either_refused_or_checked():
+    """A key deepspeed_config() derives must be refused in [deepspeed] (the user's value
+    would be overridden, or override the trainer's), or be one it passes on and checks."""
+    from gpt.train.engine import DEEPSPEED_KEYS, DEEPSPEED_REFUSED, deepspeed_config
+
+    for dtype in ("fp32", "bf16", "fp16"):
+        cfg = load_config(None, [f"--train.dtype={dtype}"])
+        for key in _leaves(deepspeed_config(cfg, 2)):
+            parts = key.split(".")
+            refused = any(
+                ".".join(parts[:n]) in DEEPSPEED_REFUSED for n in range(1, len(parts) + 1)
+            )
+            assert refused or key in DEEPSPEED_KEYS, key
+
+
+def test_documented_deepspeed_settings_are_accepted():
+    """Every --deepspeed.* override in the README and docs/, and every shipped config's
+    [deepspeed] section."""
+    from gpt.train.engine import check_deepspeed_section
+
+    pattern = re.compile(r"--deepspeed\.[A-Za-z_.]+=[A-Za-z0-9_\"]+")
+    texts = [p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+    overrides = {m for text in texts for m in pattern.findall(text)}
+    assert "--deepspeed.zero_optimization.stage=2" in overrides
+    for arg in sorted(overrides):
+        load_config(None, [arg, "--train.dtype=bf16"]).validate(1)
+    for path in CONFIGS:
+        check_deepspeed_section(load_config(path))
+
+
+# -- train.global_batch_size: the batch on any number of processes --------------------------
+
+
+@pytest.mark.parametrize("world, grad_accum", [(1, 64), (2, 32), (8, 8), (16, 4), (64, 1)])
+def test_global_batch_size_derives_grad_accum_for_the_world_size(world, grad_accum):
+    cfg = load_config(None, ["--train.global_batch_size=512", "--train.micro_batch_size=8"])
+    cfg.validate(world)
+    assert cfg.train.grad_accum == grad_accum and cfg.global_batch(world) == 512
+
+
+@pytest.mark.parametrize("world, micro", [(16, 8), (8, 8), (7, 8), (1, 7)])
+def test_a_global_batch_that_does_not_divide_is_refused_with_values_that_would(world, micro):
+    args = ["--train.global_batch_size=480", f"--train.micro_batch_size={micro}"]
+    with pytest.raises(ConfigError) as err:
+        load_config(None, args).validate(world)
+    message = str(err.value)
+    assert message.startswith(f"train.global_batch_size = 480 but micro_batch_size ({micro})")
+    suggested = message.split(f"these would work on {world} process(es): ")[1]
+    micros = [int(b) for b in re.findall(r"(\d+) \(grad_accum \d+\)", suggested)]
+    batches = re.search(r"global_batch_size = (\d+)(?: or (\d+))?$", suggested).groups()
+    assert micros or 480 % world  # micro-batch sizes are offered where any would do
+    for b in micros:
+        cfg = load_config(None, ["--train.global_batch_size=480", f"--train.micro_batch_size={b}"])
+        cfg.validate(world)
+        assert cfg.global_batch(world) == 480 and b <= micro
+    for g in [int(g) for g in batches if g]:
+        cfg = load_config(
+            None, [f"--train.global_batch_size={g}", f"--train.micro_batch_size={micro}"]
+        )
+        cfg.validate(world)
+        assert cfg.global_batch(world) == g
+
+
+def test_grad_accum_set_beside_a_global_batch_must_agree():
+    args = ["--train.global_batch_size=64", "--train.micro_batch_size=8"]
+    load_config(None, [*args, "--train.grad_accum=4"]).validate(2)  # 8 x 4 x 2 = 64
+    with pytest.raises(ConfigError, match=r"= 64 but micro_batch_size \(8\) x grad_accum \(4\)"):
+        load_config(None, [*args, "--train.grad_accum=4"]).validate(1)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_without_a_global_batch_grad_accum_is_as_set(world):
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    cfg.validate(world)
+    assert cfg.train.grad_accum == 1 and cfg.global_batch(world) == 16 * world
+
+
+@pytest.mark.parametrize(
+    "path", [p for p in CONFIGS if p.name.startswith("gpt2-")], ids=lambda p: p.name
+)
+@pytest.mark.parametrize("world", [1, 8, 16, 32])
+def test_shipped_gpt2_configs_keep_their_global_batch_on_any_cluster(path, world):
+    cfg = load_config(path)
+    assert "train.grad_accum" not in cfg.given  # derived, so the batch cannot drift
+    cfg.validate(world)
+    assert cfg.global_batch(world) * cfg.model.block_size == 524_288
+
+
+# -- data.extra_val: names that cannot stand for another set ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra, name, message",
+    [
+        ('{val = "x"}', "", "data.extra_val.val: the name 'val' is reserved"),
+        ('{train = "x"}', "", "data.extra_val.train: the name 'train' is reserved"),
+        ('{replay = "x"}', "", "data.extra_val.replay: the name 'replay' is reserved"),
+        ('{"" = "x"}', "", "the name must not be empty"),
+        ('{domain = "x"}', "domain", "data.extra_val.domain: 'domain' is data.name"),
+    ],
+)
+def test_reserved_extra_val_names_are_refused(extra, name, message):
+    cfg = load_config(None, [f"--data.extra_val={extra}", f'--data.name="{name}"'])
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(1)
+
+
+def test_extra_val_sets_cannot_replace_the_training_sets_manifests(tmp_path, data_dir):
+    """read_manifests keys the extra sets by a role of their own: even unvalidated, an extra
+    set named "train" or "replay" does not replace data.dir's or the replay set's manifest."""
+    from gpt.cli.train import read_manifests
+    from gpt.data.prepare import prepare
+    from gpt.data.shards import read_manifest
+
+    (tmp_path / "other.txt").write_text("another corpus entirely " * 40)
+    other = tmp_path / "other"
+    prepare([str(tmp_path / "other.txt")], other, "bytes", 0.5, progress=False)
+    cfg = load_config(
+        None,
+        [
+            f'--data.dir="{data_dir}"',
+            f'--finetune.replay_dir="{data_dir}"',
+            f'--data.extra_val={{train = "{other}", replay = "{other}", val = "{other}"}}',
+        ],
+    )
+    manifests = read_manifests(cfg)
+    assert manifests["train"] == manifests["replay"] == read_manifest(data_dir)
+    for name in ("train", "replay", "val"):
+        assert manifests[f"extra_val/{name}"] == read_manifest(other)
+
+
+def test_a_saved_config_with_a_global_batch_resumes_on_another_world_size(tmp_path):
+    """grad_accum derived from train.global_batch_size is not written to the run's
+    config.toml: read back on another number of processes it is derived again."""
+    cfg = load_config(None, ["--train.global_batch_size=32", "--train.micro_batch_size=4"])
+    cfg.validate(2)
+    assert cfg.train.grad_accum == 4
+    save_config(cfg, tmp_path / "config.toml")
+    again = load_config(tmp_path / "config.toml")
+    again.validate(4)
+    assert again.train.grad_accum == 2 and again.global_batch(4) == 32

@@ -176,3 +176,67 @@ def test_bad_shard_is_caught_when_opened(data_dir, tmp_path):
     shard.write_bytes(shard.read_bytes()[:-3])
     with pytest.raises(ValueError, match=rf"{shard}: file is \d+ bytes, expected"):
         TokenLoader(copy, "train", T, 2)
+
+
+MANY_SHARDS = """
+import os, resource, sys
+import numpy as np
+import torch
+from gpt.data.loader import TokenLoader
+
+data_dir, reference = sys.argv[1], np.load(sys.argv[2])
+open_now = len(os.listdir("/proc/self/fd"))
+_, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 80, hard))  # far fewer than the shards
+loader = TokenLoader(data_dir, "train", 8, 4, mode="sequential")
+windows = []
+for _ in range(-(-loader.n_windows // 4)):  # one epoch: every window, every shard, in order
+    x, y = loader.next_batch()
+    windows.append(x)
+x = torch.cat(windows)[: loader.n_windows].reshape(-1).numpy()
+assert (x == reference[: len(x)]).all(), "the stream differs from the shards"
+random = TokenLoader(data_dir, "train", 8, 64, seed=1)
+for _ in range(20):
+    random.next_batch()
+print(len(loader._shards), len(os.listdir("/proc/self/fd")) - open_now)
+"""
+
+
+def test_more_shards_than_the_open_file_limit(tmp_path):
+    """A split of about 300 shards read by two loaders with RLIMIT_NOFILE 80 above what the
+    process has open: a loader keeps at most MAX_OPEN_SHARDS maps (each holds a descriptor)
+    open at a time, where it used to map every shard at once and fail with EMFILE."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "doc.txt").write_text("shards of a corpus cut very small " * 300)
+    prepare([str(tmp_path / "doc.txt")], tmp_path / "out", "bytes", 0.0, 34, 1, progress=False)
+    np.save(tmp_path / "stream.npy", reference_stream(tmp_path / "out", "train"))
+    done = subprocess.run(
+        [sys.executable, "-c", MANY_SHARDS, str(tmp_path / "out"), str(tmp_path / "stream.npy")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    shards, still_open = map(int, done.stdout.split())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert shards == len(manifest["splits"]["train"]["shards"]) > 200
+
+    from gpt.data.loader import MAX_OPEN_SHARDS
+
+    assert still_open <= 2 * MAX_OPEN_SHARDS  # two loaders
+
+
+def test_prepare_warns_about_very_small_shards(tmp_path, capsys):
+    from gpt.data.prepare import SMALL_SHARD_TOKENS, main
+
+    (tmp_path / "doc.txt").write_text("a tiny corpus " * 20)
+    main([str(tmp_path / "doc.txt"), "--out", str(tmp_path / "a"), "--encoding", "bytes",
+          "--shard-tokens", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "warning: --shard-tokens 1 is small: each shard is a file" in err
+    assert f"use at least {SMALL_SHARD_TOKENS:,}" in err
+    main([str(tmp_path / "doc.txt"), "--out", str(tmp_path / "b"), "--encoding", "bytes"])
+    assert "warning" not in capsys.readouterr().err

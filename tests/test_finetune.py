@@ -12,12 +12,13 @@ from runs import config, copy_run_at, losses, records, torchrun
 from safetensors.torch import load_file
 
 from gpt.cli import train
+from gpt.config import Config, ConfigError, FinetuneConfig, ModelConfig
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
 from gpt.data.replay import ReplayLoader
 from gpt.lora import add_lora, count_trainable, freeze, merge_lora
 from gpt.model import GPT
-from gpt.train.checkpoint import latest_checkpoint, load_model
+from gpt.store import latest_checkpoint, load_model
 
 transformers.logging.set_verbosity_error()
 
@@ -297,3 +298,81 @@ def test_an_interrupted_lora_run_resumes_exactly(tmp_path, base, domain, data_di
     a = load_file(latest_checkpoint(out_a) / "adapters" / "adapters.safetensors")
     b = load_file(latest_checkpoint(out_b) / "adapters" / "adapters.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- what LoRA and freezing may be asked for, given the model's shape -------------------------
+
+SHAPES = [
+    dict(vocab_size=257, block_size=16, n_layer=2, n_head=2, n_embd=32),
+    dict(vocab_size=257, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_head=1),
+    dict(vocab_size=257, block_size=16, n_layer=3, n_head=2, n_embd=48, mlp_hidden_dim=20),
+    dict(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16, mlp="swiglu"),
+]
+TARGET_SETS = [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj", "mlp.c_fc"]]
+
+
+def adapting(tmp_path, shape: dict, **finetune) -> Config:
+    """A validated-looking fine-tuning config: init_from must exist; the model's shape is the
+    checkpoint's (set here directly, as train.py's main() does)."""
+    cfg = Config(model=ModelConfig(**shape), finetune=FinetuneConfig(**finetune))
+    cfg.train.init_from = str(tmp_path)
+    return cfg
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("targets", TARGET_SETS, ids=str)
+def test_lora_rank_is_bounded_by_the_smallest_targeted_layer(tmp_path, shape, targets):
+    """The bound is min(in, out) over the layers LoRA would wrap in the built model: that
+    rank is accepted, one more is refused naming the bound."""
+    model = add_lora(GPT(ModelConfig(**shape)), 1, 1.0, 0.0, targets)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    bound = min(min(m.in_features, m.out_features) for m in layers)
+    adapting(tmp_path, shape, lora_rank=bound, lora_targets=targets).validate(1)
+    with pytest.raises(ConfigError) as err:
+        adapting(tmp_path, shape, lora_rank=bound + 1, lora_targets=targets).validate(1)
+    message = str(err.value)
+    assert message.startswith(f"finetune.lora_rank = {bound + 1} is larger than the targeted")
+    assert message.endswith(f"use finetune.lora_rank <= {bound}")
+
+
+def test_lora_with_every_block_frozen_is_refused(tmp_path):
+    shape = SHAPES[0]
+    adapting(tmp_path, shape, lora_rank=4, freeze_blocks=1).validate(1)  # block 1 trains
+    with pytest.raises(ConfigError) as err:
+        adapting(tmp_path, shape, lora_rank=4, freeze_blocks=2).validate(1)
+    message = str(err.value)
+    assert "finetune.lora_rank = 4 with finetune.freeze_blocks = 2 (every block)" in message
+    assert "leaves nothing to train" in message and "set finetune.freeze_blocks below 2" in message
+
+
+def test_freezing_everything_is_refused(tmp_path):
+    """A pre-norm model keeps its final norm trainable; a post-norm model with a tied head has
+    nothing left once the embeddings and every block are frozen."""
+    frozen = dict(freeze_embeddings=True, freeze_blocks=2)
+    adapting(tmp_path, SHAPES[0], **frozen).validate(1)
+    post = {**SHAPES[0], "norm_position": "post"}
+    with pytest.raises(ConfigError, match="leaves nothing to train"):
+        adapting(tmp_path, post, **frozen).validate(1)
+    adapting(tmp_path, {**post, "tie_embeddings": False}, **frozen).validate(1)  # head trains
+    with pytest.raises(ConfigError, match="finetune.freeze_blocks = 3, but the model has 2"):
+        adapting(tmp_path, SHAPES[0], freeze_blocks=3).validate(1)
+
+
+@pytest.mark.parametrize(
+    "finetune, message",
+    [
+        (dict(lora_rank=1000), "larger than the targeted layers"),
+        (dict(lora_rank=1000), "use finetune.lora_rank <= 32"),
+        (dict(lora_rank=4, freeze_blocks=2), "leaves nothing to train"),
+        (dict(lora_rank=4, freeze_blocks=2), "set finetune.freeze_blocks below 2"),
+    ],
+)
+def test_train_refuses_lora_it_cannot_train(
+    tmp_path, base, domain, data_dir, capsys, finetune, message
+):
+    """Before any model is built (status 2), against the checkpoint's shape (n_embd 32,
+    2 blocks)."""
+    path, out = finetune_config(tmp_path, "lora", base, domain, data_dir, **finetune)
+    assert train.main([str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -6,6 +6,7 @@ says how)."""
 
 import importlib.metadata as md
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -132,12 +133,15 @@ def test_links_name_the_root_folders():
 def test_wheel_holds_the_whole_package_and_runs_from_another_directory(tmp_path):
     """`pip install .`'s wheel: gpt.kernels and gpt.data inside it as files (not links), and
     nothing else at the top level; run from another directory it imports from itself."""
+    leftovers = not (ROOT / "build").exists()  # setuptools builds in the source tree
     build = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
         + ["--wheel-dir", str(tmp_path / "wheel"), str(ROOT)],
         capture_output=True,
         text=True,
     )
+    if leftovers:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
     assert build.returncode == 0, build.stderr
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -76,7 +76,7 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log its statu
 }
 
 TRAIN=("$PY" train.py "$CONFIG" "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16
-  --train.grad_accum=1 --train.dtype=bf16 --train.wandb=false "--bench.steps=$STEPS"
+  --train.global_batch_size=16 --train.dtype=bf16 --train.wandb=false "--bench.steps=$STEPS"
   "--bench.warmup=$WARMUP")
 bench() {  # bench NAME SECONDS OVERRIDES...: one bench-mode run, its JSON kept
   local name=$1 limit=$2
@@ -86,7 +86,7 @@ bench() {  # bench NAME SECONDS OVERRIDES...: one bench-mode run, its JSON kept
 }
 EVAL=("$PY" bench/compiled_eval.py "$CONFIG" --steps 45 --eval-interval 15
   "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16 --train.dtype=bf16
-  --train.grad_accum=1 --train.eval_steps=5 --train.sample_tokens=32)
+  --train.global_batch_size=16 --train.eval_steps=5 --train.sample_tokens=32)
 KERNELS=("$PY" -m gpt.kernels.bench --dtypes bf16 --no-progress
   --backends sdpa-flash sdpa-cudnn triton triton-hopper)
 

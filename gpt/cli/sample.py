@@ -25,15 +25,22 @@ from pathlib import Path
 
 import torch
 
+from gpt import store
 from gpt.attention import get_attention
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.attention_map import attention_weights, plot_attention_map, token_labels
 from gpt.eval.scoring import format_table
-from gpt.eval.suite import format_skipped, plan_suite, plot_shot_curves, run_suite
-from gpt.eval.tasks import Example, build_prompt, load_task, select_shots
+from gpt.eval.suite import (
+    format_skipped,
+    plan_suite,
+    plot_shot_curves,
+    replace_non_finite,
+    run_suite,
+)
+from gpt.eval.tasks import Example, build_prompt, decode_utf8, load_task, read_utf8, select_shots
 from gpt.fileio import write_atomic
 from gpt.generate import check_sampling, encode_prompt, sample_texts
-from gpt.train import checkpoint
+from gpt.memory import available_memory, check_decode_memory
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -220,8 +227,8 @@ def check_output(flag: str, value: str) -> None:
 
 def load_model(args: argparse.Namespace):
     # "naive" always builds; a LoRA run's adapters are merged into its base
-    model = checkpoint.load_model(args.ckpt, attention="naive")
-    model_dir = checkpoint.model_dir_of(args.ckpt)
+    model = store.load_model(args.ckpt, attention="naive")
+    model_dir = store.model_dir_of(args.ckpt)
     recorded = json.loads((model_dir / "config.json").read_text()).get("gpt_config", {})
     try:
         model.set_attention(args.attention or recorded.get("attention", "sdpa"))
@@ -229,7 +236,7 @@ def load_model(args: argparse.Namespace):
         print(f"sample.py: warning: {err}; using sdpa", file=sys.stderr)
         model.set_attention("sdpa")
     model.to(args.device).eval()
-    name = args.tokenizer or checkpoint.tokenizer_of(args.ckpt) or "gpt2"
+    name = args.tokenizer or store.tokenizer_of(args.ckpt) or "gpt2"
     tokenizer = get_tokenizer(name)
     if tokenizer.n_vocab > model.cfg.vocab_size:
         raise ValueError(
@@ -246,8 +253,15 @@ def read_prompt(args: argparse.Namespace) -> str:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"--prompt-file {path}: no such file")
-        return path.read_text(encoding="utf-8")
-    return "" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.read()
+        try:
+            return read_utf8(path, "prompt files")
+        except ValueError as err:  # not UTF-8: the message names the file, line and byte
+            raise ValueError(f"--prompt-file {err}") from None
+    if sys.stdin is None or sys.stdin.isatty():
+        return ""
+    if not hasattr(sys.stdin, "buffer"):  # already text (a test's StringIO)
+        return sys.stdin.read()
+    return decode_utf8(sys.stdin.buffer.read(), "stdin", "a piped prompt")
 
 
 def show_prompt(prompt: str, header: str) -> None:
@@ -286,8 +300,16 @@ def run_eval(args, model, tokenizer) -> None:
                 "batch_size")  # fmt: skip
         config = {k: getattr(args, k) for k in keys}
         report = {"config": config, "results": results, "skipped": skipped}
-        write_atomic(args.out, json.dumps(report, indent=1) + "\n")
+        report, notes = replace_non_finite(report)  # standard JSON has no NaN or Infinity
+        report["notes"] = notes
+        write_atomic(args.out, json.dumps(report, indent=1, allow_nan=False) + "\n")
         print(f"results written to {args.out}")
+        if notes:
+            print(
+                f"sample.py: warning: {args.out}: non-finite numbers (NaN, infinity) written "
+                f'as null; its "notes" say where, the first: {notes[0]}',
+                file=sys.stderr,
+            )
     if args.plot:
         path = plot_shot_curves(results, args.plot, title=str(args.ckpt))
         print(f"shot curves written to {path}")
@@ -354,6 +376,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"sample.py: warning: {warning}", file=sys.stderr)
         if args.attention_map:
             return draw_attention_map(args, model, tokenizer, ids)
+        # the whole batch is allocated at once: refuse what cannot fit, saying what would
+        max_new = 200 if args.max_new_tokens is None else args.max_new_tokens
+        weight_bytes = next(model.parameters()).element_size()
+        check_decode_memory(
+            model.cfg, args.num_samples, len(ids), max_new, weight_bytes,
+            available_memory(args.device),
+        )  # fmt: skip
         print_samples(args, model, tokenizer, ids)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         print(f"sample.py: error: {err}", file=sys.stderr)

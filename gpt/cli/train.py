@@ -16,6 +16,7 @@ import torch
 from gpt.config import Config, ConfigError, config_from_argv, save_config
 from gpt.data.shards import read_manifest
 from gpt.lora import count_trainable
+from gpt.memory import available_memory, check_training_memory, format_bytes
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import init_distributed, world_size_from_env
@@ -26,16 +27,13 @@ from gpt.train.trainer import CHECKPOINT_WRITE_EXIT, Trainer
 
 
 def read_manifests(cfg: Config) -> dict[str, dict]:
-    """The manifest of data.dir ("train") and of each data.extra_val set, by name;
-    ConfigError naming the key when one cannot be read."""
-    sets = {"train": ("data.dir", cfg.data.dir)}
-    sets.update({n: (f"data.extra_val.{n}", d) for n, d in cfg.data.extra_val.items()})
-    if cfg.finetune.replay_dir:
-        sets["replay"] = ("finetune.replay_dir", cfg.finetune.replay_dir)
+    """The manifest of every data set by its role (``Config.data_sets``): "train"
+    (data.dir), "replay" and "extra_val/<name>", so no extra validation set can stand in for
+    another; ConfigError naming the key when one cannot be read."""
     manifests = {}
-    for name, (key, directory) in sets.items():
+    for role, key, directory in cfg.data_sets():
         try:
-            manifests[name] = read_manifest(Path(directory))
+            manifests[role] = read_manifest(Path(directory))
         except ValueError as err:
             raise ConfigError(f"{key}: {err}") from None
     return manifests
@@ -43,15 +41,20 @@ def read_manifests(cfg: Config) -> dict[str, dict]:
 
 def main(argv: list[str]) -> int:
     _, cfg = config_from_argv(argv, "train.py")  # exits 2 on a malformed config
+    world = world_size_from_env()
     try:
         if cfg.train.init_from != "scratch":  # fine-tuning: the checkpoint's shape
             cfg.model = init_model_config(cfg)
-        cfg.validate(world_size_from_env())  # ranges and combinations
+        cfg.validate(world)  # ranges and combinations
         manifests = read_manifests(cfg)
         cfg.validate_data(manifests)
+        free, where = available_memory()
+        estimate = check_training_memory(cfg, world, (free, where))  # before any allocation
     except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError too
         print(f"train.py: error: {err}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        print(f"memory: about {estimate.summary()} per process; {format_bytes(free)} {where}")
     lock = RunLock(cfg.train.out_dir)
     if not cfg.bench.steps and os.environ.get("RANK", "0") == "0":
         # rank 0 takes the run directory before the process group starts and DeepSpeed builds
@@ -97,12 +100,15 @@ def train(
     if dist.is_main():
         save_config(cfg, out_dir / "config.toml")
         params, trainable = trainer.model.num_params(), count_trainable(trainer.model)
+        batch = cfg.global_batch(dist.world_size())
         ckpt.write_run_info(out_dir, ["train.py", *argv], params=params, trainable_params=trainable)
         print(
             f"{'resuming from ' + str(resumed) if resumed else 'starting'}: "
             f"{params:,} parameters ({trainable:,} trainable), {dist.world_size()} process(es) "
-            f"on {device}, global batch {cfg.global_batch(dist.world_size())} x "
-            f"{cfg.model.block_size} tokens"
+            f"on {device}, global batch {batch} x {cfg.model.block_size} = "
+            f"{batch * cfg.model.block_size:,} tokens per optimizer step (micro-batch "
+            f"{cfg.train.micro_batch_size} x grad_accum {cfg.train.grad_accum} x "
+            f"{dist.world_size()} process(es))"
         )
     try:
         return trainer.fit()

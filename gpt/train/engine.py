@@ -1,5 +1,6 @@
-"""The edge where DeepSpeed lives: process-group start-up, the DeepSpeed config dict, and the
-engine. The training loop only calls ``engine(x, y)``, ``engine.backward``, ``engine.step``.
+"""The edge where DeepSpeed lives: process-group start-up, the DeepSpeed config dict (and
+which [deepspeed] keys may reach it), and the engine. The training loop only calls
+``engine(x, y)``, ``engine.backward``, ``engine.step``.
 
 One process with no launcher works too: ``init_distributed`` then fakes a world of one
 (RANK=0, WORLD_SIZE=1, a free local port) so that the same code path runs everywhere.
@@ -7,15 +8,17 @@ One process with no launcher works too: ``init_distributed`` then fakes a world 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from gpt.config import Config
+from gpt.config import Config, ConfigError
 from gpt.train.optim import GuardedAdamW, param_groups
 
 if TYPE_CHECKING:
@@ -124,6 +127,181 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         else:
             ds[key] = value
     return ds
+
+
+# The [deepspeed] section, by dotted key. Keys the trainer derives from its own config, and
+# keys DeepSpeed would ignore or override with the engine built here, are refused: (what they
+# are here, the config key to set instead). Every key deepspeed_config() writes is either
+# refused here or checked in DEEPSPEED_KEYS below (tests/test_config.py keeps them in step).
+DEEPSPEED_REFUSED = {
+    "train_batch_size": (
+        "derived from train.micro_batch_size, train.grad_accum and the world size",
+        "train.global_batch_size",
+    ),
+    "train_micro_batch_size_per_gpu": (
+        "derived from train.micro_batch_size and train.grad_accum",
+        "train.micro_batch_size",
+    ),
+    "gradient_accumulation_steps": (
+        "derived from train.micro_batch_size and train.grad_accum",
+        "train.grad_accum (or train.global_batch_size)",
+    ),
+    "gradient_clipping": ("set by the trainer", "optim.grad_clip"),
+    "optimizer": (
+        "ignored: the trainer always steps its own AdamW (gpt/train/optim.py)",
+        "optim.lr, optim.beta1, optim.beta2, optim.eps and optim.weight_decay",
+    ),
+    "scheduler": (
+        "overridden: the trainer sets the learning rate at every step",
+        "optim.lr, optim.warmup_steps and optim.min_lr",
+    ),
+    "zero_allow_untested_optimizer": ("set by the trainer (ZeRO wraps its AdamW)", "nothing"),
+    "fp16.enabled": ("derived from train.dtype", "train.dtype = 'fp16'"),
+    "torch_autocast": (
+        "derived from train.dtype (bf16 runs under autocast unless deepspeed.bf16.enabled)",
+        "train.dtype = 'bf16'",
+    ),
+    "amp": ("not used (precision comes from train.dtype)", "train.dtype"),
+    "steps_per_print": ("set by the trainer, which logs itself", "train.log_interval"),
+    "compile": ("not used (the trainer compiles the model itself)", "train.compile"),
+    "checkpoint": (
+        "not used (the trainer writes and resumes its own checkpoints)",
+        "train.ckpt_interval and train.universal_checkpoint",
+    ),
+    "activation_checkpointing": (
+        "ignored: the model never calls DeepSpeed's activation checkpointing",
+        "a smaller train.micro_batch_size with a larger train.grad_accum",
+    ),
+    "zero_optimization.offload_optimizer": (
+        "not supported: offloading needs DeepSpeed's CPU Adam and the trainer steps its AdamW",
+        "more processes with deepspeed.zero_optimization.stage = 3",
+    ),
+    "zero_optimization.offload_param": (
+        "not supported: offloading needs DeepSpeed's CPU Adam and the trainer steps its AdamW",
+        "more processes with deepspeed.zero_optimization.stage = 3",
+    ),
+    "zero_optimization.mics_shard_size": (
+        "not supported: checkpoints need ZeRO partitions over every rank (not MiCS)",
+        "deepspeed.zero_optimization.stage = 3",
+    ),
+}
+
+
+def _bool() -> tuple[str, Callable[[Any], bool]]:
+    return "true or false", lambda v: isinstance(v, bool)
+
+
+def _int(lo: int, hi: int | None = None) -> tuple[str, Callable[[Any], bool]]:
+    rule = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+    return (
+        rule,
+        lambda v: (
+            isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi)
+        ),
+    )
+
+
+def _number(above: float) -> tuple[str, Callable[[Any], bool]]:
+    return (
+        f"a number > {above:g}",
+        lambda v: (
+            isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and math.isfinite(v)
+            and v > above
+        ),
+    )
+
+
+def _choice(*names: str) -> tuple[str, Callable[[Any], bool]]:
+    return f"one of {', '.join(repr(n) for n in names)}", lambda v: v in names
+
+
+# Keys passed on to DeepSpeed as given, with what each must be. fp16.* only with
+# train.dtype = "fp16", bf16.enabled only with train.dtype = "bf16".
+DEEPSPEED_KEYS = {
+    "zero_optimization.stage": _int(0, 3),
+    "zero_optimization.contiguous_gradients": _bool(),
+    "zero_optimization.overlap_comm": _bool(),
+    "zero_optimization.reduce_scatter": _bool(),
+    "zero_optimization.reduce_bucket_size": _int(1),
+    "zero_optimization.allgather_partitions": _bool(),
+    "zero_optimization.allgather_bucket_size": _int(1),
+    "zero_optimization.round_robin_gradients": _bool(),
+    "zero_optimization.sub_group_size": _int(1),
+    "zero_optimization.stage3_max_live_parameters": _int(0),
+    "zero_optimization.stage3_max_reuse_distance": _int(0),
+    "zero_optimization.stage3_prefetch_bucket_size": _int(0),
+    "zero_optimization.stage3_param_persistence_threshold": _int(0),
+    "zero_optimization.stage3_gather_16bit_weights_on_model_save": _bool(),
+    "bf16.enabled": _bool(),
+    "fp16.loss_scale": ("0 (dynamic) or a number > 0", lambda v: v == 0 or _number(0)[1](v)),
+    "fp16.initial_scale_power": _int(0, 64),
+    "fp16.loss_scale_window": _int(1),
+    "fp16.hysteresis": _int(1),
+    "fp16.min_loss_scale": _int(1),
+    "communication_data_type": _choice("fp32", "fp16", "bf16"),
+    "data_types.grad_accum_dtype": _choice("fp32", "fp16", "bf16"),
+    "prescale_gradients": _bool(),
+    "gradient_predivide_factor": _number(0),
+    "wall_clock_breakdown": _bool(),
+    "memory_breakdown": _bool(),
+}
+DEEPSPEED_TABLES = {k.rpartition(".")[0] for k in DEEPSPEED_KEYS} - {""}
+
+
+def _show(value: Any) -> str:
+    """A value as TOML writes it (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def check_deepspeed_section(cfg: Config) -> None:
+    """ConfigError naming the key for anything in [deepspeed] the trainer would not honour:
+    a key it derives, overrides or ignores (with the config key to use instead), an unknown
+    key, a value of the wrong type (a ZeRO stage is an integer 0-3, never a boolean), or a
+    precision section that contradicts train.dtype."""
+    dtype = cfg.train.dtype
+
+    def walk(table: dict, prefix: str) -> None:
+        for name, value in table.items():
+            key = f"{prefix}{name}"
+            if key in DEEPSPEED_REFUSED:
+                what, instead = DEEPSPEED_REFUSED[key]
+                use = "remove it" if instead == "nothing" else f"remove it and set {instead}"
+                raise ConfigError(f"deepspeed.{key} is {what}; {use}")
+            if key in DEEPSPEED_TABLES:
+                if not isinstance(value, dict):
+                    raise ConfigError(
+                        f"deepspeed.{key} = {_show(value)} must be a table of keys "
+                        f"(e.g. --deepspeed.{key}.KEY=VALUE); valid keys: "
+                        + ", ".join(k for k in DEEPSPEED_KEYS if k.startswith(key + "."))
+                    )
+                walk(value, key + ".")
+                continue
+            if key not in DEEPSPEED_KEYS:
+                valid = sorted(
+                    {k[len(prefix) :].split(".")[0] for k in DEEPSPEED_KEYS if k.startswith(prefix)}
+                )
+                section = f"[deepspeed.{prefix[:-1]}]" if prefix else "[deepspeed]"
+                raise ConfigError(
+                    f"deepspeed.{key} is not a key this trainer passes on to DeepSpeed; valid "
+                    f"keys of {section}: {', '.join(valid)} (docs/configuration.md)"
+                )
+            rule, ok = DEEPSPEED_KEYS[key]
+            if not ok(value):
+                raise ConfigError(f"deepspeed.{key} = {_show(value)} is not valid; use {rule}")
+            if key.startswith("fp16.") and dtype != "fp16":
+                raise ConfigError(
+                    f"deepspeed.{key} is only used with train.dtype = 'fp16' (now {dtype!r}); "
+                    "remove it or set train.dtype = 'fp16'"
+                )
+
+    walk(cfg.deepspeed, "")
+    if cfg.deepspeed.get("bf16", {}).get("enabled") and dtype != "bf16":
+        raise ConfigError(
+            f"deepspeed.bf16.enabled = true (bf16 weights) needs train.dtype = 'bf16', "
+            f"got {dtype!r}; set train.dtype = 'bf16' or remove it"
+        )
 
 
 def guard_clips(cfg: Config) -> bool:
