@@ -291,6 +291,13 @@ class Config:
         self.resolve_grad_accum(world_size)
         if not t.out_dir:
             raise ConfigError("train.out_dir must not be empty")
+        out = Path(t.out_dir)
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            where = "is a file" if blocking == out else f"lies below the file {blocking}"
+            raise ConfigError(
+                f"train.out_dir = {t.out_dir!r} {where}; it must be a directory (new or a run's)"
+            )
         f = self.finetune
         adapting = [
             f"finetune.{k} = {_toml_value(getattr(f, k))}"

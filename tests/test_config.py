@@ -563,3 +563,11 @@ def test_a_saved_config_with_a_global_batch_resumes_on_another_world_size(tmp_pa
     again = load_config(tmp_path / "config.toml")
     again.validate(4)
     assert again.train.grad_accum == 2 and again.global_batch(4) == 32
+
+
+def test_an_out_dir_that_is_or_lies_below_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out, why in [("file", "is a file"), ("file/run", "lies below the file")]:
+        cfg = load_config(None, [f"--train.out_dir={tmp_path / out}"])
+        with pytest.raises(ConfigError, match=rf"train.out_dir = .*{out}' {why}"):
+            cfg.validate(1)

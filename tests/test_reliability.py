@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import signal
+import time
 
 import pytest
 import torch
@@ -238,3 +239,15 @@ def test_non_finite_parameters_are_never_saved(run, tmp_path):
     with pytest.raises(RuntimeError, match="step 99: parameters are not finite"):
         ckpt.save_checkpoint(engine, tmp_path / "nan", 99, {})
     assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py"])
+def test_ctrl_c_while_the_imports_load_is_an_exit_status_not_a_traceback(script):
+    from runs import ROOT
+
+    proc = run_script([str(ROOT / script), "--help"])
+    time.sleep(0.3)  # the interpreter is up; torch and DeepSpeed take seconds to import
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out[-500:], err[-2000:])
+    assert "Traceback" not in err
