@@ -8,6 +8,7 @@ the data tools can use it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -27,12 +28,30 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def write_output(path: str | Path, data: bytes | str) -> None:
+    """Write a file a user named on the command line (``--out``): atomically, but a symbolic
+    link is written through (its target replaced, the link kept) and a path that is not a
+    regular file (``/dev/null``, a FIFO) is written to directly, where renaming over it would
+    replace the device itself. Files the tools write into their own directories go through
+    ``write_atomic``, which never follows a link."""
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
+    if path.exists() and not path.is_file():
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        with open(path, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        return
+    write_atomic(path, data)
+
+
 def write_atomic(path: str | Path, data: bytes | str) -> None:
     """Write ``data`` (bytes, or text as UTF-8) to ``path`` via ``path.tmp`` + rename."""
     path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    raw = data.encode("utf-8") if isinstance(data, str) else data
     try:
         with open(tmp, "wb") as f:
             f.write(raw)

@@ -26,6 +26,7 @@ Both tables, a checkpoint's and an export's, are one format: ``{"relative/path":
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -73,10 +74,10 @@ def checkpoint_step(path: Path) -> int:
 
 
 def is_complete(path: Path) -> bool:
-    """Whether ``path`` is a checkpoint the trainer finished: its name is a checkpoint name
-    and its COMPLETE file, written last, names it (a copy under another name does not count).
-    Says nothing about the contents: ``verify_checksums`` does."""
-    if NAME.fullmatch(path.name) is None:
+    """Whether ``path`` is a checkpoint the trainer finished: a directory (not a link) whose
+    name is a checkpoint name and whose COMPLETE file, written last, names it (a copy under
+    another name does not count). Says nothing about the contents: ``verify_checksums``."""
+    if NAME.fullmatch(path.name) is None or path.is_symlink():
         return False
     try:
         return (path / COMPLETE).read_bytes().strip() == path.name.encode()
@@ -92,6 +93,9 @@ def complete_checkpoints(out_dir: str | Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if is_complete(p)), key=checkpoint_step)
 
 
+WARNED: set[str] = set()  # each `latest` problem is reported once per process
+
+
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     """The checkpoint ``latest`` names when it names a complete sibling, else (with a warning)
     the newest complete checkpoint; None when there is none."""
@@ -105,8 +109,40 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
             return root / named
         shown = named if named.isprintable() and len(named) < 80 else f"{len(raw)} bytes"
         newest = found[-1].name if found else "none"
-        warn(f"{hint} names {shown!r}, not a complete checkpoint beside it; using {newest}")
+        message = f"{hint} names {shown!r}, not a complete checkpoint beside it; using {newest}"
+        if message not in WARNED:
+            WARNED.add(message)
+            warn(message)
     return found[-1] if found else None
+
+
+PINS = "pins"  # checkpoints/pins/*.json: checkpoints LoRA runs train on, kept by pruning
+
+
+def keep_for(ckpt: Path, run: Path) -> None:
+    """Record, beside a checkpoint of another run, that ``run`` trains adapters on it, so that
+    run's pruning keeps it (``pinned_checkpoints``). One file per adapting run; delete it to
+    release the checkpoint. Nothing is recorded for a model directory (an export)."""
+    if ckpt.parent.name != CHECKPOINTS or not is_complete(ckpt):
+        return
+    run = run.resolve()
+    key = hashlib.sha256(str(run).encode()).hexdigest()[:16]
+    record = {"checkpoint": ckpt.name, "adapters": str(run)}
+    write_atomic(ckpt.parent / PINS / f"{key}.json", json.dumps(record) + "\n")
+
+
+def pinned_checkpoints(out_dir: str | Path) -> dict[str, str]:
+    """{checkpoint name: the run that adapts it} of a run's pins (damaged ones are skipped
+    with a warning: they keep nothing)."""
+    folder = Path(out_dir) / CHECKPOINTS / PINS
+    pinned = {}
+    for file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            record = json.loads(file.read_bytes())
+            pinned[str(record["checkpoint"])] = str(record["adapters"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            warn(f"{file}: ignored ({err})")
+    return pinned
 
 
 # ------------------------------------------------------------------------------------------

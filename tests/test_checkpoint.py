@@ -187,3 +187,44 @@ def test_a_run_already_at_max_steps_says_what_to_set(run, capsys):
     assert train.main([str(path), "--train.max_steps=12", "--train.eval_interval=0"]) == 0
     assert "already at step 20, past train.max_steps = 12" in capsys.readouterr().err
     assert [c.name for c in complete_checkpoints(out)] == ["step_00000010", "step_00000020"]
+
+
+def test_latest_names_the_checkpoint_resumed_from_once_the_damaged_one_is_aside(run, capsys):
+    path, out = run
+    flip_byte(out / "checkpoints" / "step_00000020" / "trainer.json", offset=-5)
+    assert train.main([str(path), "--train.max_steps=10", "--train.eval_interval=0"]) == 0
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000010"
+    assert names(out) == ["latest", "step_00000010", "step_00000020.aside"]
+
+
+def test_a_linked_checkpoint_is_not_one_of_this_run(run, tmp_path):
+    """A symbolic link under checkpoints/ (to another run's checkpoint) is never resumed
+    from, pruned or removed: the trainer did not write it."""
+    path, out = run
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    link = out / "checkpoints" / "step_00000030"
+    link.symlink_to(other / "checkpoints" / "step_00000020")
+    tmp_link = out / "checkpoints" / "step_00000031.tmp"
+    tmp_link.symlink_to(other / "checkpoints" / "step_00000010")
+    args = [str(path), "--train.max_steps=23", "--train.ckpt_interval=1"]
+    assert train.main([*args, "--train.keep_checkpoints=1", "--train.eval_interval=0"]) == 0
+    assert link.is_symlink() and tmp_link.is_symlink()
+    assert names(out) == ["latest", "step_00000023", "step_00000030", "step_00000031.tmp"]
+    assert latest_checkpoint(out).name == "step_00000023"
+    assert len(complete_checkpoints(other)) == 2  # the link's targets untouched
+
+
+def test_a_full_disk_reported_by_torch_save_as_runtime_error_is_status_4(run, monkeypatch, capsys):
+    from gpt.train.trainer import CHECKPOINT_WRITE_EXIT
+
+    path, out = run
+
+    def full(root):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 64")
+
+    monkeypatch.setattr(ckpt, "write_checksums", full)
+    args = [str(path), "--train.max_steps=21", "--train.eval_interval=0"]
+    assert train.main(args) == CHECKPOINT_WRITE_EXIT
+    assert "cannot write checkpoint" in capsys.readouterr().err
+    assert not list((out / "checkpoints").glob("*.tmp"))

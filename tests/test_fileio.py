@@ -1,6 +1,7 @@
 """gpt.fileio: atomic writes leave the old file or the new one, never a part; checksums."""
 
 import os
+import stat
 
 import pytest
 
@@ -28,3 +29,21 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
     with pytest.raises(OSError, match="No space left"):
         fileio.write_atomic(path, "new")
     assert path.read_text() == "old" and not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_output_path_that_is_a_device_or_a_link_is_written_through(tmp_path):
+    """`--out /dev/null` must not replace the device with a file (renaming over it would),
+    and `--out LINK` writes the link's target and keeps the link."""
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a private /dev/null
+    fileio.write_output(null, '{"a": 1}\n')
+    assert stat.S_ISCHR(null.stat().st_mode) and not list(tmp_path.glob("*.tmp"))
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    (tmp_path / "link.json").symlink_to(target)
+    fileio.write_output(tmp_path / "link.json", "new")
+    assert (tmp_path / "link.json").is_symlink() and target.read_text() == "new"
+    fileio.write_output(tmp_path / "plain.json", "x")
+    assert (tmp_path / "plain.json").read_text() == "x"
+    with pytest.raises(IsADirectoryError):
+        fileio.write_output(tmp_path, "x")

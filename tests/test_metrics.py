@@ -93,3 +93,10 @@ def test_the_report_reads_a_partial_or_older_metrics_file(tmp_path, data_dir, ca
     assert "final training loss    3.000" in captured.out
     with pytest.raises(SystemExit):
         report.main([str(tmp_path / "nowhere")])
+
+
+def test_a_metrics_file_that_cannot_be_opened_is_an_error_not_a_traceback(tmp_path):
+    log = MetricsLog(tmp_path, True, resume_step=-1)
+    (tmp_path / "metrics.jsonl").mkdir()  # replaced by a directory mid-run
+    log.write({"step": 1})
+    assert "Is a directory" in log.error and "metrics.jsonl" in log.error

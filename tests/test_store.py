@@ -4,6 +4,7 @@ load only onto the exact base they were trained on."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,26 @@ def test_init_from_a_lora_run_starts_from_the_merged_model(copy, tmp_path, data_
     for (name, a), b in zip(merged.state_dict().items(), built.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert train.main([str(path), "--train.max_steps=1", "--train.eval_interval=0"]) == 0
+
+
+def test_the_base_run_keeps_the_checkpoint_adapters_train_on(copy):
+    """Training the base run on with keep_checkpoints = 1 would prune the pinned base: the
+    LoRA run recorded it in the base run's checkpoints/pins/, so it is kept."""
+    base, lora = copy
+    pinned = store.read_adapter_info(store.latest_checkpoint(lora) / "adapters")["base"]
+    store.keep_for(Path(pinned["path"]), lora)  # what the LoRA trainer does at its start
+    assert store.pinned_checkpoints(base) == {"step_00000010": str(lora.resolve())}
+    path = relocated(base, keep_checkpoints=1)
+    assert train.main([str(path), "--train.max_steps=13", "--train.eval_interval=0"]) == 0
+    kept = sorted(p.name for p in (base / "checkpoints").iterdir())
+    assert kept == ["latest", "pins", "step_00000010", "step_00000013"]
+    store.load_model(lora)  # still loads
+    for file in (base / "checkpoints" / "pins").iterdir():
+        file.unlink()  # released: the next save prunes it
+    assert train.main([str(path), "--train.max_steps=14", "--train.eval_interval=0"]) == 0
+    assert [p.name for p in store.complete_checkpoints(base)] == ["step_00000014"]
+
+
+def test_a_lora_run_records_its_base_as_kept(trained):
+    _, base, lora = trained
+    assert store.pinned_checkpoints(base) == {"step_00000010": str(lora.resolve())}

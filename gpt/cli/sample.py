@@ -38,7 +38,7 @@ from gpt.eval.suite import (
     run_suite,
 )
 from gpt.eval.tasks import Example, build_prompt, decode_utf8, load_task, read_utf8, select_shots
-from gpt.fileio import write_atomic
+from gpt.fileio import write_output
 from gpt.generate import check_sampling, encode_prompt, sample_texts
 from gpt.memory import available_memory, check_decode_memory
 
@@ -170,7 +170,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.attention is not None:
             get_attention(args.attention)  # unknown or unusable: the error lists the valid names
         check_device(args.device)
-        if args.eval and args.plot is None and args.out and len(args.shots) > 1:
+        # beside a regular (or new) file only: never /dev/null.png
+        regular = bool(args.out) and (Path(args.out).is_file() or not Path(args.out).exists())
+        if args.eval and args.plot is None and regular and len(args.shots) > 1:
             args.plot = str(Path(args.out).with_suffix(".png"))
         for flag in ("out", "plot"):  # found now, not after a whole evaluation
             if getattr(args, flag):
@@ -302,7 +304,7 @@ def run_eval(args, model, tokenizer) -> None:
         report = {"config": config, "results": results, "skipped": skipped}
         report, notes = replace_non_finite(report)  # standard JSON has no NaN or Infinity
         report["notes"] = notes
-        write_atomic(args.out, json.dumps(report, indent=1, allow_nan=False) + "\n")
+        write_output(args.out, json.dumps(report, indent=1, allow_nan=False) + "\n")
         print(f"results written to {args.out}")
         if notes:
             print(

@@ -34,7 +34,7 @@ from gpt.eval.tasks import (
     load_task,
     task_name,
 )
-from gpt.fileio import write_atomic
+from gpt.fileio import write_output
 
 MAX_PANELS = 48  # per-task panels of the shot-curve plot; the rest are in the JSON
 MAX_NOTES = 100  # notes of non-finite numbers written as null; the rest are counted
@@ -219,5 +219,5 @@ def plot_shot_curves(results: list[dict], path: str | Path, title: str = "") -> 
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=80)
     plt.close(fig)
-    write_atomic(path, png.getvalue())
+    write_output(path, png.getvalue())
     return Path(path)

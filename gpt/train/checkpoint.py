@@ -54,6 +54,7 @@ from gpt.store import (
     checkpoint_step,
     complete_checkpoints,
     is_complete,
+    pinned_checkpoints,
     verify_checksums,
     write_checksums,
 )
@@ -80,7 +81,9 @@ def remove_partial_checkpoints(out_dir: str | Path) -> list[Path]:
     """Delete ``*.tmp`` checkpoint directories left by a run killed while saving (they are
     never read); returns what was removed. Call on one rank, before training starts."""
     root = Path(out_dir) / CHECKPOINTS
-    doomed = sorted(p for p in root.glob("step_*.tmp") if NAME.fullmatch(p.stem))
+    doomed = sorted(
+        p for p in root.glob("step_*.tmp") if NAME.fullmatch(p.stem) and not p.is_symlink()
+    )
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
@@ -286,10 +289,13 @@ def prune_checkpoints(out_dir: str | Path, keep: int, good: list[Path]) -> list[
     if not kept:
         return []
     oldest_kept = checkpoint_step(kept[0])
+    pinned = pinned_checkpoints(out_dir)
     deleted = []
     for old in complete_checkpoints(out_dir):
         if checkpoint_step(old) >= oldest_kept:
             break
+        if old.name in pinned:  # the base of a LoRA run's adapters
+            continue
         try:
             verify_checksums(old)
         except CheckpointError as err:
@@ -309,7 +315,7 @@ def _all_or_nothing(stage, tmp: Path, final: Path) -> None:
     error = None
     try:
         stage()
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError
         error = err
     if dist.vote_max([int(error is not None)])[0]:
         if dist.rank() == 0:

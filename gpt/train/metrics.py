@@ -69,17 +69,20 @@ class MetricsLog:
         if not self.enabled or self.error is not None:
             return
         line = (json.dumps(record) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        size = os.fstat(fd).st_size
+        fd = size = None
         try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            size = os.fstat(fd).st_size
             if os.write(fd, line) != len(line):
                 raise OSError(f"short write to {self.path}")
         except OSError as err:
             self.error = f"{self.path}: {err}"
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)  # no partial line left behind
+            if size is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)  # no partial line left behind
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         if self.wandb_run is not None:
             import wandb
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import sys
 import time
@@ -28,7 +29,8 @@ from gpt.data.loader import TokenLoader
 from gpt.data.replay import ReplayLoader
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.validation import eager, eval_samples, validation_loss
-from gpt.store import latest_checkpoint, read_adapter_info
+from gpt.fileio import write_atomic
+from gpt.store import LATEST, keep_for, latest_checkpoint, read_adapter_info
 from gpt.train import checkpoint as ckpt
 from gpt.train import dist
 from gpt.train.engine import build_engine
@@ -55,6 +57,10 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if not self.signum:  # said once: launchers often deliver a signal twice
+            name = signal.Signals(signum).name
+            # os.write, not print: the handler may interrupt a write to stderr (tqdm's)
+            os.write(2, f"\ntrain.py: {name} received: stopping after this step\n".encode())
         self.signum = signum
 
 
@@ -98,6 +104,15 @@ class Trainer:
         self.nonfinite_run = 0
         self.abort_at: int | None = None  # step at which max_nonfinite_steps was reached
         self.good: list[Path] = []  # checkpoints this process wrote or resumed from: prunable
+        if self.base_pin is not None and cfg.finetune.lora_rank and dist.is_main():
+            try:  # the base run's pruning keeps the checkpoint these adapters train on
+                keep_for(Path(self.base_pin["path"]), self.out_dir)
+            except OSError as err:
+                print(
+                    f"train.py: warning: cannot mark the base {self.base_pin['path']} as kept "
+                    f"({err}); if its run prunes it, these adapters lose their base",
+                    file=sys.stderr,
+                )
 
     def _loader(self, data_dir: str, split: str, grad_accum: int, mode: str) -> TokenLoader:
         t = self.cfg.train
@@ -144,9 +159,10 @@ class Trainer:
                 )
             self.load_state_dict(saved)
             self.good = [path]
-            if dist.is_main():  # every rank is past them: out of the way, kept for a look
+            if dist.is_main() and damaged:  # every rank is past them: kept for a look
                 for bad, why in damaged:
                     ckpt.set_aside(bad, f"skipped as damaged: {why}")
+                write_atomic(path.parent / LATEST, path.name)
             return path
         if damaged:  # never start afresh over a run whose every checkpoint is unusable
             raise ConfigError(
