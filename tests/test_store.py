@@ -37,6 +37,7 @@ def copy(tmp_path, trained):
     """A copy of both runs to damage, with the LoRA run's pin moved to the copied base."""
     tmp, base, lora = trained
     shutil.copytree(base, tmp_path / "base")
+    shutil.rmtree(tmp_path / "base" / "checkpoints" / "pins")  # the original LoRA run's
     shutil.copytree(lora, tmp_path / "lora")
     for ckpt in store.complete_checkpoints(tmp_path / "lora"):
         info_file = ckpt / "adapters" / "adapter.json"
