@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 
@@ -35,15 +36,17 @@ def write_output(path: str | Path, data: bytes | str) -> None:
     replace the device itself. Files the tools write into their own directories go through
     ``write_atomic``, which never follows a link."""
     path = Path(path)
-    if path.is_symlink():
-        path = path.resolve()
-    if path.exists() and not path.is_file():
-        if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode  # through links: /dev/stdout is a link to a pipe
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
             raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-        with open(path, "wb") as f:
+        with open(path, "wb") as f:  # the path as given: /proc/self/fd/1 -> pipe:[N] is not
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
         return
-    write_atomic(path, data)
+    write_atomic(path.resolve() if path.is_symlink() else path, data)
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

@@ -203,7 +203,12 @@ def verify_checksums(
     present = set(listed_files(root))
     for name in sorted(set(table) - present):
         raise CheckpointError(f"{root / name}: missing (listed in {root / CHECKSUMS})")
-    for name in sorted(present - set(table)):
+    unlisted = present - set(table)
+    if not any(Path(n).name == CHECKSUMS for n in table):
+        # a table written before sidecars were listed: model/checksums.json is checked by
+        # its own entries, and the weights it covers are listed here (see _verify)
+        unlisted = {n for n in unlisted if Path(n).name != CHECKSUMS}
+    for name in sorted(unlisted):
         raise CheckpointError(f"{root / name}: not listed in {root / CHECKSUMS}")
     names = sorted(n for n in table if (only is None or Path(n).parts[0] == only) and n not in skip)
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -311,13 +316,9 @@ def read_adapter_info(adapters: Path) -> dict:
         if not isinstance(info, dict) or not isinstance(info.get(key), tp):
             raise CheckpointError(f"{file}: damaged: {key} missing or of the wrong type")
     base = info["base"]
-    if isinstance(base, str):
-        raise CheckpointError(
-            f"{file}: names its base only as {base!r} (written before bases were pinned), so "
-            "nothing says whether that still holds the weights these adapters were trained "
-            "on; resume or retrain the LoRA run with this version to pin it"
-        )
-    if not isinstance(base.get("path"), str) or not SHA256.fullmatch(str(base.get("sha256"))):
+    if isinstance(base, str):  # written before bases were pinned: a path, no weights' hash
+        info["base"] = {"path": base, "sha256": None}
+    elif not isinstance(base.get("path"), str) or not SHA256.fullmatch(str(base.get("sha256"))):
         raise CheckpointError(f"{file}: damaged: base must hold a path and a sha256")
     return info
 
@@ -332,7 +333,15 @@ def weights_digest(source: Source) -> str:
         table = read_checksums(source.model_dir)
         if WEIGHTS in table:
             return table[WEIGHTS]
-    return sha256_file(source.model_dir / WEIGHTS)
+    weights = (source.model_dir / WEIGHTS).resolve()
+    st = weights.stat()
+    key = (str(weights), st.st_size, st.st_mtime_ns)
+    if key not in COMPUTED:  # a directory without a table (Hugging Face's): hashed once
+        COMPUTED[key] = sha256_file(weights)
+    return COMPUTED[key]
+
+
+COMPUTED: dict[tuple, str] = {}  # sha256 of weights without a table, by path, size, mtime
 
 
 def pin(path: str | Path) -> dict:
@@ -347,6 +356,13 @@ def base_of(adapters: Path) -> Source:
     gone or its weights changed since the adapters were trained."""
     info = read_adapter_info(adapters)
     base, file = info["base"], adapters / "adapter.json"
+    if base["sha256"] is None:
+        raise CheckpointError(
+            f"{file}: names its base only as {base['path']!r} (written before bases were "
+            "pinned), so nothing says whether that still holds the weights these adapters "
+            "were trained on; resume the LoRA run once with this version (it pins the base at "
+            "its next checkpoint), or retrain it"
+        )
     where = Path(base["path"])
     if not where.exists():
         raise CheckpointError(

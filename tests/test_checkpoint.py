@@ -79,13 +79,16 @@ def test_pruning_touches_nothing_the_trainer_did_not_write(run):
     assert (root / "step_backup" / "notes.txt").read_text() == "mine"
 
 
-def test_a_damaged_old_checkpoint_is_set_aside_not_pruned(run, capsys):
+def test_an_old_checkpoint_holding_files_the_trainer_did_not_write_is_set_aside(run, capsys):
+    """Pruning checks that an old checkpoint's table lists exactly its files (its contents
+    are not hashed again: it is going): one holding a file of someone else's is kept aside."""
     path, out = run
-    flip_byte(out / "checkpoints" / "step_00000010" / "trainer.json", offset=-5)
+    (out / "checkpoints" / "step_00000010" / "notes.txt").write_text("mine")
     args = [str(path), "--train.max_steps=21", "--train.keep_checkpoints=1"]
     assert train.main([*args, "--train.eval_interval=0"]) == 0
     assert names(out) == ["latest", "step_00000010.aside", "step_00000021"]
-    assert "damaged, so not pruned" in capsys.readouterr().err
+    assert (out / "checkpoints" / "step_00000010.aside" / "notes.txt").read_text() == "mine"
+    assert "notes.txt: not listed" in capsys.readouterr().err
 
 
 def test_a_same_named_folder_the_trainer_did_not_write_is_kept(run):
@@ -228,3 +231,30 @@ def test_a_full_disk_reported_by_torch_save_as_runtime_error_is_status_4(run, mo
     assert train.main(args) == CHECKPOINT_WRITE_EXIT
     assert "cannot write checkpoint" in capsys.readouterr().err
     assert not list((out / "checkpoints").glob("*.tmp"))
+
+
+def test_a_checkpoint_whose_table_predates_listed_sidecars_still_resumes_and_loads(run, capsys):
+    """Tables written before this version left model/checksums.json out (the weights it
+    covers are listed): such checkpoints are not damaged."""
+    from gpt.store import load_model
+
+    path, out = run
+    newest = out / "checkpoints" / "step_00000020"
+    table = json.loads((newest / "checksums.json").read_text())
+    del table["model/checksums.json"]
+    (newest / "checksums.json").write_text(json.dumps(table))
+    verify_checksums(newest)
+    load_model(out)
+    assert train.main([str(path), "--train.max_steps=21", "--train.eval_interval=0"]) == 0
+    assert f"resuming from {newest}" in capsys.readouterr().out
+
+
+def test_a_runtime_error_that_is_not_a_failed_write_is_not_called_one(run, monkeypatch):
+    path, _ = run
+
+    def bug(root):
+        raise RuntimeError("a bug, not a full disk")
+
+    monkeypatch.setattr(ckpt, "write_checksums", bug)
+    with pytest.raises(RuntimeError, match="a bug, not a full disk"):
+        train.main([str(path), "--train.max_steps=21", "--train.eval_interval=0"])

@@ -571,3 +571,9 @@ def test_an_out_dir_that_is_or_lies_below_a_file_is_refused(tmp_path):
         cfg = load_config(None, [f"--train.out_dir={tmp_path / out}"])
         with pytest.raises(ConfigError, match=rf"train.out_dir = .*{out}' {why}"):
             cfg.validate(1)
+
+
+def test_a_boolean_loss_scale_is_refused():
+    cfg = load_config(None, ["--train.dtype=fp16", "--deepspeed.fp16.loss_scale=false"])
+    with pytest.raises(ConfigError, match="loss_scale"):
+        cfg.validate(1)

@@ -47,3 +47,13 @@ def test_an_output_path_that_is_a_device_or_a_link_is_written_through(tmp_path):
     assert (tmp_path / "plain.json").read_text() == "x"
     with pytest.raises(IsADirectoryError):
         fileio.write_output(tmp_path, "x")
+
+
+def test_an_output_path_linked_to_a_device_is_written_to_the_device(tmp_path):
+    """/dev/stdout is a link to /proc/self/fd/1, itself a link to a pipe: the device or pipe
+    behind a link is written through the path as given."""
+    null = tmp_path / "null"
+    os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (tmp_path / "out").symlink_to(null)
+    fileio.write_output(tmp_path / "out", "x")
+    assert stat.S_ISCHR(null.stat().st_mode) and (tmp_path / "out").is_symlink()

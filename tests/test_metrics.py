@@ -100,3 +100,9 @@ def test_a_metrics_file_that_cannot_be_opened_is_an_error_not_a_traceback(tmp_pa
     (tmp_path / "metrics.jsonl").mkdir()  # replaced by a directory mid-run
     log.write({"step": 1})
     assert "Is a directory" in log.error and "metrics.jsonl" in log.error
+
+
+def test_a_metrics_file_that_cannot_be_read_at_resume_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()
+    log = MetricsLog(tmp_path, True, resume_step=3)
+    assert "Is a directory" in log.error

@@ -213,3 +213,21 @@ def test_the_base_run_keeps_the_checkpoint_adapters_train_on(copy):
 def test_a_lora_run_records_its_base_as_kept(trained):
     _, base, lora = trained
     assert store.pinned_checkpoints(base) == {"step_00000010": str(lora.resolve())}
+
+
+def test_a_lora_run_from_before_pins_resumes_on_its_base_and_tools_say_how(copy, capsys):
+    base, lora = copy
+    newest = store.latest_checkpoint(lora)
+    info_file = newest / "adapters" / "adapter.json"
+    info = json.loads(info_file.read_text())
+    info["base"] = str(base.resolve())  # the old format: init_from resolved
+    info_file.write_text(json.dumps(info))
+    store.write_checksums(newest)
+    with pytest.raises(store.CheckpointError, match="resume the LoRA run once with this version"):
+        store.load_model(lora)
+    path = relocated(lora, init_from=str(base))
+    assert train.main([str(path), "--train.max_steps=4", "--train.eval_interval=0"]) == 0
+    assert "names its base by path only" in capsys.readouterr().err
+    pinned = store.read_adapter_info(store.latest_checkpoint(lora) / "adapters")["base"]
+    assert pinned["sha256"] is not None
+    store.load_model(lora)  # pinned from the next checkpoint on

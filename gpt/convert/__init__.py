@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
 import types
 import typing
 from pathlib import Path
@@ -309,8 +310,11 @@ def write_model_dir(
     sums = {WEIGHTS: hashlib.sha256(raw).hexdigest()}
     written = []
     if tokenizer is not None and hf_tokenizer.unsupported(tokenizer) is None:
-        written = hf_tokenizer.write_tokenizer(path, tokenizer, cfg.block_size)
-        sums |= {name: sha256_file(path / name) for name in hf_tokenizer.CHECKSUMMED}
+        try:
+            written = hf_tokenizer.write_tokenizer(path, tokenizer, cfg.block_size)
+            sums |= {name: sha256_file(path / name) for name in hf_tokenizer.CHECKSUMMED}
+        except RuntimeError as err:  # its ranks are not cached here: the model still writes
+            print(f"warning: {path}: no tokenizer files written ({err})", file=sys.stderr)
     for stale in set(hf_tokenizer.FILES) - set(written):  # another tokenizer's, or none
         (path / stale).unlink(missing_ok=True)
     write_atomic(path / CONFIG, text)

@@ -235,7 +235,10 @@ DEEPSPEED_KEYS = {
     "zero_optimization.stage3_param_persistence_threshold": _int(0),
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": _bool(),
     "bf16.enabled": _bool(),
-    "fp16.loss_scale": ("0 (dynamic) or a number > 0", lambda v: v == 0 or _number(0)[1](v)),
+    "fp16.loss_scale": (
+        "0 (dynamic) or a number > 0",
+        lambda v: not isinstance(v, bool) and (v == 0 or _number(0)[1](v)),
+    ),
     "fp16.initial_scale_power": _int(0, 64),
     "fp16.loss_scale_window": _int(1),
     "fp16.hysteresis": _int(1),

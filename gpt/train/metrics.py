@@ -62,8 +62,11 @@ class MetricsLog:
         self.enabled, self.wandb_run = enabled, wandb_run
         self.error: str | None = None
         if enabled and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            try:
+                kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+                write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+            except OSError as err:  # the trainer stops with status 4 at its next vote
+                self.error = f"{self.path}: {err}"
 
     def write(self, record: dict) -> None:
         if not self.enabled or self.error is not None:

@@ -159,7 +159,9 @@ class Trainer:
                 )
             self.load_state_dict(saved)
             self.good = [path]
-            if dist.is_main() and damaged:  # every rank is past them: kept for a look
+            if damaged:
+                dist.barrier()  # every rank is done reading them
+            if dist.is_main() and damaged:  # out of the way, kept for a look
                 for bad, why in damaged:
                     ckpt.set_aside(bad, f"skipped as damaged: {why}")
                 write_atomic(path.parent / LATEST, path.name)
@@ -178,6 +180,16 @@ class Trainer:
         if not adapters.is_dir() or self.base_pin is None:
             return
         base = read_adapter_info(adapters)["base"]
+        init_from = Path(self.cfg.train.init_from).resolve()
+        if base["sha256"] is None and Path(base["path"]).resolve() == init_from:
+            if dist.is_main():  # written before pins: trust init_from once; saves pin it
+                print(
+                    f"train.py: warning: {adapters / 'adapter.json'} names its base by path "
+                    f"only; resuming on what {init_from} holds now, pinned from the next "
+                    "checkpoint on",
+                    file=sys.stderr,
+                )
+            return
         if base["sha256"] != self.base_pin["sha256"]:
             raise ConfigError(
                 f"{path}: its adapters were trained on the base {base['path']}, but "
