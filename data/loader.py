@@ -20,6 +20,7 @@ Evaluation: make a `split="val", mode="sequential"` loader once and call `reset(
 evaluation; it then yields the same batches every time.
 """
 
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,6 +50,11 @@ def split_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
 
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class ShardCache:
     """The shards of a split, indexable like a list of memory maps, of which at most
     ``MAX_OPEN_SHARDS`` (the most recently read) are open: each map holds a file descriptor,
@@ -59,6 +65,8 @@ class ShardCache:
     def __init__(self, shards: list[tuple[Path, np.dtype, int]]) -> None:
         self.shards = shards  # (path, dtype, tokens) of each shard
         self.maps: OrderedDict[int, np.ndarray] = OrderedDict()
+        # what each validated file is: a shard re-opened later must still be that file
+        self.identity = [_identity(path) for path, _, _ in shards]
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -69,6 +77,11 @@ class ShardCache:
             if len(self.maps) >= MAX_OPEN_SHARDS:
                 self.maps.popitem(last=False)  # the least recently read: closed once unused
             path, dtype, count = self.shards[index]
+            if _identity(path) != self.identity[index]:
+                raise ValueError(
+                    f"{path}: the shard changed since the loader checked it (the data set was "
+                    "prepared again during the run?); restart to use the new data"
+                )
             tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
         self.maps[index] = tokens
         return tokens

@@ -240,3 +240,23 @@ def test_prepare_warns_about_very_small_shards(tmp_path, capsys):
     assert f"use at least {SMALL_SHARD_TOKENS:,}" in err
     main([str(tmp_path / "doc.txt"), "--out", str(tmp_path / "b"), "--encoding", "bytes"])
     assert "warning" not in capsys.readouterr().err
+
+
+def test_a_shard_replaced_during_the_run_is_refused_when_reopened(tmp_path, monkeypatch):
+    """Shards are re-opened after eviction: one prepared again meanwhile is named, never read
+    as if it were the shard checked at start-up."""
+    from gpt.data import loader as loader_module
+
+    monkeypatch.setattr(loader_module, "MAX_OPEN_SHARDS", 1)
+    (tmp_path / "doc.txt").write_text("shards of a corpus cut very small " * 40)
+    prepare([str(tmp_path / "doc.txt")], tmp_path / "out", "bytes", 0.0, 200, 1, progress=False)
+    loader = TokenLoader(tmp_path / "out", "train", 8, 2, mode="sequential")
+    for _ in range(3):
+        loader.next_batch()
+    first = sorted((tmp_path / "out").glob("*.bin"))[0]
+    data = first.read_bytes()
+    first.unlink()
+    first.write_bytes(data)  # the same bytes, another file
+    with pytest.raises(ValueError, match=rf"{first.name}: the shard changed since"):
+        for _ in range(200):
+            loader.next_batch()

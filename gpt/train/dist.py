@@ -69,3 +69,12 @@ def vote_max(values: list[int]) -> list[int]:
     t = torch.tensor(values, dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=cpu_group())
     return [int(v) for v in t.numpy()]  # a CPU tensor: numpy reads it without a device sync
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (a small picklable value) on every rank, over the CPU group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=cpu_group())
+    return box[0]

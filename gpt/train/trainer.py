@@ -81,7 +81,9 @@ class Trainer:
         self.manifest = manifests["train"]
         self.rank, self.world = dist.rank(), dist.world_size()
         self.out_dir = Path(t.out_dir)
-        self.base_pin = init_pin(cfg)  # the exact weights train.init_from names now
+        # the exact weights train.init_from names now: rank 0's, should a base run save a new
+        # checkpoint while the ranks start (each resolves it too, so a refusal is everyone's)
+        self.base_pin = dist.broadcast_object(init_pin(cfg))
         self.model = build_model(cfg, self.base_pin).to(device)
         self.engine, self.optimizer = build_engine(self.model, cfg, self.world)
         self.loader = self._loader(cfg.data.dir, "train", t.grad_accum, cfg.data.mode)
