@@ -39,3 +39,15 @@ def same_thread_count():
     --threads): in-process and subprocess runs must reduce alike to be bitwise equal."""
     torch.set_num_threads(THREADS)
     yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A small random byte-level model directory (GPT.save_pretrained with its tokenizer)."""
+    from gpt import GPT, ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32))
+    path = tmp_path_factory.mktemp("export") / "model"
+    model.save_pretrained(path, tokenizer="bytes")
+    return path

@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 import transformers
+from test_convert import sharpen
 
 from gpt import GPT, ModelConfig
 from gpt.convert import hf_tokenizer
@@ -48,12 +49,7 @@ def small_model(vocab_size: int, seed: int = 2) -> GPT:
         vocab_size=vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32, tie_embeddings=False
     )
     model = GPT(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))
-            else:
-                p.mul_(3.0)
+    sharpen(model)
     return model
 
 

@@ -265,15 +265,6 @@ def test_decoding_estimate_grows_with_the_batch_and_refuses_with_what_fits():
     assert decode_memory(m, largest + 1, 10, 20).total > GiB
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32))
-    path = tmp_path_factory.mktemp("export") / "model"
-    model.save_pretrained(path, tokenizer="bytes")
-    return path
-
-
 @pytest.mark.parametrize(
     "flags", [["--num-samples", "1000000000"], ["--max-new-tokens", "1000000000000"]]
 )

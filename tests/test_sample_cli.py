@@ -23,15 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BYTES = get_tokenizer("bytes")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=257, block_size=32, n_layer=2, n_head=4, n_embd=32))
-    path = tmp_path_factory.mktemp("export") / "model"
-    model.save_pretrained(path, tokenizer="bytes")
-    return path
-
-
 def run(capsys, *argv, stdin: str | None = None, monkeypatch=None):
     if stdin is not None:
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
