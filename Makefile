@@ -63,7 +63,7 @@ clean:
 # and write a table and a plot of what each learns and forgets into out/finetune/.
 finetune: install out/data/literature/manifest.json out/data/pydocs/manifest.json
 	$(PY) train.py configs/literature.toml
-	$(PY) bench/finetune.py --out out/finetune
+	$(PY) recipes/finetune.py --out out/finetune
 
 out/data/literature/manifest.json: | assets
 	$(PY) -m gpt.data.assets austen kjv
@@ -83,7 +83,7 @@ assets: install
 out/data/shakespeare/manifest.json: | assets
 	$(PY) -m gpt.data.prepare shakespeare --out out/data/shakespeare
 
-# BIG-bench's task.json files (1,041, subtasks included) for `sample.py --eval`, from the PyPI
+# BIG-bench's task.json files (1,041, subtasks included) for `python -m gpt.eval`, from the PyPI
 # sdist bigbench==1.0.0 (358 MB download, 1.7 GB extracted), verified by sha256 and cached in
 # $(GPT_CACHE_DIR)/bigbench-1.0.0/benchmark_tasks; a no-op when cached. Not part of `make test`.
 # Where PyPI does not offer that sdist: `make bigbench BIGBENCH=PATH`, PATH a downloaded

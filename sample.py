@@ -1,9 +1,9 @@
-"""Sample from a GPT, build few-shot prompts, evaluate in context, draw attention maps.
+"""Sample from a GPT, from a prompt or a task file's few-shot prompt; draw attention maps.
 
     python sample.py --ckpt PATH [--prompt TEXT] [--num-samples N] [--max-new-tokens N] ...
-    python sample.py --ckpt PATH --eval TASK_FILE [--shots K] [--out results.json]
 
-Every option: ``python sample.py --help``; the code is in gpt/cli/sample.py.
+Every option: ``python sample.py --help``; the code is in gpt/cli/sample.py. Evaluation on
+task files is ``python -m gpt.eval`` (``sample.py --eval ...`` forwards there).
 """
 
 import sys

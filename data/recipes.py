@@ -25,7 +25,7 @@ from pathlib import Path
 
 from gpt.data.assets import apt_download, cache_dir, pip_download
 from gpt.data.globbing import glob_files, walk_files
-from gpt.data.rdata import read_lazyload
+from gpt.data.r_lazyload import read_lazyload
 from gpt.fileio import sha256_file, write_atomic
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")

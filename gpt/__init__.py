@@ -14,8 +14,12 @@ def __getattr__(name: str):
         from gpt.model import GPT
 
         return GPT
-    if name in ("Config", "ModelConfig", "load_config"):
+    if name in ("Config", "ModelConfig"):
         import gpt.config
 
         return getattr(gpt.config, name)
+    if name == "load_config":
+        from gpt.config_io import load_config
+
+        return load_config
     raise AttributeError(f"module 'gpt' has no attribute {name!r}")

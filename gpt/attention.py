@@ -15,7 +15,9 @@ Attention-weight dropout is not part of the contract (the FlashAttention kernel 
 model applies dropout to residual branches instead.
 
 Adding a backend is one call to ``register_attention`` with a loader that returns the
-function, or raises ``BackendUnavailable`` saying why it cannot run here.
+function, or raises ``BackendUnavailable`` saying why it cannot run here. A renamed backend
+keeps its old name in ``ALIASES``: ``get_attention`` and config validation accept it (so
+configs and checkpoints that name it still load), the lists of names do not show it.
 """
 
 from __future__ import annotations
@@ -38,11 +40,19 @@ class BackendUnavailable(Exception):
 
 
 _LOADERS: dict[str, Callable[[], AttentionFn]] = {}
+# Old name -> current name. "triton-hopper" named a GPU for what is a packed grouped-query,
+# split-loop kernel (issue 23).
+ALIASES = {"triton-hopper": "triton-packed-gqa"}
 
 
 def register_attention(name: str, loader: Callable[[], AttentionFn]) -> None:
     """Register ``loader`` under ``name``; it is called on first use and returns the backend."""
     _LOADERS[name] = loader
+
+
+def canonical_attention_name(name: str) -> str:
+    """The current name of a backend called ``name`` (itself unless an old alias)."""
+    return ALIASES.get(name, name)
 
 
 def attention_names() -> list[str]:
@@ -62,7 +72,9 @@ def attention_status() -> dict[str, str | None]:
 
 
 def get_attention(name: str) -> AttentionFn:
-    """Resolve a backend by name; ValueError if it is unknown or cannot run here."""
+    """Resolve a backend by name (or an old alias); ValueError if it is unknown or cannot
+    run here."""
+    name = canonical_attention_name(name)
     if name not in _LOADERS:
         raise ValueError(
             f"unknown attention backend {name!r}; valid names: {', '.join(attention_names())}"
@@ -108,4 +120,4 @@ register_attention("naive", lambda: naive_attention)
 register_attention("sdpa", lambda: sdpa_attention)
 register_attention("triton", _load_triton)
 # issue 17's restructured kernel, kept apart until an H100 measures it against "triton"
-register_attention("triton-hopper", lambda: _load_triton("flash_attention_hopper"))
+register_attention("triton-packed-gqa", lambda: _load_triton("flash_attention_packed_gqa"))

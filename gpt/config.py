@@ -1,25 +1,29 @@
-"""Typed configuration: one dataclass per section, loaded from TOML with command-line overrides.
+"""Typed configuration: one dataclass per section, and its validation.
 
-Precedence is defaults < TOML file < command line (``--section.key=value``). Every field
-carries a one-line help text (shown by ``--help``). An unknown section or key, or a value of
-the wrong type, raises ``ConfigError`` naming the key and listing what is valid. The
-``deepspeed`` section is passed on to the DeepSpeed engine's config; which of its keys are
-accepted, and of what type, is gpt/train/engine.py's to say (``check_deepspeed_section``).
+Every field carries a default, a one-line help text (shown by ``--help``) and its valid range
+or choices; ``Config.validate`` checks every value and combination before any work and raises
+``ConfigError`` naming the key and saying what is valid. Reading and writing TOML and the
+command line are gpt/config_io.py's; the checks against the prepared data are
+gpt/data/run_data.py's. The ``deepspeed`` section is passed on to the DeepSpeed engine's
+config; which of its keys are accepted, and of what type, is gpt/train/engine.py's to say
+(``check_deepspeed_section``).
+
+Validation asks the attention registry (gpt/attention.py) which backends run here, so this
+module imports torch. gpt/lora.py, gpt/memory.py and gpt/train/engine.py take a config
+themselves, so their checks are imported where they are called, not at the top. The module
+runs past 450 lines because every key carries its help text and range beside it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.fileio import write_atomic
+from gpt.attention import attention_status, canonical_attention_name
+from gpt.sdpa import check_sdpa_kernels
 
 
 class ConfigError(ValueError):
@@ -53,6 +57,8 @@ CHOICES = {
     "data.mode": ("random", "sequential"),
     "train.dtype": ("fp32", "bf16", "fp16"),
 }
+# the projections of a block that may carry LoRA adapters, by their names in the block
+LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 @dataclass
@@ -67,6 +73,11 @@ class ModelConfig:
     dropout: float = option(0.0, "Dropout on embeddings and residual branches.", min=0, below=1)
     bias: bool = option(True, "Biases in linear layers and LayerNorms (GPT-2: true).")
     attention: str = option("sdpa", "Attention backend: naive | sdpa | triton.")
+    sdpa_kernels: list[str] = option(
+        [],
+        "With attention = sdpa, PyTorch's kernels to try, in priority order: cudnn | flash | "
+        "efficient | math (empty: auto, cudnn first on a Hopper GPU); see gpt/sdpa.py.",
+    )
     n_kv_head: int | None = option(
         None, "Key/value heads (grouped-query attention); default n_head."
     )
@@ -85,6 +96,12 @@ class ModelConfig:
         "Round the embedding and LM-head rows up to a multiple of this (1: no padding); 64 "
         "makes GPT-2's 50257 a fast 50304.",
         min=1,
+    )
+    loss_chunk: int = option(
+        0,
+        "Cross-entropy over chunks of this many tokens, the logits never held in full "
+        "(gpt/loss.py; training returns no logits); 0: the plain loss.",
+        min=0,
     )
 
     @property
@@ -117,6 +134,10 @@ class ModelConfig:
                 f"model.n_kv_head ({self.n_kv_head}) must be a positive divisor of "
                 f"model.n_head ({self.n_head})"
             )
+        try:
+            check_sdpa_kernels(self.sdpa_kernels)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if self.position_encoding == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError(
                 f"model.position_encoding = 'rope' needs an even head dimension; "
@@ -223,25 +244,12 @@ class FinetuneConfig:
 
 
 @dataclass
-class BenchConfig:
-    steps: int = option(0, "Benchmark mode: time this many steps per backend (0: train).", min=0)
-    warmup: int = option(
-        3, "Untimed steps before the timed ones (compilation happens here).", min=0
-    )
-    backends: list[str] = option(
-        [], "Attention backends to compare (empty: every registered one; unusable ones are listed)."
-    )
-    compile: list[bool] = option([False, True], "torch.compile settings to compare.")
-
-
-@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
     deepspeed: dict = field(default_factory=dict)  # passed on to DeepSpeed, checked in engine.py
 
     @property
@@ -258,36 +266,35 @@ class Config:
         """Sequences per optimizer step over all processes."""
         return self.train.micro_batch_size * self.train.grad_accum * world_size
 
-    def validate(self, world_size: int, manifests: dict[str, dict] | None = None) -> None:
+    def validate(self, world_size: int) -> None:
         """Every range and combination check, before any model is built: ConfigError naming
         the key. With train.global_batch_size it derives train.grad_accum for ``world_size``
-        (``resolve_grad_accum``). ``manifests`` maps each role of ``data_sets()`` to its data
-        manifest; without it the checks against the data are skipped."""
+        (``resolve_grad_accum``). The checks against the prepared data are
+        ``gpt.data.run_data.check_run_data``."""
         for section in SECTION_TYPES:
             validate_ranges(getattr(self, section), section)
         self.model.validate()
-        from gpt.attention import attention_status  # the registry knows what runs here
-
         status = attention_status()
-        if self.model.attention not in status or status[self.model.attention]:
+        attention = canonical_attention_name(self.model.attention)  # old names still load
+        if attention not in status or status[attention]:
             valid = ", ".join(n for n, why in status.items() if why is None)
-            why = status.get(self.model.attention) or "unknown backend"
+            why = status.get(attention) or "unknown backend"
             raise ConfigError(
                 f"model.attention = {self.model.attention!r} cannot be used here ({why}); "
                 f"usable here: {valid}"
             )
-        unknown = [n for n in self.bench.backends if n not in status]
-        if unknown:
-            raise ConfigError(
-                f"bench.backends: unknown attention backend(s) {', '.join(unknown)}; "
-                f"valid: {', '.join(status)}"
-            )
         t, o = self.train, self.optim
         if o.min_lr > o.lr:
             raise ConfigError(f"optim.min_lr ({o.min_lr}) must be at most optim.lr ({o.lr})")
-        from gpt.train.engine import check_deepspeed_section  # DeepSpeed's keys live there
+        from gpt.train.engine import check_deepspeed_section  # engine.py imports this module
 
         check_deepspeed_section(self)
+        if self.model.loss_chunk and self.zero_stage == 3:
+            raise ConfigError(
+                f"model.loss_chunk = {self.model.loss_chunk} reads the LM head's weight outside "
+                "its module, which ZeRO stage 3 has not gathered; use model.loss_chunk = 0 "
+                "or deepspeed.zero_optimization.stage <= 2"
+            )
         self.resolve_grad_accum(world_size)
         if not t.out_dir:
             raise ConfigError("train.out_dir must not be empty")
@@ -300,7 +307,7 @@ class Config:
             )
         f = self.finetune
         adapting = [
-            f"finetune.{k} = {_toml_value(getattr(f, k))}"
+            f"finetune.{k} = {str(getattr(f, k)).lower()}"  # an int, or true as TOML writes it
             for k in ("lora_rank", "freeze_embeddings", "freeze_blocks")
             if getattr(f, k)
         ]
@@ -309,13 +316,11 @@ class Config:
                 f"{', '.join(adapting)}: adapting needs a trained model; set train.init_from "
                 "to it (a run directory, checkpoint or model directory)"
             )
-        from gpt.lora import TARGETS
-
-        bad = sorted(set(f.lora_targets) - set(TARGETS))
+        bad = sorted(set(f.lora_targets) - set(LORA_TARGETS))
         if bad or (f.lora_rank and not f.lora_targets):
             raise ConfigError(
                 f"finetune.lora_targets = {f.lora_targets!r}: choose one or more of "
-                f"{', '.join(TARGETS)}"
+                f"{', '.join(LORA_TARGETS)}"
             )
         self.validate_trainable()
         self.validate_val_names()
@@ -329,8 +334,6 @@ class Config:
                 f"train.init_from = {t.init_from!r}: no such file or directory; give a run "
                 "directory, a checkpoint, an exported model/ directory, or 'scratch'"
             )
-        if manifests is not None:
-            self.validate_data(manifests)
 
     def resolve_grad_accum(self, world_size: int) -> None:
         """With train.global_batch_size set, derive train.grad_accum = global batch /
@@ -369,6 +372,7 @@ class Config:
                 f"finetune.freeze_blocks = {f.freeze_blocks}, but the model has "
                 f"{m.n_layer} blocks; use at most {m.n_layer}"
             )
+        # both modules build on gpt.model, which imports this module
         from gpt.lora import max_rank
         from gpt.memory import param_counts
 
@@ -424,30 +428,6 @@ class Config:
         for name, directory in self.data.extra_val.items():
             sets.append((f"extra_val/{name}", f"data.extra_val.{name}", directory))
         return sets
-
-    def validate_data(self, manifests: dict[str, dict]) -> None:
-        """Checks of the config against the prepared data (see ``validate``)."""
-        t, m = self.train, self.model
-        window = m.block_size + 1  # one sequence: block_size inputs and the next token
-        for role, key, directory in self.data_sets():
-            manifest = manifests[role]
-            if manifest["n_vocab"] > m.vocab_size:
-                raise ConfigError(
-                    f"{key} = {directory} uses {manifest['encoding']} with "
-                    f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}"
-                )
-            splits = {"train": ["train", "val"], "replay": ["train"]}.get(role, ["val"])
-            if not t.eval_interval:
-                splits = [s for s in splits if s == "train"]
-            for split in splits:
-                tokens = manifest["splits"].get(split, {}).get("tokens", 0)
-                if tokens < window:
-                    need = "set train.eval_interval = 0 or " if split == "val" else ""
-                    raise ConfigError(
-                        f"{key} = {directory}: split {split!r} has {tokens} tokens, fewer than "
-                        f"one sequence of model.block_size + 1 = {window}; {need}prepare "
-                        "more data (or a smaller model.block_size)"
-                    )
 
 
 RESERVED_VAL_NAMES = ("train", "val", "replay")
@@ -508,309 +488,29 @@ SECTION_TYPES = {
     "train": TrainConfig,
     "optim": OptimConfig,
     "finetune": FinetuneConfig,
-    "bench": BenchConfig,
 }
+# [bench] once switched train.py into a benchmark mode (`--bench.steps=N`), now the script
+# bench/trainer.py. Every config.toml saved before holds the table with steps = 0 (train), so
+# in a file it is read and dropped (old runs still resume and report); asking for the
+# benchmark (steps > 0, or any --bench.* on the command line) is refused by `retired_setting`.
+RETIRED_SECTIONS = {"bench": ("steps", "warmup", "backends", "compile")}
 
 
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return "none"
-    return getattr(tp, "__name__", str(tp)) if not typing.get_args(tp) else str(tp)
-
-
-def _matches(value: Any, tp: Any) -> bool:
-    if isinstance(tp, types.UnionType):
-        return any(_matches(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is float:  # an integer literal is a fine float; a bool is not
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    origin = typing.get_origin(tp)
-    if origin is dict:
-        kt, vt = typing.get_args(tp)
-        return isinstance(value, dict) and all(
-            _matches(k, kt) and _matches(v, vt) for k, v in value.items()
-        )
-    if origin is list:
-        (et,) = typing.get_args(tp)
-        return isinstance(value, list) and all(_matches(v, et) for v in value)
-    return isinstance(value, tp)
-
-
-def _section_fields(section: str) -> dict[str, tuple[Any, str]]:
-    cls = SECTION_TYPES[section]
-    hints = typing.get_type_hints(cls)
-    return {f.name: (hints[f.name], f.metadata.get("help", "")) for f in dataclasses.fields(cls)}
-
-
-def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
-    if section not in SECTIONS:
-        raise ConfigError(f"{origin}: unknown section [{section}]; valid: {', '.join(SECTIONS)}")
-    if section == "deepspeed":
-        node = cfg.deepspeed
-        *parents, leaf = key.split(".")
-        for depth, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                where = ".".join(["deepspeed", *parents[: depth + 1]])
-                raise ConfigError(
-                    f"{origin}: {where} is {node!r}, not a table, so deepspeed.{key} cannot be "
-                    f"set; set {where} as a table (--{where}.KEY=VALUE) or leave out one of them"
-                )
-        node[leaf] = value
-        return
-    fields = _section_fields(section)
-    if key not in fields:
-        raise ConfigError(
-            f"{origin}: unknown key {section}.{key}; valid keys of [{section}]: {', '.join(fields)}"
-        )
-    tp = fields[key][0]
-    if not _matches(value, tp):
-        raise ConfigError(
-            f"{origin}: {section}.{key} must be {_type_name(tp)}, got {value!r} "
-            f"({type(value).__name__})"
-        )
-    if tp is float or (isinstance(tp, types.UnionType) and float in typing.get_args(tp)):
-        value = float(value) if isinstance(value, int) else value
-    setattr(getattr(cfg, section), key, value)
-    cfg.given.add(f"{section}.{key}")
-
-
-def _parse_value(text: str) -> Any:
-    """A command-line value is read as a TOML value (42, 3e-4, true, "x", [1, 2]); anything
-    that is not valid TOML is taken as a bare string, and none/null mean None."""
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file at ``path``, then ``--section.key=value`` overrides."""
-    cfg = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"{path}: not valid TOML: {err}") from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); TOML files are UTF-8"
-            ) from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot read it ({err.strerror})") from None
-        for section, table in data.items():
-            if not isinstance(table, dict):
-                raise ConfigError(
-                    f"{path}: top-level key {section!r} must be a [section]; valid sections: "
-                    f"{', '.join(SECTIONS)}"
-                )
-            for key, value in table.items():
-                _set(cfg, section, key, value, str(path))
-    for arg in overrides:
-        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"command line: expected --section.key=value, got {arg!r}")
-        name, sep, text = arg[2:].partition("=")
-        if not sep:
-            raise ConfigError(f"command line: {arg!r} has no value; write --{name}=VALUE")
-        section, _, key = name.partition(".")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ConfigError(
-                f"command line: --{name} holds bytes that are not UTF-8 text; give the value "
-                "in UTF-8"
-            ) from None
-        _set(cfg, section, key, _parse_value(text), "command line")
-    return cfg
-
-
-def config_help() -> str:
-    """Every key with its type, default and one-line description."""
-    lines = []
-    defaults = Config()
-    for section in SECTION_TYPES:
-        lines.append(f"[{section}]")
-        for key, (tp, help) in _section_fields(section).items():
-            default = getattr(getattr(defaults, section), key)
-            lines.append(f"  --{section}.{key}=<{_type_name(tp)}>  {help} (default: {default!r})")
-    lines.append("[deepspeed]")
-    lines.append(
-        "  --deepspeed.<key>[.<key>...]=<value>  passed on to the DeepSpeed config (the keys "
-        "are listed in docs/configuration.md)"
+def retired_setting(section: str, key: str, value: Any, origin: str) -> None:
+    """Accept ``section.key = value`` of a retired section (``RETIRED_SECTIONS``) from a
+    config file where it asks for nothing (ignored); otherwise a ConfigError naming the key
+    and what to do instead."""
+    run = "python bench/trainer.py CONFIG --steps N [--warmup N] [--backends ...] [--compile ...]"
+    what = (
+        f"[{section}] is retired: train.py has no benchmark mode any more; time the trainer "
+        f"with `{run}` (docs/performance.md)"
     )
-    return "\n".join(lines)
-
-
-def _range_text(meta: dict, key: str) -> str:
-    if key in CHOICES:
-        return " \\| ".join(CHOICES[key])
-    lo, hi = meta.get("min", meta.get("above")), meta.get("max", meta.get("below"))
-    if lo is None and hi is None:
-        return ""
-    left = ("[" if "min" in meta else "(") + f"{lo}" if lo is not None else "(-inf"
-    right = f"{hi}" + ("]" if "max" in meta else ")") if hi is not None else "inf)"
-    return f"{left}, {right}"
-
-
-SECTION_HELP = {
-    "model": "The network's shape and switches (gpt/model.py). With `train.init_from` the shape "
-    "comes from the checkpoint.",
-    "data": "The prepared data set (`python -m gpt.data.prepare`, docs/data.md).",
-    "train": "The run: steps, batch, evaluation, checkpoints, logging, precision.",
-    "optim": "AdamW and the learning-rate schedule (linear warmup, cosine decay).",
-    "finetune": "Adapting a model loaded with `train.init_from` (docs/finetune.md).",
-    "bench": "The trainer's benchmark mode (`--bench.steps=N`; docs/performance.md).",
-}
-
-
-def config_markdown() -> str:
-    """docs/configuration.md: every section and key with its type, default, valid range and
-    description (``python -m gpt.config > docs/configuration.md``; a test keeps it current)."""
-    out = [
-        "# Configuration reference",
-        "",
-        "Generated from `gpt/config.py` by `python -m gpt.config > docs/configuration.md`.",
-        "A run's config is a TOML file of these sections; any key can be overridden on the",
-        "command line as `--section.key=value` (a TOML value). Precedence: defaults < file <",
-        "command line. Every value is checked before any work: an unknown key, a wrong type or",
-        "a value outside its range exits with status 2 and a message naming the key. Relative",
-        "paths are relative to the directory `train.py` runs in.",
-        "",
-    ]
-    defaults = Config()
-    for section, cls in SECTION_TYPES.items():
-        out += [f"## [{section}]", "", SECTION_HELP[section], ""]
-        out += ["| key | type | default | valid | meaning |", "|---|---|---|---|---|"]
-        for key, (tp, help) in _section_fields(section).items():
-            value = getattr(getattr(defaults, section), key)
-            default = "(none)" if value is None else f"`{_toml_value(value)}`"
-            meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
-            cells = [
-                f"`{key}`",
-                _type_name(tp).replace("|", "or"),
-                default,
-                _range_text(meta, f"{section}.{key}"),
-                help.replace("|", "\\|"),
-            ]
-            out.append("| " + " | ".join(cells) + " |")
-        out.append("")
-    from gpt.train.engine import DEEPSPEED_KEYS, DEEPSPEED_REFUSED
-
-    out += [
-        "## [deepspeed]",
-        "",
-        "Passed on to DeepSpeed's config, merged over what `gpt/train/engine.py` derives",
-        "(batch sizes, ZeRO stage, precision). Only the keys below are passed on, each checked",
-        "(a key DeepSpeed would ignore, or one misspelt, is an error naming it). Example:",
-        "`--deepspeed.zero_optimization.stage=2`.",
-        "",
-        "| key | valid |",
-        "|---|---|",
-        *(f"| `{k}` | {rule} |" for k, (rule, _) in DEEPSPEED_KEYS.items()),
-        "",
-        '`fp16.*` apply with `train.dtype = "fp16"` only; `bf16.enabled = true` (bf16',
-        "weights and DeepSpeed's optimizer wrapper instead of autocast) needs",
-        '`train.dtype = "bf16"`.',
-        "",
-        "Refused, because the trainer derives them, overrides them or does not use them:",
-        "",
-        "| key | why | set instead |",
-        "|---|---|---|",
-        *(f"| `{k}` | {why} | {instead} |" for k, (why, instead) in DEEPSPEED_REFUSED.items()),
-        "",
-    ]
-    return "\n".join(out)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_string(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {value!r} to TOML")
-
-
-SHORT_ESCAPES = {"\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
-
-
-def _toml_string(text: str) -> str:
-    """A TOML basic string: quotes, backslashes and control characters escaped, every other
-    character as itself (JSON's ensure_ascii escapes would split a character outside the
-    Basic Multilingual Plane into two surrogate escapes, which TOML refuses)."""
-    out = []
-    for ch in text:
-        code = ord(ch)
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif ch in SHORT_ESCAPES:
-            out.append(SHORT_ESCAPES[ch])
-        elif code < 0x20 or code == 0x7F:
-            out.append(f"\\u{code:04x}")
-        elif 0xD800 <= code <= 0xDFFF:
-            raise ConfigError(f"{text!r}: holds a lone surrogate, which is not text TOML can hold")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
-def _toml_key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _toml_value(key)
-
-
-def _derived_grad_accum(cfg: Config) -> bool:
-    return cfg.train.global_batch_size is not None and "train.grad_accum" not in cfg.given
-
-
-def to_toml(cfg: Config) -> str:
-    """The resolved config as TOML that ``load_config`` reads back to an equal Config.
-    None values are left out: every optional field defaults to None."""
-    out = []
-    for section in SECTIONS:
-        table = (
-            dataclasses.asdict(getattr(cfg, section)) if section != "deepspeed" else cfg.deepspeed
+    if origin == "command line":
+        raise ConfigError(f"command line: --{section}.{key}: {what}")
+    if key not in RETIRED_SECTIONS[section]:
+        raise ConfigError(f"{origin}: unknown key {section}.{key}; {what}")
+    if key == "steps" and value != 0:
+        raise ConfigError(
+            f"{origin}: {section}.{key} = {value!r} asks for the benchmark; {what}, and delete "
+            f"the [{section}] table from {origin} to train"
         )
-        if section == "train" and _derived_grad_accum(cfg):
-            table.pop("grad_accum")  # it follows the world size: re-derived when read back
-        out.append(f"[{section}]")
-        out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if v is not None]
-        out.append("")
-    return "\n".join(out)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    write_atomic(path, to_toml(cfg))
-
-
-def config_from_argv(argv: list[str], prog: str = "train.py") -> tuple[Path | None, Config]:
-    """``prog [CONFIG.toml] [--section.key=value ...]`` with ``--help``; a bad config exits
-    with status 2 and the message on stderr, as argparse does."""
-    if any(a in ("-h", "--help") for a in argv):
-        print(f"usage: {prog} [CONFIG.toml] [--section.key=value ...]\n\n{config_help()}")
-        raise SystemExit(0)
-    path = Path(argv[0]) if argv and not argv[0].startswith("--") else None
-    try:
-        cfg = load_config(path, argv[1:] if path else argv)
-    except ConfigError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return path, cfg
-
-
-if __name__ == "__main__":
-    print(config_markdown(), end="")

@@ -18,10 +18,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gpt.config import ModelConfig
+from gpt.config import LORA_TARGETS, ModelConfig
 from gpt.model import linear_shapes
-
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def max_rank(cfg: ModelConfig, targets: list[str]) -> tuple[int, str]:
@@ -64,9 +62,10 @@ class LoRALinear(nn.Linear):
 
 
 def _targets(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown:
-        raise ValueError(f"finetune.lora_targets: unknown {unknown}; valid: {', '.join(TARGETS)}")
+        valid = ", ".join(LORA_TARGETS)
+        raise ValueError(f"finetune.lora_targets: unknown {unknown}; valid: {valid}")
     found = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():

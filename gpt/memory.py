@@ -33,8 +33,11 @@ Transformer Models": 34 s b h bytes per layer in 16 bits) for our layers, plus o
 block's worth for the gradients the backward pass holds while it runs through a block. After
 the blocks: the final norm's and the head's inputs, and k = 4 fp32 copies of the logits (the
 logits, which the caller holds until backward, their log-softmax and the two gradients): the
-largest term of a small model with GPT-2's vocabulary. The parts are summed, although a
-step's activations are freed before the optimizer's buffers are used. Left out: the
+largest term of a small model with GPT-2's vocabulary. With model.loss_chunk = n
+(gpt/loss.py) the logits are never held in full: 4 bytes per token (the log-sum-exp), plus
+one chunk's logits and softmax gradient, n V' 2 (4 + a), and the head's fp32 gradient sum,
+4 V' C. The parts are summed, although a step's activations are freed before the
+optimizer's buffers are used. Left out: the
 allocator's fragmentation and cache, the CUDA context, torch.compile's savings (its fused
 kernels keep less). tests/test_memory.py holds the estimate within a factor of 1.5 of the
 measured peak of DeepSpeed training steps on the CPU; measured, it was 0.83-1.05 of the peak
@@ -57,7 +60,6 @@ import torch
 
 from gpt.config import Config, ConfigError, ModelConfig
 from gpt.model import linear_shapes
-from gpt.train.engine import precision
 
 GiB = 1 << 30
 LOGIT_COPIES = 4  # the logits (the caller holds them), their log-softmax, and both gradients
@@ -121,6 +123,14 @@ def param_counts(cfg: Config) -> tuple[int, int]:
     return stored, trainable - (embeddings if f.freeze_embeddings else 0)
 
 
+def precision(cfg: Config) -> str:
+    """How training holds its weights (``gpt.train.engine.precision``: DeepSpeed's config is
+    the engine's), imported on use so that decoding's estimates never load the trainer."""
+    from gpt.train.engine import precision
+
+    return precision(cfg)
+
+
 def _weight_bytes(cfg: Config) -> int:
     return 2 if precision(cfg) in ("deepspeed-bf16", "fp16") else 4
 
@@ -139,10 +149,17 @@ def activation_bytes(cfg: Config, micro_batch_size: int) -> int:
     layer += 2 * C if m.dropout > 0 else 0
     layer += 4 * H * T if m.attention == "naive" else 0
     # the blocks' saved tensors, one more block's worth of gradients while the backward pass
-    # runs through it, the final norm's and the head's inputs, the logits
-    per_token = (m.n_layer + 1) * layer + C * (r + a) + 4 * LOGIT_COPIES * m.padded_vocab_size
+    # runs through it, the final norm's and the head's inputs, the logits (with
+    # model.loss_chunk: each token's log-sum-exp, and one chunk's logits below)
+    V = m.padded_vocab_size
+    logits = 4 if m.loss_chunk else 4 * LOGIT_COPIES * V
+    per_token = (m.n_layer + 1) * layer + C * (r + a) + logits
     per_token += 12 * H * T if m.attention == "naive" else 0
-    return micro_batch_size * T * per_token
+    total = micro_batch_size * T * per_token
+    if m.loss_chunk:  # one chunk's logits in fp32 and the compute dtype, twice; the head's
+        # gradient summed in fp32 (gpt/loss.py)
+        total += min(m.loss_chunk, micro_batch_size * T) * V * 2 * (4 + a) + 4 * V * C
+    return total
 
 
 def training_memory(cfg: Config, world: int, micro_batch_size: int | None = None) -> MemoryEstimate:

@@ -26,6 +26,8 @@ from torch import Tensor
 
 from gpt.attention import get_attention
 from gpt.config import ModelConfig
+from gpt.loss import chunked_cross_entropy
+from gpt.sdpa import sdpa_order, sdpa_priority
 
 Rope = tuple[Tensor, Tensor]  # cos, sin of the rotary angles of the positions in x, (T, D/2)
 
@@ -234,6 +236,9 @@ class GPT(nn.Module):
             cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, False)
             self.register_buffer("rope_sin", sin, False)
+        # which kernel F.scaled_dot_product_attention may pick, in order (gpt/sdpa.py); an
+        # empty model.sdpa_kernels is resolved for the device current at build time
+        self.sdpa_order = sdpa_order(cfg.sdpa_kernels)
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
         for name, p in self.named_parameters():
@@ -274,7 +279,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, kv_cache: KVCache | None = None):
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T) also the mean
-        cross-entropy over the positions whose target is not -1. With ``kv_cache`` the tokens
+        cross-entropy over the positions whose target is not -1 (with ``model.loss_chunk``
+        set, the loss alone: logits None, never materialised). With ``kv_cache`` the tokens
         continue the cached ones (positions start at ``kv_cache.length``) and are appended to
         it, any number at a time."""
         B, T = idx.shape
@@ -292,18 +298,24 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
         x = self.transformer.drop(x)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, kv_cache, i)
+        with sdpa_priority(self.sdpa_order):
+            for i, block in enumerate(self.transformer.h):
+                x = block(x, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, padded vocab)
-        V = self.cfg.vocab_size
+        x, V = self.transformer.ln_f(x), self.cfg.vocab_size
+        if targets is not None and self.cfg.loss_chunk:
+            flat = x.reshape(B * T, -1)  # (B*T, C)
+            w, chunk = self.lm_head.weight, self.cfg.loss_chunk
+            return None, chunked_cross_entropy(flat, w, targets.reshape(-1), V, chunk)
+        logits = self.lm_head(x)  # (B, T, padded vocab)
         if targets is None:
             return logits[..., :V]  # a view: the padding columns are never seen
         if logits.size(-1) > V:
             logits = MaskPadding.apply(logits, V)
+        acc = torch.promote_types(logits.dtype, torch.float32)  # fp32, float64 in tests
         loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            logits.view(-1, logits.size(-1)).to(acc), targets.reshape(-1), ignore_index=-1
         )
         return logits[..., :V], loss
 

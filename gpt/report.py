@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from gpt.eval.baseline import unigram_loss
-from gpt.train.checkpoint import read_run
+from gpt.run import read_run
 from gpt.train.metrics import is_number, plot_losses, read_metrics
 
 

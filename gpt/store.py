@@ -21,7 +21,10 @@ through this module, and none of them trusts a file it has not checked:
 - LoRA adapters pin their base (``adapter.json``: the base checkpoint or model directory and
   the sha256 of its weights); a base that changed or is gone is refused, naming it.
 
-Both tables, a checkpoint's and an export's, are one format: ``{"relative/path": sha256}``.
+Both tables, a checkpoint's and an export's, are one format, written by ``write_checksums``
+and read by ``read_checksums``: a JSON object ``{"relative/path": sha256}``. Tables written
+before that (an export's on one line, a checkpoint's without its ``model/checksums.json``)
+are the same object and stay readable. Run directories as a whole are gpt/run.py's.
 """
 
 from __future__ import annotations
@@ -162,17 +165,23 @@ def listed_files(root: Path) -> list[str]:
 
 def write_checksums(root: Path, names: list[str] | None = None) -> None:
     """sha256 of ``names`` (default: every file ``listed_files`` finds) into
-    ``root/checksums.json`` (hashed in threads: hashlib releases the GIL)."""
+    ``root/checksums.json``: the one writer of both tables, a checkpoint's and an export's
+    (hashed in threads: hashlib releases the GIL)."""
     names = listed_files(root) if names is None else names
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = list(pool.map(lambda n: sha256_file(root / n), names))
-    table = dict(zip(names, digests, strict=True))
+    table = dict(zip(names, _digests(root, names), strict=True))
     write_atomic(root / CHECKSUMS, json.dumps(table, indent=1) + "\n")
+
+
+def _digests(root: Path, names: list[str]) -> list[str]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda n: sha256_file(root / n), names))
 
 
 def read_checksums(root: Path) -> dict[str, str]:
     """``root/checksums.json``: a JSON object of relative paths (no ``..``, not absolute) to
-    lowercase hex sha256; CheckpointError naming the file otherwise."""
+    lowercase hex sha256; CheckpointError naming the file otherwise. Also reads the tables
+    written before ``write_checksums`` wrote both (exports' on one line, checkpoints' without
+    their ``model/checksums.json``): the same object, so the same check."""
     file = root / CHECKSUMS
     try:
         table = json.loads(file.read_bytes())
@@ -193,6 +202,17 @@ def read_checksums(root: Path) -> dict[str, str]:
     return table
 
 
+def check_files(root: Path, table: dict[str, str], names: list[str], remedy: str) -> None:
+    """The files ``names`` of ``root`` exist and have the sha256 ``table`` lists for them;
+    CheckpointError naming the first that does not (``remedy``: what the user can do)."""
+    for name in names:
+        if not (root / name).is_file():
+            raise CheckpointError(f"{root / name}: missing (listed in {root / CHECKSUMS})")
+    for name, digest in zip(names, _digests(root, names), strict=True):
+        if digest != table[name]:
+            raise CheckpointError(f"{root / name}: checksum mismatch ({remedy})")
+
+
 def verify_checksums(
     root: Path, only: str | None = None, skip: tuple[str, ...] = ()
 ) -> dict[str, str]:
@@ -211,13 +231,7 @@ def verify_checksums(
     for name in sorted(unlisted):
         raise CheckpointError(f"{root / name}: not listed in {root / CHECKSUMS}")
     names = sorted(n for n in table if (only is None or Path(n).parts[0] == only) and n not in skip)
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        digests = list(pool.map(lambda n: sha256_file(root / n), names))
-    for name, digest in zip(names, digests, strict=True):
-        if digest != table[name]:
-            raise CheckpointError(
-                f"{root / name}: checksum mismatch (the file changed after it was saved)"
-            )
+    check_files(root, table, names, "the file changed after it was saved")
     return table
 
 
@@ -229,16 +243,9 @@ def verify_model_dir(path: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
     table = read_checksums(path)
     if WEIGHTS not in table:
         raise CheckpointError(f"{path / CHECKSUMS}: damaged: it does not list {WEIGHTS}")
-    for name, digest in table.items():
-        if name in skip:
-            continue
-        if not (path / name).is_file():
-            raise CheckpointError(f"{path / name}: missing (listed in {path / CHECKSUMS})")
-        if sha256_file(path / name) != digest:
-            raise CheckpointError(
-                f"{path / name}: checksum mismatch: the file changed or was damaged after it "
-                "was written; export or copy it again"
-            )
+    names = [n for n in table if n not in skip]
+    remedy = "the file changed or was damaged after it was written; export or copy it again"
+    check_files(path, table, names, remedy)
     return table
 
 
@@ -418,6 +425,15 @@ def model_dir_of(path: str | Path) -> Path:
     while source.adapters is not None:
         source = base_of(source.adapters)
     return source.model_dir
+
+
+def model_config_of(path: str | Path):
+    """The ModelConfig recorded with the model at ``path`` (as ``load_model`` resolves it;
+    for a LoRA run its base's, which the merge keeps), the attention backend it was trained
+    with included. Reads config.json only."""
+    from gpt.convert import read_model_config
+
+    return read_model_config(model_dir_of(path))
 
 
 def tokenizer_of(path: str | Path) -> str | None:

@@ -15,7 +15,7 @@ shared memory, "SRAM" below) and streams the tiles of the other operand through 
   one float per row, the log-sum-exp L = m + log(l), which is all the backward needs.
 * backward: scores are *recomputed* from Q, K and L (P = exp(S - L) is already
   normalised), never loaded. Three kernels, none with atomics:
-    1. delta = rowsum(dO * O)                       (one value per query row)
+    1. delta = rowsum(dO * O)    (one value per query row; gpt.kernels.attention_op's kernel)
     2. dK, dV: a K/V tile stays in SRAM, Q/dO tiles stream past;
        with grouped-query attention the program also loops over the query heads that
        share its K/V head, so the reduction over the group happens in SRAM.
@@ -51,22 +51,23 @@ diagonal in every way, and small blocks make short test sequences span several t
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from gpt.kernels import tuning
-from gpt.kernels.reference import check_shapes
+from gpt.kernels.attention_op import (
+    LOG2E,
+    MIN_INIT,  # finite stand-in for -inf as the initial running max (see "Masking" above)
+    AttentionOp,
+    autotune,
+    block_d,
+    dot_precision,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * log2(e))
-# Finite stand-in for -inf as the initial running max (see "Masking" above).
-_MIN_INIT = tl.constexpr(-1.0e30)
 
 
 # --------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ _MIN_INIT = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _flash_attention_fwd_kernel(
+def _fwd_kernel(
     Q, K, V, OUT, LSE,  # inputs (B, H, T, D), (B, H_kv, S, D) x2; outputs (B, H, T, D), (B*H, T)
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -111,7 +112,7 @@ def _flash_attention_fwd_kernel(
 
     # --- Stays in SRAM for the whole program --------------------------------------
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
-    m_i = tl.full([BLOCK_M], _MIN_INIT, dtype=tl.float32)  # running row max (base 2)
+    m_i = tl.full([BLOCK_M], MIN_INIT, dtype=tl.float32)  # running row max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
 
@@ -164,34 +165,7 @@ def _flash_attention_fwd_kernel(
 
 
 @triton.jit
-def _flash_attention_bwd_delta_kernel(
-    OUT, DO, DELTA,  # (B, H, T, D) x2 -> (B*H, T)
-    stride_ob, stride_oh, stride_ot, stride_od,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    H, T, D,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    # delta_i = sum_j P_ij dP_ij = rowsum(dO * O)_i: the softmax-backward term that would
-    # otherwise need the whole row of P (Algorithm 2, line 4).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < T)[:, None] & (offs_d < D)[None, :]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh
-    o_ptrs += offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od
-    do_ptrs = DO + b * stride_dob + h * stride_doh
-    do_ptrs += offs_m[:, None] * stride_dot + offs_d[None, :] * stride_dod
-    o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_D)
-    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
-
-
-@triton.jit
-def _flash_attention_bwd_dkdv_kernel(
+def _dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -285,7 +259,7 @@ def _flash_attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _flash_attention_bwd_dq_kernel(
+def _dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_kt, stride_kd,
@@ -382,13 +356,6 @@ GPU_TILES = {
     "dq": [tuning.Tile(h, s, w, 2) for h, s in _PAIRS for w in (4, 8)],
     "dkdv": [tuning.Tile(h, s, w, st) for h, s in _PAIRS for w in (4, 8) for st in (2, 3)],
 }
-# What each kernel keeps in shared memory (tuning.Footprint): forward and dQ hold Q (dQ
-# also dO), stream K and V; dK/dV hold K and V, stream Q and dO.
-FOOTPRINTS = {
-    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2),
-    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2),
-    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2),
-}
 
 
 def autotuned(kernel, role: str, tiles=None, do_bench=None):
@@ -396,164 +363,68 @@ def autotuned(kernel, role: str, tiles=None, do_bench=None):
     GPU_TILES[role]) pruned per head dim and dtype, in the interpreter over its one fixed
     configuration (a single configuration is never timed). ``do_bench`` replaces Triton's
     timer (tests)."""
-    holds_queries = role != "dkdv"
     if tiles is None:
         m, n = _INTERPRET_BLOCKS
         tiles = [tuning.Tile(m, n, 4, 2)] if _INTERPRET else GPU_TILES[role]
-    prune = functools.partial(tuning.prune, footprint=FOOTPRINTS[role], holds_queries=holds_queries)
-    return triton.autotune(
-        configs=tuning.configs(tiles, holds_queries),
-        key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": prune},
-        do_bench=do_bench,
-    )(kernel)
+    return autotune(kernel, role, tiles, AUTOTUNE_KEY, do_bench)
 
 
-_fwd_kernel = autotuned(_flash_attention_fwd_kernel, "fwd")
-_dq_kernel = autotuned(_flash_attention_bwd_dq_kernel, "dq")
-_dkdv_kernel = autotuned(_flash_attention_bwd_dkdv_kernel, "dkdv")
+# The @triton.jit kernels by role, and the autotuned wrappers the launches look up (tests
+# replace them).
+JIT_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
+TUNED_KERNELS = {role: autotuned(kernel, role) for role, kernel in JIT_KERNELS.items()}
 
 
 def _grid(length: int, block: str, programs: int):
     return lambda meta: (triton.cdiv(length, meta[block]), programs)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get exact fp32 products (a GPU would otherwise round them to TF32);
-    # for fp16/bf16 the option is ignored.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile side >= 16
-
-
 # --------------------------------------------------------------------------------------
-# PyTorch custom ops (torch.library), so torch.compile treats the kernels as opaque calls
+# Launches; gpt.kernels.attention_op makes them custom ops
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gpt::flash_attention_fwd", mutates_args=())
-def _flash_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Returns O (B, H, T, D), contiguous, and the base-2 log-sum-exp (B, H, T), float32."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, o: Tensor, lse: Tensor):
+    """Fills O (B, H, T, D) and the base-2 log-sum-exp L (B, H, T)."""
     B, H, T, D = q.shape
     S = k.shape[2]
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-    _fwd_kernel[_grid(T, "BLOCK_M", B * H)](
+    TUNED_KERNELS["fwd"][_grid(T, "BLOCK_M", B * H)](
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         H, T, S, D, H // k.shape[1],
-        scale * _LOG2E,
+        scale * LOG2E,
         tuning.length_bucket(T), tuning.length_bucket(S),
         IS_CAUSAL=causal,
-        DOT_PRECISION=_dot_precision(q.dtype),
-        BLOCK_D=_block_d(D),
+        DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_D=block_d(D),
     )  # fmt: skip
-    return o, lse
 
 
-@_flash_attention_fwd.register_fake
-def _(q, k, v, causal, scale):
-    B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("gpt::flash_attention_bwd", mutates_args=())
-def _flash_attention_bwd(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dQ, dK, dV, contiguous, in the dtypes of q, k, v."""
+def _backward(do, q, k, v, lse, delta, causal: bool, scale: float, dq, dk, dv):
+    """Fills dQ, dK, dV, given L and delta = rowsum(dO * O)."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     group = H // H_kv
-    block_d = _block_d(D)
-    precision = _dot_precision(q.dtype)
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H_kv, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H_kv, S, D), dtype=v.dtype, device=v.device)
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
-
-    delta_block = 64 if not _INTERPRET else _INTERPRET_BLOCKS[0]
-    _flash_attention_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T, D,
-        BLOCK_M=delta_block, BLOCK_D=block_d,
-    )  # fmt: skip
-    _dkdv_kernel[_grid(S, "BLOCK_N", B * H_kv)](
+    options = {"IS_CAUSAL": causal, "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(D)}
+    TUNED_KERNELS["dkdv"][_grid(S, "BLOCK_N", B * H_kv)](
         q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         H, H_kv, T, S, D, group,
-        scale * _LOG2E, scale,
+        scale * LOG2E, scale,
         tuning.length_bucket(T), tuning.length_bucket(S),
-        IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+        **options,
     )  # fmt: skip
-    _dq_kernel[_grid(T, "BLOCK_M", B * H)](
+    TUNED_KERNELS["dq"][_grid(T, "BLOCK_M", B * H)](
         q, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         H, T, S, D, group,
-        scale * _LOG2E, scale,
+        scale * LOG2E, scale,
         tuning.length_bucket(T), tuning.length_bucket(S),
-        IS_CAUSAL=causal, DOT_PRECISION=precision, BLOCK_D=block_d,
+        **options,
     )  # fmt: skip
-    return dq, dk, dv
 
 
-@_flash_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
-    # contiguous, like the real outputs (empty_like would copy a transposed input's strides)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do: Tensor, _dlse: Tensor | None):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _flash_attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_flash_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def check_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool, kernel: str) -> None:
-    """The registry's shape contract plus what the kernels support; ``kernel`` names the
-    caller in the error messages."""
-    if not _INTERPRET and not q.is_cuda:
-        raise RuntimeError(
-            f"{kernel} needs CUDA tensors on an NVIDIA GPU, or TRITON_INTERPRET=1 set "
-            f"before start-up to run in Triton's interpreter on the CPU; got a {q.device} tensor"
-        )
-    # The causal lengths are checked here: the kernels mask bottom-right (module docstring)
-    # and so accept T <= S, where the older contract in check_shapes asked for T == S.
-    check_shapes(q, k, v, causal=False)
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(
-            f"causal attention needs T <= S (the mask is aligned to the last key); got "
-            f"T={q.shape[2]}, S={k.shape[2]}"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {q.dtype} unsupported; use float16, bfloat16 or float32")
-    if q.shape[-1] > 256:
-        raise ValueError(f"head dim {q.shape[-1]} unsupported; at most 256")
-    if q.shape[2] == 0 or k.shape[2] == 0:
-        raise ValueError(f"empty sequence: T={q.shape[2]}, S={k.shape[2]}")
+OP = AttentionOp("flash_attention", _forward, _backward)  # gpt::flash_attention_fwd, _bwd
 
 
 def flash_attention(
@@ -567,7 +438,4 @@ def flash_attention(
     Inputs may be float32, float16 or bfloat16 (not in the interpreter) and need not be
     contiguous; the output is a contiguous (B, H, T, D) tensor of q's dtype.
     """
-    check_inputs(q, k, v, causal, "flash_attention")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _flash_attention_fwd(q, k, v, causal, scale)
-    return out
+    return OP(q, k, v, causal, scale)

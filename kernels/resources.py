@@ -1,7 +1,7 @@
 """Compile-only resource report of the attention kernels for an H100 (sm_90): no GPU needed.
 
     python -m gpt.kernels.resources                        # pruned candidates, D 64 and 128, bf16
-    python -m gpt.kernels.resources --all --head-dims 128 --kernels triton-hopper
+    python -m gpt.kernels.resources --all --head-dims 128 --kernels triton-packed-gqa
 
 Each autotune candidate (those the pruning keeps, or ``--all``) of each kernel is compiled by
 Triton's own compiler (TTIR -> PTX -> cubin, with the ptxas bundled in the wheel) for
@@ -28,21 +28,17 @@ from pathlib import Path
 H100_SHARED_LIMIT = 232448  # bytes of shared memory one program may use (227 KiB)
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 TENSOR_ARGS = ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV")
+BACKENDS = {"triton": "flash_attention", "triton-packed-gqa": "flash_attention_packed_gqa"}
 DESCRIPTOR_ROWS = {"K_DESC": "BLOCK_N", "V_DESC": "BLOCK_N", "Q_DESC": "BLOCK_M",
                    "DO_DESC": "BLOCK_M"}  # fmt: skip
 
 
 def _kernels(name: str) -> dict:
     """role -> (module, jit function) of one backend's autotuned kernels."""
-    if name == "triton":
-        from gpt.kernels import flash_attention as m
+    import importlib
 
-        return {"fwd": (m, m._flash_attention_fwd_kernel),
-                "dq": (m, m._flash_attention_bwd_dq_kernel),
-                "dkdv": (m, m._flash_attention_bwd_dkdv_kernel)}  # fmt: skip
-    from gpt.kernels import flash_attention_hopper as m
-
-    return {"fwd": (m, m._fwd_kernel), "dq": (m, m._dq_kernel), "dkdv": (m, m._dkdv_kernel)}
+    module = importlib.import_module(f"gpt.kernels.{BACKENDS[name]}")
+    return {role: (module, kernel) for role, kernel in module.JIT_KERNELS.items()}
 
 
 def compile_kernel(kernel, values: dict, dtype: str, num_warps: int, num_stages: int) -> dict:
@@ -98,21 +94,21 @@ def candidates(backend: str, role: str, head_dim: int, dtype: str, everything: b
     a GPU (through the kernel's own autotuner and prune function), or all of them."""
     import torch
 
-    from gpt.kernels.flash_attention import _block_d
+    from gpt.kernels.attention_op import block_d
 
     module, kernel = _kernels(backend)[role]
     tuner = module.autotuned(kernel, role)
     configs = tuner.configs
     if not everything:
         args = {"Q": torch.empty(0, dtype=getattr(torch, DTYPES[dtype])),
-                "BLOCK_D": _block_d(head_dim), "T_BUCKET": 4096, "S_BUCKET": 4096,
+                "BLOCK_D": block_d(head_dim), "T_BUCKET": 4096, "S_BUCKET": 4096,
                 "GROUP": 1}  # fmt: skip
         configs = tuner.early_config_prune(configs, args)
     return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
 
 
 def report(backends, head_dims, dtype: str, everything: bool, causal: bool = True) -> list:
-    from gpt.kernels.flash_attention import _block_d
+    from gpt.kernels.attention_op import block_d
 
     rows = []
     for backend in backends:
@@ -120,7 +116,7 @@ def report(backends, head_dims, dtype: str, everything: bool, causal: bool = Tru
             for head_dim in head_dims:
                 for m, n, warps, stages in candidates(backend, role, head_dim, dtype, everything):
                     values = {"IS_CAUSAL": causal, "BLOCK_M": m, "BLOCK_N": n,
-                              "BLOCK_D": _block_d(head_dim),
+                              "BLOCK_D": block_d(head_dim),
                               "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32"}  # fmt: skip
                     if backend != "triton":
                         values |= {"GROUP": 1, "USE_TMA": True, "PERSISTENT": False}
@@ -139,7 +135,7 @@ def report(backends, head_dims, dtype: str, everything: bool, causal: bool = Tru
 
 def _line(row: dict) -> str:
     tile = f"{row['block_m']:>3}x{row['block_n']:<3} w{row['warps']} s{row['stages']}"
-    head = f"{row['backend']:13} {row['kernel']:4} D={row['head_dim']:<3} {tile}"
+    head = f"{row['backend']:17} {row['kernel']:4} D={row['head_dim']:<3} {tile}"
     if "error" in row:
         return f"{head}  ERROR {row['error']}"
     spill = f"  SPILLS {row['stack_bytes']} B" if row["stack_bytes"] else ""
@@ -151,8 +147,7 @@ def _line(row: dict) -> str:
 def main(argv: list[str] | None = None) -> list:
     p = argparse.ArgumentParser(prog="python -m gpt.kernels.resources",
                                 description=__doc__.split("\n")[0])  # fmt: skip
-    p.add_argument("--kernels", nargs="+", default=["triton", "triton-hopper"],
-                   choices=["triton", "triton-hopper"])  # fmt: skip
+    p.add_argument("--kernels", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
     p.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--full-mask", action="store_true", help="non-causal (default: causal)")

@@ -19,16 +19,30 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
+import re
 import sys
 import time
 
 import torch
 
-BACKENDS = {  # backend -> (module, forward op, backward op) of gpt.kernels
-    "triton": ("flash_attention", "_flash_attention_fwd", "_flash_attention_bwd"),
-    "triton-hopper": ("flash_attention_hopper", "_attention_fwd", "_attention_bwd"),
+BACKENDS = {  # backend -> its module of gpt.kernels (whose OP is an attention_op.AttentionOp)
+    "triton": "flash_attention",
+    "triton-packed-gqa": "flash_attention_packed_gqa",
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def parse_shape(text: str) -> tuple[int, int, int, int, int]:
+    """ "4x32/8x4096x128" -> (batch 4, heads 32, kv heads 8, T 4096, D 128); the attention
+    benchmark (bench/attention.py) reads its ``--shapes`` with this too."""
+    match = re.fullmatch(r"(\d+)x(\d+)(?:/(\d+))?x(\d+)x(\d+)", text)
+    if not match:
+        raise ValueError(f"shape {text!r} is not BxHxTxD or BxH/H_kvxTxD (e.g. 4x32/8x4096x128)")
+    B, H, H_kv, T, D = (int(g) if g else None for g in match.groups())
+    H_kv = H if H_kv is None else H_kv
+    if min(B, H, H_kv, T, D) < 1 or H % H_kv:
+        raise ValueError(f"shape {text!r}: sizes must be >= 1 and H a multiple of H_kv")
+    return B, H, H_kv, T, D
 
 
 def _arg_spec(value):
@@ -53,7 +67,7 @@ def _specialisation(spec):
 
 
 def plan(backends, shapes, masks, dtypes, device) -> list[tuple]:
-    """The distinct compile jobs (module, kernel attribute, argument specs, keyword args)
+    """The distinct compile jobs (module, kernel role, argument specs, keyword args)
     that the ops of ``backends`` would trigger on these (B, H, H_kv, T, D) shapes."""
     import importlib
 
@@ -71,9 +85,9 @@ def plan(backends, shapes, masks, dtypes, device) -> list[tuple]:
     Autotuner.run = record
     try:
         for backend in backends:
-            module_name, fwd_name, bwd_name = BACKENDS[backend]
+            module_name = BACKENDS[backend]
             module = importlib.import_module(f"gpt.kernels.{module_name}")
-            names = {id(v): k for k, v in vars(module).items() if isinstance(v, Autotuner)}
+            roles = {id(tuner): role for role, tuner in module.TUNED_KERNELS.items()}
             for B, H, H_kv, T, D in shapes:
                 for dtype in dtypes:
                     q, do = (torch.randn(B, H, T, D, device=device, dtype=DTYPES[dtype])
@@ -83,24 +97,24 @@ def plan(backends, shapes, masks, dtypes, device) -> list[tuple]:
                     lse = torch.zeros(B, H, T, device=device)
                     for causal in (m == "causal" for m in masks):
                         recorded.clear()
-                        getattr(module, fwd_name)(q, k, v, causal, D**-0.5)
-                        getattr(module, bwd_name)(do, q, k, v, do, lse, causal, D**-0.5)
+                        module.OP.forward(q, k, v, causal, D**-0.5)
+                        module.OP.backward(do, q, k, v, do, lse, causal, D**-0.5)
                         for tuner, args, kwargs in recorded:
-                            _add_jobs(jobs, module_name, names[id(tuner)], tuner, args, kwargs)
+                            _add_jobs(jobs, module_name, roles[id(tuner)], tuner, args, kwargs)
     finally:
         Autotuner.run = original
     return list(jobs.values())
 
 
-def _add_jobs(jobs: dict, module: str, attr: str, tuner, args, kwargs) -> None:
+def _add_jobs(jobs: dict, module: str, role: str, tuner, args, kwargs) -> None:
     tuner.nargs = dict(zip(tuner.arg_names, args, strict=False))
     for config in tuner.prune_configs(kwargs):
         if config.pre_hook is not None:  # sets the descriptors' blocks for this config
             config.pre_hook({**tuner.nargs, **kwargs, **config.all_kwargs()})
         specs = tuple(_arg_spec(a) for a in args)
         options = {**kwargs, **config.all_kwargs()}
-        key = (module, attr, tuple(map(_specialisation, specs)), tuple(sorted(options.items())))
-        jobs.setdefault(key, (module, attr, specs, options))
+        key = (module, role, tuple(map(_specialisation, specs)), tuple(sorted(options.items())))
+        jobs.setdefault(key, (module, role, specs, options))
     tuner.nargs = None
 
 
@@ -111,8 +125,8 @@ def _compile(job) -> float:
     from triton.runtime.jit import MockTensor
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    module, attr, specs, options = job
-    fn = getattr(importlib.import_module(f"gpt.kernels.{module}"), attr).fn  # the JITFunction
+    module, role, specs, options = job
+    fn = importlib.import_module(f"gpt.kernels.{module}").JIT_KERNELS[role]
     args = []
     for spec in specs:
         if isinstance(spec, tuple) and spec[0] == "tensor":
@@ -128,12 +142,10 @@ def _compile(job) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from gpt.kernels.bench import parse_shape
-
     p = argparse.ArgumentParser(prog="python -m gpt.kernels.warmup",
                                 description=__doc__.split("\n")[0])  # fmt: skip
     p.add_argument("--shapes", nargs="+", required=True, metavar="BxHxTxD",
-                   help="as for gpt.kernels.bench: BxHxTxD or BxH/H_kvxTxD")  # fmt: skip
+                   help="as for bench/attention.py: BxHxTxD or BxH/H_kvxTxD")  # fmt: skip
     p.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     p.add_argument("--masks", nargs="+", choices=["causal", "full"], default=["causal", "full"])
     p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16"])
@@ -155,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         for future in concurrent.futures.as_completed(futures):
             if future.exception() is not None:  # the benchmark will compile (or skip) it
                 failed += 1
-                module, attr, _, options = futures[future]
-                print(f"failed: {attr} {options}: {future.exception()}", file=sys.stderr)
+                module, role, _, options = futures[future]
+                print(f"failed: {module} {role} {options}: {future.exception()}", file=sys.stderr)
     wall = time.perf_counter() - started
     print(f"compiled {len(jobs) - failed} of {len(jobs)} in {wall:.0f} s", file=sys.stderr)
     return 0 if not failed else 1

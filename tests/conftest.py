@@ -51,3 +51,50 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("export") / "model"
     model.save_pretrained(path, tokenizer="bytes")
     return path
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib Figure saved while the test runs, in order: a plot test checks what
+    is drawn (curves, labels, titles, legend entries), not the PNG's magic bytes."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    real = Figure.savefig
+
+    def savefig(self, fname, *args, **kwargs):
+        saved.append(self)
+        return real(self, fname, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+@pytest.fixture(scope="session")
+def twenty(tmp_path_factory, data_dir):
+    """A 20-step run with checkpoints at 10 and 20 (trained once per session)."""
+    from runs import config
+
+    from gpt.cli import train
+
+    path, out = config(tmp_path_factory.mktemp("twenty"), data_dir)
+    args = [
+        str(path),
+        "--train.max_steps=20",
+        "--train.ckpt_interval=10",
+        "--train.eval_interval=0",
+    ]
+    assert train.main(args) == 0
+    return out
+
+
+@pytest.fixture
+def trained(tmp_path, data_dir, twenty):
+    """A copy of ``twenty`` to damage or train on: (config path, run directory)."""
+    import shutil
+
+    from runs import config
+
+    path, out = config(tmp_path, data_dir)
+    shutil.copytree(twenty, out)
+    return path, out

@@ -207,3 +207,13 @@ def copy_run_at(src: Path, dst: Path, step: int) -> None:
     shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
     (dst / "checkpoints" / "latest").write_text(name)
     shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+
+
+def flip_byte(path, offset=-3):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def names(out) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir())

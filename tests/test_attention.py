@@ -134,3 +134,17 @@ def test_bad_shapes_are_rejected(shapes, match):
     for fn in (naive_attention, sdpa_attention):
         with pytest.raises(ValueError, match=match):
             fn(q, k, v, True, 1.0)
+
+
+def test_old_backend_name_is_an_unlisted_alias():
+    """`triton-hopper` (the packed-GQA kernel's name before issue 23) still resolves, so
+    configs and checkpoints that name it load, but the lists show only the current name."""
+    from gpt.attention import ALIASES, attention_names, canonical_attention_name
+
+    assert ALIASES == {"triton-hopper": "triton-packed-gqa"}
+    assert canonical_attention_name("triton-hopper") == "triton-packed-gqa"
+    assert canonical_attention_name("sdpa") == "sdpa"
+    assert "triton-hopper" not in attention_names() and "triton-packed-gqa" in attention_names()
+    assert "triton-hopper" not in attention_status()
+    if attention_status()["triton-packed-gqa"] is None:  # it runs here (GPU or interpreter)
+        assert get_attention("triton-hopper") is get_attention("triton-packed-gqa")

@@ -365,7 +365,7 @@ LAYOUT_CASES = [
 @pytest.mark.parametrize("then, now, saved_universal, expected", LAYOUT_CASES)
 def test_which_state_a_resume_loads(tmp_path, then, now, saved_universal, expected):
     from gpt.config import Config, ConfigError
-    from gpt.train.checkpoint import needs_universal
+    from gpt.train.checkpointer import needs_universal
 
     ckpt = tmp_path / "step_00000003"
     (ckpt / "universal").mkdir(parents=True)

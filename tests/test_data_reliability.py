@@ -1,6 +1,7 @@
 """Reliability of the data pipeline (issue 12 items 3 and 6, issue 16): a failed or killed
 `prepare` never destroys a data set, files it did not write are refused, and every bad shard,
-manifest or split is a one-line ValueError naming the file and what to do."""
+manifest or split is a one-line ValueError naming the file and what to do. (Staging itself,
+the swap, its recovery and its lock: test_data_staging.py.)"""
 
 import json
 import os
@@ -218,19 +219,6 @@ def test_sigkill_mid_run_keeps_old_dataset_and_next_run_cleans_up(dataset, tmp_p
     assert sorted(snapshot(out)) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
 
 
-def test_kill_between_the_two_renames_is_recovered(dataset):
-    # Where renameat2(RENAME_EXCHANGE) is unavailable the swap is two renames; a kill between
-    # them leaves DIR missing, the old data set at .DIR.prepare-old and the new one complete at
-    # .DIR.prepare-new. The next run puts the old one back before anything else.
-    src, out = dataset
-    before = snapshot(out)
-    os.rename(out, out.with_name(".ds.prepare-old"))
-    run_prepare(src, out.with_name(".ds.prepare-new"))
-    with staging.Staging(out):  # what the next run does first
-        assert snapshot(out) == before
-    assert siblings(out) == []
-
-
 def test_two_rename_fallback_swaps_and_restores_on_failure(dataset, monkeypatch):
     src, out = dataset
     before = snapshot(out)
@@ -250,15 +238,6 @@ def test_two_rename_fallback_swaps_and_restores_on_failure(dataset, monkeypatch)
     run_prepare(src, out, shard_tokens=10_000)
     assert sorted(snapshot(out)) == ["manifest.json", "train_000000.bin", "val_000000.bin"]
     assert siblings(out) == []
-
-
-def test_exchange_swaps_two_directories(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
-    (a / "x").write_text("a"), (b / "y").write_text("b")
-    if not staging.exchange(a, b):
-        pytest.skip("renameat2(RENAME_EXCHANGE) unsupported here; the fallback is tested above")
-    assert (a / "y").read_text() == "b" and (b / "x").read_text() == "a"
 
 
 # --- issue 16: exact validation counts, empty validation split, usage -----------------------

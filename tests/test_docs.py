@@ -4,7 +4,8 @@ checked against the code it names.
 - ``make TARGET``: the target exists in the Makefile;
 - ``train.py CONFIG --section.key=value ...`` (directly, or under torchrun, deepspeed or srun):
   the config file exists and loads with those overrides (every key and type checked);
-- ``sample.py ...``: the sampler's own argument parser accepts the flags;
+- ``sample.py ...`` and ``python -m gpt.eval ...``: the command's own argument parser accepts
+  the flags (so the old ``sample.py --eval`` form, which still forwards, is not documented);
 - ``python -m MODULE ...`` and ``python SCRIPT.py ...``: the module or script exists and every
   ``--flag`` given appears in its ``--help``; ``--section.key=value`` flags, which the bench
   scripts pass on to the trainer, load as config overrides;
@@ -93,7 +94,7 @@ def help_text(*program: str) -> str:
 
 
 def check_train(args: list[str]) -> None:
-    from gpt.config import load_config
+    from gpt.config_io import load_config
 
     config = [a for a in args if not a.startswith("-")]
     overrides = [a for a in args if a.startswith("--")]
@@ -108,7 +109,7 @@ def check_train(args: list[str]) -> None:
 def check_flags(args: list[str], program: tuple[str, ...]) -> None:
     """Every --flag is in the program's --help; --section.key=value flags (which the bench
     scripts pass on to the trainer) must be valid config overrides."""
-    from gpt.config import load_config
+    from gpt.config_io import load_config
 
     text = help_text(*program)
     overrides = [a for a in args if re.match(r"--[a-z_]+\.[a-z_.]+=", a)]
@@ -139,6 +140,11 @@ def check(command: str) -> None:
             from importlib.util import find_spec
 
             assert find_spec(module) is not None, f"no module {module}"
+            if module == "gpt.eval":
+                from gpt.cli.evaluate import parse_args
+
+                parse_args(rest)
+                return
             check_flags(rest, ("-m", module))
             return
         if args[:1] in (["-c"], ["-"]):  # inline code or a here-document
@@ -180,9 +186,14 @@ def test_every_page_is_linked_from_the_readme():
         "make no-such-target",
         "python train.py configs/tiny.toml --train.no_such_key=1",
         "python train.py configs/missing.toml",
-        "python -m gpt.kernels.bench --no-such-flag",
+        "python bench/attention.py --no-such-flag",
+        "python -m gpt.kernels.bench",
+        "python train.py configs/tiny.toml --bench.steps=10",
+        "python bench/trainer.py configs/tiny.toml --bench.steps=10",
         "python bench/step_syncs.py configs/tiny.toml --train.micro_batch_size=zero",
         "python sample.py --ckpt out/tiny --no-such-flag",
+        "python sample.py --ckpt out/tiny --eval tasks/ --shots 0 1",  # now python -m gpt.eval
+        "python -m gpt.eval --ckpt out/tiny --tasks tasks/ --shots 1 1",
         "bash bench/gpu/gone.sh",
         "frobnicate --all",
     ],

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.config import load_config
+from gpt.config_io import load_config
 from gpt.train import engine
 
 
@@ -80,3 +80,31 @@ def test_every_zero_stage_runs_every_shipped_config(stage, tmp_path, data_dir):
     assert all(
         load_config(p).model.vocab_multiple == 64 for p in configs if p.stem != "finetune-pydocs"
     )
+
+
+def test_step_health_hands_each_steps_verdict_out_once():
+    """GuardedAdamW's device flag is read once; a step a DeepSpeed wrapper (fp16) skipped
+    before calling the optimizer reports the wrapper's own host flag, not the last step's."""
+    import torch
+
+    from gpt.train.engine import Engine
+
+    class Wrapper:  # what DeepSpeed's fp16 optimizer shows the engine
+        overflow = False
+
+    class DS:
+        optimizer = Wrapper()
+
+        def get_global_grad_norm(self):
+            return 0.5
+
+    class Ours:
+        skipped = torch.tensor(1.0)
+
+    engine = Engine.__new__(Engine)
+    engine.ds, engine.optimizer = DS(), Ours()
+    skipped, norm = engine.step_health()
+    assert skipped.item() == 1.0 and norm == 0.5
+    assert engine.step_health() == (0.0, 0.5)  # the wrapper skipped: no stale flag
+    DS.optimizer.overflow = True
+    assert engine.step_health() == (1.0, 0.5)

@@ -1,7 +1,8 @@
 """Fine-tuning: init_from loads weights exactly with a fresh optimizer; a contradicting [model]
 key is refused; freezing keeps frozen weights bitwise; LoRA trains adapters only, saves them
 alone, and merges into a plain model equal to the adapted one (and loadable by transformers);
-replay mixes the requested fraction, exactly and resumably; step 0 is evaluated."""
+replay training resumes exactly; step 0 is evaluated. (LoRA layers: test_lora.py; the replay
+mix: test_data_replay.py.)"""
 
 import json
 
@@ -15,8 +16,7 @@ from gpt.cli import train
 from gpt.config import Config, ConfigError, FinetuneConfig, ModelConfig
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
-from gpt.data.replay import ReplayLoader
-from gpt.lora import add_lora, count_trainable, freeze, merge_lora
+from gpt.lora import add_lora
 from gpt.model import GPT
 from gpt.store import latest_checkpoint, load_model
 
@@ -189,69 +189,6 @@ def test_lora_trains_adapters_only_and_merges_into_an_equal_plain_model(
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, merged(idx), rtol=0, atol=1e-5)
-
-
-def test_merge_lora_equals_the_adapted_model_in_float32():
-    torch.manual_seed(0)
-    from gpt.config import ModelConfig
-
-    model = GPT(ModelConfig(vocab_size=50, block_size=9, n_layer=2, n_head=3, n_embd=24)).eval()
-    add_lora(model, 3, 6.0, 0.0, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.normal_(0, 0.3)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        n for n, _ in model.named_parameters() if ".lora_" in n
-    }
-    idx = torch.randint(0, 50, (2, 9))
-    with torch.no_grad():
-        adapted = model(idx)
-        merged = merge_lora(model)(idx)
-    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
-    assert not any(".lora_" in n for n, _ in model.named_parameters())
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_trainable_counts_the_real_vocabulary_only(tied):
-    from gpt.config import ModelConfig
-
-    cfg = dict(vocab_size=50, block_size=8, n_layer=2, n_head=2, n_embd=8, tie_embeddings=tied)
-    padded = GPT(ModelConfig(**cfg, vocab_multiple=64))
-    plain = GPT(ModelConfig(**cfg))
-    assert count_trainable(padded) == count_trainable(plain) == plain.num_params()
-    freeze(padded, embeddings=True, blocks=1)
-    freeze(plain, embeddings=True, blocks=1)
-    assert count_trainable(padded) == count_trainable(plain) < plain.num_params()
-
-
-def test_replay_mixes_the_fraction_exactly_and_independently_of_the_world(domain, data_dir):
-    def mixed(world, rank, fraction=0.1):
-        def loader(d):
-            return TokenLoader(d, "train", 16, 6 // world, rank=rank, world_size=world, seed=3)
-
-        return ReplayLoader(loader(domain), loader(data_dir), fraction)
-
-    one = mixed(1, 0)
-    batches, replayed = [], 0
-    for _ in range(40):  # 240 sequences
-        batches.append(torch.cat(one.next_batch(), dim=1))
-        replayed += one.last_replayed
-    assert replayed == 24  # exactly floor(240 * 0.1): within +-2% of the setting, trivially
-    # two ranks of 3 sequences each draw the same global batches
-    halves = [mixed(2, r) for r in range(2)]
-    two = [torch.cat([torch.cat(h.next_batch(), dim=1) for h in halves]) for _ in range(40)]
-    assert all(torch.equal(a, b) for a, b in zip(batches, two, strict=True))
-    # resumed from a saved state, it continues with the same batches
-    again = mixed(1, 0)
-    for _ in range(17):
-        again.next_batch()
-    resumed = mixed(1, 0)
-    resumed.load_state_dict(json.loads(json.dumps(again.state_dict())))
-    for i in range(17, 40):
-        assert torch.equal(torch.cat(resumed.next_batch(), dim=1), batches[i])
-    with pytest.raises(ValueError, match="replay fraction 1/10, this run has 1/5"):
-        mixed(1, 0, 0.2).load_state_dict(again.state_dict())
 
 
 def test_replay_training_resumes_exactly(tmp_path, base, domain, data_dir):

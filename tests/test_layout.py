@@ -112,7 +112,7 @@ def test_root_folders_without_a_distribution_are_empty_namespaces():
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
 def test_package_entry_points_from_the_root_and_elsewhere(where, tmp_path):
     cwd = ROOT if where == "root" else tmp_path
-    for module in ("gpt.data.prepare", "gpt.kernels.bench"):
+    for module in ("gpt.data.prepare", "gpt.kernels.warmup"):
         out = subprocess.run(
             [sys.executable, "-m", module, "--help"], cwd=cwd, capture_output=True, text=True
         )
@@ -153,7 +153,8 @@ def test_wheel_holds_the_whole_package_and_runs_from_another_directory(tmp_path)
         assert f"gpt/{module}" in names
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    out = run("import gpt.data.prepare, gpt.kernels.bench, gpt; print(gpt.__file__)", tmp_path, env)
+    code = "import gpt.data.prepare, gpt.kernels.warmup, gpt; print(gpt.__file__)"
+    out = run(code, tmp_path, env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(tmp_path / "site" / "gpt" / "__init__.py")
     out = subprocess.run(

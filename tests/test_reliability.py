@@ -227,7 +227,7 @@ def test_sigint_stops_saves_and_exits_130(tmp_path, data_dir, monkeypatch, capsy
 
 
 def test_non_finite_parameters_are_never_saved(run, tmp_path):
-    from gpt.config import load_config
+    from gpt.config_io import load_config
     from gpt.train.engine import build_engine
 
     path, out = run

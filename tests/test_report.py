@@ -5,6 +5,7 @@ import math
 from collections import Counter
 
 import pytest
+from figures import drawn
 
 from gpt.data.prepare import prepare
 from gpt.data.shards import open_split
@@ -37,7 +38,7 @@ def test_unigram_loss_matches_a_count_by_hand(data_dir):
     assert unigram_loss(out) < math.log(n)  # frequencies beat the uniform guess
 
 
-def test_report_prints_losses_and_writes_the_plot(data_dir, tmp_path, capsys):
+def test_report_prints_losses_and_writes_the_plot(data_dir, tmp_path, capsys, saved_figures):
     out, _ = data_dir
     run = tmp_path / "run"
     run.mkdir()
@@ -51,7 +52,21 @@ def test_report_prints_losses_and_writes_the_plot(data_dir, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "final validation loss  4.500 (step 2)" in text
     assert f"unigram baseline       {unigram_loss(out):.3f}" in text
-    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "loss.png").is_file()
+    (fig,) = saved_figures
+    (ax,) = fig.axes
+    baseline = unigram_loss(out)
+    assert drawn(ax) == {
+        "lines": [
+            ("train loss", [64, 128], [5.0, 4.0]),
+            ("val loss", [128], [4.5]),
+            (f"unigram baseline {baseline:.2f}", [0, 1], [baseline, baseline]),
+        ],
+        "title": "",
+        "xlabel": "tokens seen",
+        "ylabel": "cross-entropy (nats/token)",
+        "legend": ["train loss", "val loss", f"unigram baseline {baseline:.2f}"],
+    }
     with pytest.raises(SystemExit):
         main([str(tmp_path / "nothing")])
     assert "is " in capsys.readouterr().err
@@ -67,7 +82,7 @@ def test_report_from_another_directory_plots_every_validation_set(
     """A fine-tuning run (data.name = domain, one extra set) with a relative data.dir, read
     from another working directory: the paths resolve against run.json's, and the domain and
     general curves are drawn once each."""
-    from gpt.train.checkpoint import write_run_info
+    from gpt.run import write_run_info
     from gpt.train.metrics import plot_losses
 
     out, _ = data_dir

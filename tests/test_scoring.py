@@ -185,6 +185,36 @@ def test_bigbench_grade_with_fractional_scores_and_several_right_choices(tmp_pat
     assert lp == pytest.approx([u + rest, u + math.log(0.5), u + math.log(0.3)], abs=1e-5)
 
 
+def test_several_right_choices_where_the_prediction_is_not_the_first_right_one(tmp_path):
+    """A prediction is right when it is any of the right choices, wherever they are listed:
+    the second or last of them, not only the first; a wrong choice listed between right
+    ones is wrong (its own score, 0 or a fraction, is the grade)."""
+    # as above: after "A:" the one-byte choice "x" is the most likely (0.5), then "y" (0.3)
+    probs = uniform_bytes_except({})
+    probs[ord(" ")] = 0.2 / 255
+    probs[ord(" "), ord("x")], probs[ord(" "), ord("y")] = 0.5, 0.3
+    model = Bigram(probs)
+    examples = [
+        {"input": "", "target_scores": {"z": 0, "w": 1, "x": 1}},  # x: the last right one
+        {"input": "", "target_scores": {"z": 0, "w": 1, "x": 1, "v": 1}},  # x: 2nd of 3 right
+        {"input": "", "target_scores": {"w": 1, "x": 0, "y": 1}},  # x: wrong, between right
+        {"input": "", "target_scores": {"w": 1, "x": 0.5, "z": 1}},  # x: a fraction, between
+    ]
+    path = tmp_path / "several" / "task.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"metrics": ["multiple_choice_grade"], "examples": examples}))
+    results = evaluate_task(model, BYTES, load_task(path), progress=False)
+    records = results["records"]
+    assert [r["answers"] for r in records] == [[1, 2], [1, 2, 3], [0, 2], [0, 2]]
+    assert [r["predicted"] for r in records] == [2, 2, 1, 1]
+    assert [r["correct"] for r in records] == [True, True, False, False]
+    # one byte per choice: ranking per byte is the same ranking
+    assert [r["predicted_norm"] for r in records] == [2, 2, 1, 1]
+    assert [r["correct_norm"] for r in records] == [True, True, False, False]
+    assert results["metrics"]["multiple_choice_grade"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert results["accuracy_norm"] == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+
+
 @pytest.mark.parametrize(
     "stop, regex, text, expected",
     [

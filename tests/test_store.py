@@ -2,8 +2,11 @@
 table must be complete and exact, every file a tool reads is checked first, and LoRA adapters
 load only onto the exact base they were trained on."""
 
+import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from test_finetune import finetune_config
 
 from gpt import store
 from gpt.cli import sample, train
-from gpt.config import load_config, save_config
+from gpt.config_io import load_config, save_config
 from gpt.convert.__main__ import main as convert
 from gpt.train.finetune import build_model, init_model_config
 
@@ -142,6 +145,7 @@ def test_adapters_pin_their_exact_base(copy):
     assert info["base"]["sha256"] == table["model.safetensors"]
     merged = store.load_model(lora)
     assert store.model_dir_of(lora) == pinned / "model"
+    assert store.model_config_of(lora) == merged.cfg  # the base's, which the merge keeps
     # the base run trains on: the adapters still load onto the pinned checkpoint
     train_on(base, 12)
     assert store.latest_checkpoint(base).name == "step_00000012"
@@ -231,3 +235,141 @@ def test_a_lora_run_from_before_pins_resumes_on_its_base_and_tools_say_how(copy,
     pinned = store.read_adapter_info(store.latest_checkpoint(lora) / "adapters")["base"]
     assert pinned["sha256"] is not None
     store.load_model(lora)  # pinned from the next checkpoint on
+
+
+# ------------------------------------------------------------------------------------------
+# One checksum format: one writer for checkpoints and exports; tables from before still read
+# ------------------------------------------------------------------------------------------
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_last_byte(path: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_an_export_lists_its_files_in_the_one_format(model_dir):
+    """write_model_dir writes its table with store.write_checksums: the weights and the
+    vocabulary, each its sha256 computed here, indented as a checkpoint's table."""
+    written = (model_dir / "checksums.json").read_bytes()
+    table = {n: sha256(model_dir / n) for n in ("model.safetensors", "vocab.json", "merges.txt")}
+    assert written == (json.dumps(table, indent=1) + "\n").encode()
+    assert store.read_checksums(model_dir) == table
+    assert store.verify_model_dir(model_dir) == table
+
+
+def test_the_recorded_model_config_is_the_loaded_models(model_dir):
+    assert store.model_config_of(model_dir) == store.load_model(model_dir).cfg
+
+
+def export_table_from_before(model_dir: Path, tmp_path: Path) -> Path:
+    """A copy of ``model_dir`` whose table is as exports wrote it before write_checksums
+    wrote both: the weights only, on one line."""
+    old = tmp_path / "old-export"
+    shutil.copytree(model_dir, old)
+    table = {"model.safetensors": sha256(old / "model.safetensors")}
+    (old / "checksums.json").write_text(json.dumps(table) + "\n")
+    return old
+
+
+def test_an_export_table_from_before_is_verified(model_dir, tmp_path):
+    from gpt.model import GPT
+
+    old = export_table_from_before(model_dir, tmp_path)
+    assert store.verify_model_dir(old) == {"model.safetensors": sha256(old / "model.safetensors")}
+    loaded, original = store.load_model(old), GPT.from_pretrained(model_dir)
+    for (name, a), b in zip(
+        original.state_dict().items(), loaded.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    flip_last_byte(old / "model.safetensors")
+    with pytest.raises(store.CheckpointError, match=r"model.safetensors: checksum mismatch"):
+        store.verify_model_dir(old)
+    with pytest.raises(ValueError, match=r"model.safetensors: checksum mismatch"):
+        GPT.from_pretrained(old)
+
+
+def test_an_export_table_naming_a_missing_or_altered_file_is_refused(model_dir, tmp_path):
+    copy = tmp_path / "m"
+    shutil.copytree(model_dir, copy)
+    shutil.copy(copy / "vocab.json", copy / "merges.txt")  # another listed file's bytes
+    with pytest.raises(store.CheckpointError, match=rf"{copy / 'merges.txt'}: checksum mismatch"):
+        store.verify_model_dir(copy)
+    shutil.copy(model_dir / "merges.txt", copy / "merges.txt")
+    store.verify_model_dir(copy)
+    flip_last_byte(copy / "merges.txt")  # not read to load the model, still listed: checked
+    with pytest.raises(store.CheckpointError, match=rf"{copy / 'merges.txt'}: checksum mismatch"):
+        store.verify_model_dir(copy)
+    (copy / "merges.txt").unlink()
+    with pytest.raises(store.CheckpointError, match=rf"{copy / 'merges.txt'}: missing \(listed in"):
+        store.verify_model_dir(copy)
+
+
+def checkpoint_table_from_before(model_dir: Path, tmp_path: Path) -> Path:
+    """A checkpoint (of files a tool reads) whose table is as the trainer wrote it before
+    sidecars were listed: every file but ``model/checksums.json``."""
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000007"
+    shutil.copytree(model_dir, ckpt / "model")
+    (ckpt / "trainer.json").write_text('{"step": 7}')
+    names = sorted(
+        str(p.relative_to(ckpt))
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.name != "checksums.json"
+    )
+    table = {name: sha256(ckpt / name) for name in names}
+    (ckpt / "checksums.json").write_text(json.dumps(table, indent=1) + "\n")
+    (ckpt / "COMPLETE").write_text("step_00000007\n")
+    return ckpt
+
+
+def test_a_checkpoint_table_from_before_sidecars_is_verified(model_dir, tmp_path):
+    ckpt = checkpoint_table_from_before(model_dir, tmp_path)
+    assert "model/model.safetensors" in store.verify_checksums(ckpt)
+    store.load_model(tmp_path / "run")  # the run's latest: this checkpoint
+    flip_last_byte(ckpt / "trainer.json")
+    with pytest.raises(store.CheckpointError, match=rf"{ckpt / 'trainer.json'}: checksum mismatch"):
+        store.verify_checksums(ckpt)
+    flip_last_byte(ckpt / "trainer.json")  # restored
+    (ckpt / "model" / "notes.txt").write_text("x")
+    with pytest.raises(store.CheckpointError, match=r"model/notes.txt: not listed in"):
+        store.load_model(ckpt)
+
+
+def test_a_checkpoint_table_from_before_still_checks_the_weights_it_lists(model_dir, tmp_path):
+    ckpt = checkpoint_table_from_before(model_dir, tmp_path)
+    weights = ckpt / "model" / "model.safetensors"
+    flip_last_byte(weights)
+    store.write_checksums(ckpt / "model", ["model.safetensors"])  # a sidecar made to agree
+    with pytest.raises(store.CheckpointError, match=rf"{weights}: checksum mismatch"):
+        store.load_model(ckpt)
+
+
+def test_sampling_evaluation_and_export_import_neither_deepspeed_nor_the_trainer(model_dir):
+    """Every module of the inference side (the sampling and evaluation CLIs, gpt.eval,
+    gpt.convert, the loader), imported and then run on a model, loads no DeepSpeed and no
+    trainer code."""
+    code = f"""
+import importlib, json, pkgutil, sys
+import gpt.cli, gpt.convert, gpt.eval
+names = ["gpt.store"]
+cli = [m.name for m in pkgutil.iter_modules(gpt.cli.__path__) if m.name != "train"]
+names += [f"gpt.cli.{{name}}" for name in cli]
+for package in (gpt.eval, gpt.convert):
+    names += [f"{{package.__name__}}.{{m.name}}" for m in pkgutil.iter_modules(package.__path__)]
+for name in names:
+    importlib.import_module(name)
+from gpt.cli import sample
+sample.main(["--ckpt", {str(model_dir)!r}, "--prompt", "a", "--max-new-tokens", "2"])
+loaded = [m for m in sys.modules if m.split(".")[0] == "deepspeed" or m.startswith("gpt.train")]
+print(json.dumps({{"imported": names, "loaded": sorted(loaded)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("gpt.cli.sample", "gpt.eval.scoring", "gpt.eval.suite", "gpt.convert.__main__"):
+        assert name in report["imported"]
+    assert report["loaded"] == []

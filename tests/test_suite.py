@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from figures import drawn
 
 from gpt.eval import suite as suite_module
 from gpt.eval.suite import MAX_NOTES, plan_suite, plot_shot_curves, replace_non_finite
@@ -49,11 +50,29 @@ def test_a_lone_task_file_is_an_error_not_a_skip(suite):
         plan_suite([str(suite)], [0], kind="both")
 
 
-def test_shot_curve_plot_is_a_png(tmp_path):
-    results = [{"task": t, "shots": k, "metrics": {"multiple_choice_grade": 0.1 * k}, "chance": 0.5}
-               for t in ("a", "b") for k in (0, 1, 2, 4)]  # fmt: skip
+def test_shot_curve_plot_draws_the_mean_then_each_task_with_its_chance(tmp_path, saved_figures):
+    tasks = (("a", 0.1, 0.5), ("b", 0.2, 0.25))  # name, grade per shot, chance
+    results = [
+        {"task": t, "shots": k, "metrics": {"multiple_choice_grade": g * k}, "chance": c}
+        for t, g, c in tasks
+        for k in (0, 1, 2, 4)
+    ]
     path = plot_shot_curves(results, tmp_path / "plots" / "shots.png", title="t")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path == tmp_path / "plots" / "shots.png" and path.is_file()
+    (fig,) = saved_figures
+    assert fig._suptitle.get_text() == "t"
+    assert fig._supxlabel.get_text() == "shots (demonstrations in the prompt)"
+    mean, a, b = (drawn(ax) for ax in fig.axes)
+    ks = [0, 1, 2, 4]
+    assert mean["title"] == "mean over tasks" and mean["legend"] == ["multiple_choice_grade"]
+    ((label, xs, ys),) = mean["lines"]  # no chance line: the tasks' chances differ
+    assert label == "multiple_choice_grade" and xs == ks
+    assert ys == pytest.approx([(0.1 * k + 0.2 * k) / 2 for k in ks])
+    for panel, (task, slope, chance) in zip((a, b), tasks, strict=True):
+        assert panel["title"] == f"{task}\nmultiple_choice_grade" and panel["legend"] == []
+        (_, xs, ys), (_, _, level) = panel["lines"]  # the curve, then chance dashed
+        assert xs == ks and ys == pytest.approx([slope * k for k in ks])
+        assert level == [chance, chance]
 
 
 def test_a_bad_task_is_skipped_with_its_reason_and_the_others_are_planned(suite, monkeypatch):

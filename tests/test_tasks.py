@@ -295,7 +295,7 @@ def test_subtasks_are_found_and_a_container_names_them(tmp_path):
     with pytest.raises(ValueError, match=r"parent/task\.json: a container task .*\(one, two\)"):
         load_task(root / "parent" / "task.json")
     assert find_task_files(str(root / "**" / "t*.json")) == found[1:]
-    with pytest.raises(ValueError, match=r"--eval .*nothing\*: no task files .*: the pattern"):
+    with pytest.raises(ValueError, match=r"--tasks .*nothing\*: no task files .*: the pattern"):
         find_task_files(str(tmp_path / "nothing*"))
     with pytest.raises(ValueError, match=r"no task files .*: no such file or directory$"):
         find_task_files(str(tmp_path / "gone"))

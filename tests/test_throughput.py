@@ -1,9 +1,9 @@
 """What keeps the training step fast, counted with torch's own instruments rather than timed:
 host synchronisations per optimizer step, recompilations of the compiled training graph,
-the bench mode's bare-loop row, and bf16 (autocast) training against fp32."""
+and bf16 (autocast) training against fp32. (The trainer's step timed against a bare loop:
+tests/test_bench_trainer.py.)"""
 
 import functools
-import json
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpt.cli import train
-from gpt.config import load_config
+from gpt.config_io import load_config
 from gpt.model import GPT
 from gpt.train import trainer as trainer_module
 from gpt.train.engine import deepspeed_config, precision
@@ -135,31 +135,6 @@ def test_evaluation_and_samples_never_recompile_the_training_graph(
     assert graphs[1] >= 1 and graphs == dict.fromkeys(range(1, 5), graphs[1]), graphs
     assert len(_debug_get_cache_entry_list(GPT.forward.__code__)) == 1
     torch._dynamo.reset()
-
-
-def test_bench_mode_times_a_bare_loop_beside_the_engine(tmp_path, data_dir, capsys):
-    path, out = config(tmp_path, data_dir)
-    args = [
-        str(path),
-        "--bench.steps=2",
-        "--bench.warmup=1",
-        "--bench.compile=[false]",
-        '--bench.backends=["sdpa"]',
-    ]
-    assert train.main(args) == 0
-    report = json.loads((out / "bench.json").read_text())
-    rows = {(r["loop"], r["attention"]): r for r in report["results"]}
-    assert list(rows) == [("engine", "sdpa"), ("bare", "sdpa")]
-    engine, bare = rows["engine", "sdpa"], rows["bare", "sdpa"]
-    assert engine["status"] == bare["status"] == "ok"
-    assert bare["step_ms"] > 0 and bare["tokens_per_s"] == pytest.approx(
-        8 * 16 / bare["step_ms"] * 1e3
-    )
-    assert engine["vs_bare"] == pytest.approx(bare["step_ms"] / engine["step_ms"])
-    assert engine["vs_bare_cpu"] == pytest.approx(bare["step_cpu_ms"] / engine["step_cpu_ms"])
-    assert "vs_bare" not in bare and report["precision"] == "fp32"
-    printed = capsys.readouterr().out
-    assert "bare" in printed and f"{engine['vs_bare']:.2f}x" in printed
 
 
 def test_precision_modes_map_to_deepspeed_sections(tmp_path, data_dir):

@@ -1,6 +1,6 @@
 """The trainer end to end on a tiny model in one CPU process: what it computes (against a
 hand-written PyTorch loop), exact resume, signals, kills during a checkpoint write, non-finite
-steps, config errors, bench mode and evaluation samples."""
+steps, config errors and evaluation samples."""
 
 import json
 import signal
@@ -19,7 +19,7 @@ from runs import (
 )
 
 from gpt.cli import train
-from gpt.config import load_config
+from gpt.config_io import load_config
 from gpt.data.loader import TokenLoader
 from gpt.data.prepare import prepare
 from gpt.model import GPT
@@ -139,6 +139,8 @@ def test_metrics_records_have_the_documented_fields(tmp_path, data_dir):
     assert [c.name for c in complete_checkpoints(out)] == ["step_00000005", "step_00000010"]
     assert GPT.from_pretrained(latest_checkpoint(out) / "model").num_params() > 0
     assert (out / "config.toml").is_file()
+    sdpa = json.loads((out / "run.json").read_text())["sdpa"]  # the SDPA kernel that ran
+    assert sdpa["kernel"] == "flash" and sdpa["priority"] == ["flash", "efficient", "math"]
 
 
 def test_exact_resume_after_a_crash(tmp_path, data_dir):
@@ -213,6 +215,7 @@ def test_non_finite_steps_are_skipped_then_abort(tmp_path, data_dir, monkeypatch
         ("--train.dtype=fp8", "train.dtype = 'fp8' is not valid; choose one of fp32, bf16, fp16"),
         ("--data.dir=/no/such/dir", "data directory /no/such/dir does not exist"),
         ("--model.vocab_size=100", "uses bytes with 257 tokens, more than model.vocab_size = 100"),
+        ('--model.sdpa_kernels=["cudnnn"]', "model.sdpa_kernels: unknown SDPA kernel(s) 'cudnnn'"),
     ],
 )
 def test_config_errors_exit_2_with_the_key(tmp_path, data_dir, capsys, override, message):
@@ -232,6 +235,10 @@ def test_resume_refuses_a_changed_model_or_data_set(tmp_path, data_dir, capsys):
     )
     assert train.main([str(path), f"--data.dir={other}"]) == 2
     assert "the data set changed" in capsys.readouterr().err
+    # the SDPA kernel order and the chunked loss change no weight: the run continues
+    runtime = ['--model.sdpa_kernels=["math"]', "--model.loss_chunk=16", "--train.max_steps=6"]
+    assert train.main([str(path), *runtime]) == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -297,27 +304,6 @@ def test_kill_during_a_checkpoint_write_resumes_from_the_previous_one(tmp_path, 
     assert not (out_b / "checkpoints" / "step_00000010.tmp").exists()
 
 
-def test_bench_mode_times_each_backend_and_writes_no_checkpoint(tmp_path, data_dir, capsys):
-    path, out = config(tmp_path, data_dir)
-    args = [str(path), "--bench.steps=2", "--bench.warmup=1", "--bench.compile=[false]"]
-    assert train.main([*args, '--bench.backends=["naive", "sdpa"]']) == 0
-    report = json.loads((out / "bench.json").read_text())
-    engine = [r for r in report["results"] if r["loop"] == "engine"]  # bare rows: test_throughput
-    assert [(r["attention"], r["compile"], r["status"]) for r in engine] == [
-        ("naive", False, "ok"),
-        ("sdpa", False, "ok"),
-    ]
-    for r in engine:
-        assert r["step_ms"] > 0 and r["tokens_per_s"] == pytest.approx(8 * 16 / r["step_ms"] * 1e3)
-        assert r["mfu"] is None  # no peak is known for a CPU: no made-up MFU
-    assert report["tokens_per_step"] == 4 * 2 * 16 and "naive" in capsys.readouterr().out
-    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
-    assert train.main([*args, '--bench.backends=["fast"]']) == 2
-    assert "bench.backends: unknown attention backend(s) fast" in capsys.readouterr().err
-    assert train.main([str(path), "--bench.steps=-1"]) == 2
-    assert "bench.steps must be an integer >= 0, got -1" in capsys.readouterr().err
-
-
 def test_evaluation_samples_are_logged_and_leave_training_unchanged(tmp_path, data_dir):
     path_a, out_a = config(tmp_path, data_dir, "quiet", dropout=0.1)
     assert train.main([str(path_a)]) == 0
@@ -331,3 +317,20 @@ def test_evaluation_samples_are_logged_and_leave_training_unchanged(tmp_path, da
         assert set(r["samples"]) == {"the ", "a lazy"}
         assert all(0 < len(text) <= 12 for text in r["samples"].values())  # bytes: 1 char/token
     assert all("samples" not in r for r in records(out_a))
+
+
+def test_the_loop_in_the_training_docs_is_the_loop_in_the_code():
+    """docs/training.md shows Trainer.fit's loop: the code it shows is the code that runs."""
+    import inspect
+    import re
+
+    from gpt.train.trainer import Trainer
+
+    doc = (ROOT / "docs" / "training.md").read_text()
+    shown = re.search(r"```python\n(while self.step < t.max_steps:\n.*?)```", doc, re.S).group(1)
+    source = inspect.getsource(Trainer.fit)
+    start = source.index("        while self.step < t.max_steps:")
+    end = source.index("        self.log.close()")
+    code = "".join(line[8:] for line in source[start:end].splitlines(keepends=True))
+    strip = lambda text: [re.sub(r"\s*#.*", "", line).rstrip() for line in text.splitlines()]  # noqa: E731
+    assert strip(shown) == strip(code)

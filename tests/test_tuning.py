@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpt.kernels import attention_op, tuning
 from gpt.kernels import flash_attention as fa
-from gpt.kernels import flash_attention_hopper as fh
-from gpt.kernels import tuning
+from gpt.kernels import flash_attention_packed_gqa as fp
 from gpt.kernels.tuning import Tile
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # (module, role) of every autotuned kernel
-ROLES = [(fa, "fwd"), (fa, "dq"), (fa, "dkdv"), (fh, "fwd"), (fh, "dq"), (fh, "dkdv")]
+ROLES = [(fa, "fwd"), (fa, "dq"), (fa, "dkdv"), (fp, "fwd"), (fp, "dq"), (fp, "dkdv")]
 
 
 @pytest.mark.parametrize(
@@ -34,7 +34,7 @@ def test_footprint_by_hand():
     """Forward, 128 query rows held, 64-key tiles, 3 stages, D = 128: Q 128 rows + 3 stages
     x (K + V) 64 rows = 512 rows of 128 values: 128 KiB in bf16, 256 KiB in float32 (which
     cannot fit one H100 multiprocessor, whose program limit is 227 KiB)."""
-    fwd = fh.FOOTPRINTS["fwd"]
+    fwd = attention_op.FOOTPRINTS["fwd"]
     tile = Tile(128, 64, 8, 3)
     assert fwd.shared_bytes(tile, 128, 2) == 128 * 1024
     assert fwd.shared_bytes(tile, 128, 4) == 256 * 1024 > tuning.SHARED_MEMORY_BUDGET
@@ -44,22 +44,12 @@ def _args(D, dtype, T=4096, group=1):
     return {"Q": torch.empty(0, dtype=dtype), "BLOCK_D": D, "T_BUCKET": T, "GROUP": group}
 
 
-JIT_KERNELS = {
-    (fa, "fwd"): fa._flash_attention_fwd_kernel,
-    (fa, "dq"): fa._flash_attention_bwd_dq_kernel,
-    (fa, "dkdv"): fa._flash_attention_bwd_dkdv_kernel,
-    (fh, "fwd"): fh._fwd_kernel,
-    (fh, "dq"): fh._dq_kernel,
-    (fh, "dkdv"): fh._dkdv_kernel,
-}
-
-
 def _prune(module, role, args, monkeypatch):
     """The configurations the module's GPU autotuner (built as on a GPU, also here) keeps
     for a call with ``args``, through the same prune function Triton calls."""
     with monkeypatch.context() as patch:
         patch.setattr(module, "_INTERPRET", False)
-        tuner = module.autotuned(JIT_KERNELS[module, role], role)
+        tuner = module.autotuned(module.JIT_KERNELS[role], role)
     kept = tuner.early_config_prune(tuner.configs, args)
     return [tuning.tile_of(c, role != "dkdv") for c in kept]
 
@@ -70,12 +60,12 @@ def _prune(module, role, args, monkeypatch):
 def test_pruned_tables_fit_and_quick_mode_keeps_the_first(module, role, D, dtype, monkeypatch):
     survivors = _prune(module, role, _args(D, dtype), monkeypatch)
     assert survivors, "pruning must leave a configuration"
-    footprint = module.FOOTPRINTS[role]
+    footprint = attention_op.FOOTPRINTS[role]
     fits = [footprint.shared_bytes(t, D, dtype.itemsize) <= tuning.SHARED_MEMORY_BUDGET
             for t in survivors]  # fmt: skip
     assert all(fits) or len(survivors) == 1  # else the smallest, as a last resort
-    if module is fh:  # the head dim's own table, in its order (float32: smallest first)
-        table = fh.GPU_TILES[role][fh._head_dim_class(D)]
+    if module is fp:  # the head dim's own table, in its order (float32: smallest first)
+        table = fp.GPU_TILES[role][fp._head_dim_class(D)]
         expected = [t for t in table if t in survivors]
         if dtype == torch.float32:
             expected.sort(key=lambda t: t.held * t.streamed)
@@ -84,19 +74,19 @@ def test_pruned_tables_fit_and_quick_mode_keeps_the_first(module, role, D, dtype
         assert {t.stages for t in survivors} == {2}
     if dtype == torch.float32:  # twice the bytes of bfloat16: never more tiles fit
         assert set(survivors) <= set(_prune(module, role, _args(D, torch.bfloat16), monkeypatch))
-        if module is fh and role == "fwd" and D == 128:
+        if module is fp and role == "fwd" and D == 128:
             assert Tile(128, 128, 8, 2) not in survivors  # 161 KiB in bf16, 322 in float32
     monkeypatch.setenv(tuning.TUNE_ENV, "quick")
     assert _prune(module, role, _args(D, dtype), monkeypatch) == survivors[:1]
 
 
 @pytest.mark.parametrize("role", ["fwd", "dq"])
-def test_hopper_decode_calls_get_only_the_decode_tiles(role, monkeypatch):
+def test_packed_gqa_decode_calls_get_only_the_decode_tiles(role, monkeypatch):
     for T, group in [(1, 1), (1, 8), (4, 4), (16, 1)]:  # at most 16 packed rows
-        survivors = _prune(fh, role, _args(64, torch.bfloat16, T=T, group=group), monkeypatch)
-        assert survivors == fh.DECODE_TILES[role]
-    survivors = _prune(fh, role, _args(64, torch.bfloat16, T=32, group=1), monkeypatch)
-    assert survivors and all(t.held > fh.DECODE_ROWS for t in survivors)
+        survivors = _prune(fp, role, _args(64, torch.bfloat16, T=T, group=group), monkeypatch)
+        assert survivors == fp.DECODE_TILES[role]
+    survivors = _prune(fp, role, _args(64, torch.bfloat16, T=32, group=1), monkeypatch)
+    assert survivors and all(t.held > fp.DECODE_ROWS for t in survivors)
 
 
 # --------------------------------------------------------------------------------------
@@ -134,8 +124,8 @@ def test_triton_decode_autotunes_once_per_length_bucket(monkeypatch):
     bucket of the key length S (4, 8, 16, 32), not one per token as an exact-S key would."""
     timer = CountingTimer()
     tiles = [Tile(32, 16, 4, 2), Tile(16, 16, 4, 2)]
-    kernel = fa.autotuned(fa._flash_attention_fwd_kernel, "fwd", tiles=tiles, do_bench=timer)
-    monkeypatch.setattr(fa, "_fwd_kernel", kernel)
+    kernel = fa.autotuned(fa.JIT_KERNELS["fwd"], "fwd", tiles=tiles, do_bench=timer)
+    monkeypatch.setitem(fa.TUNED_KERNELS, "fwd", kernel)
     _decode("triton", prompt=3, new_tokens=20)
     # prefill (T = S = 3) then decoding steps with S = 4 .. 22 (the last token is not fed back)
     searches = 1 + len({tuning.length_bucket(S) for S in range(4, 23)})
@@ -143,15 +133,15 @@ def test_triton_decode_autotunes_once_per_length_bucket(monkeypatch):
     assert timer.calls == len(tiles) * searches
 
 
-def test_triton_hopper_decode_never_autotunes(monkeypatch):
-    """The `triton-hopper` forward: the 24-row prefill (12 tokens x 2 heads per group) is
+def test_triton_packed_gqa_decode_never_autotunes(monkeypatch):
+    """The `triton-packed-gqa` forward: the 24-row prefill (12 tokens x 2 heads per group) is
     tuned once; the decode steps (2 packed rows) take the one decode tile, never timed."""
     timer = CountingTimer()
-    tiles = [Tile(32, 16, 4, 2), Tile(64, 16, 4, 2), Tile(fh.DECODE_ROWS, 16, 4, 2)]
-    kernel = fh.autotuned(fh._fwd_kernel, "fwd", tiles=tiles, do_bench=timer)
-    monkeypatch.setattr(fh, "_fwd", kernel)
-    _decode("triton-hopper", prompt=12, new_tokens=20)
+    tiles = [Tile(32, 16, 4, 2), Tile(64, 16, 4, 2), Tile(fp.DECODE_ROWS, 16, 4, 2)]
+    kernel = fp.autotuned(fp.JIT_KERNELS["fwd"], "fwd", tiles=tiles, do_bench=timer)
+    monkeypatch.setitem(fp.TUNED_KERNELS, "fwd", kernel)
+    _decode("triton-packed-gqa", prompt=12, new_tokens=20)
     assert timer.calls == 2  # the prefill's two non-decode tiles, once
     decode_keys = [key for key in kernel.cache if key[0] == 1]
     assert len(decode_keys) == len({tuning.length_bucket(S) for S in range(13, 32)})
-    assert all(kernel.cache[key].kwargs["BLOCK_M"] == fh.DECODE_ROWS for key in decode_keys)
+    assert all(kernel.cache[key].kwargs["BLOCK_M"] == fp.DECODE_ROWS for key in decode_keys)

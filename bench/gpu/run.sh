@@ -7,24 +7,34 @@
 #   bash bench/gpu/wheels.sh                          # HERE first, with PyPI: builds .whl/
 #   OUT=/tmp/gpu bash bench/gpu/run.sh                # on the GPU machine, carrying .whl
 #   OUT=/tmp/gpu bash bench/gpu/run.sh causal full    # only these stages
+#   OUT=/tmp/gpu bash bench/gpu/run.sh data levers    # issue 26's levers (below)
 #   CONFIG=configs/tiny.toml STEPS=1 WARMUP=1 COMPILE=false CAUSAL=1x2x64x16 FULL=1x2x64x16 \
 #     PYTHON=.venv/bin/python OUT=/tmp/gpu bash bench/gpu/run.sh   # a dry run on a CPU
 #
 # Stages, in order:
 #   data           random bytes, prepared on the machine (throughput does not depend on text)
-#   bench-sdpa     bench mode, GPT-2 124M, T = 1024, micro-batch 16, bf16 autocast, compiled:
+#   bench-sdpa     bench/trainer.py, GPT-2 124M, T = 1024, micro-batch 16, bf16 autocast, compiled:
 #                  the engine beside the bare loop (vs_bare, MFU)                (issue 11)
 #   eval-eager     a compiled run with evaluations and samples: step time before and after
 #                  the first evaluation (the trainer evaluates on the uncompiled module)
 #   warmup         every Triton autotune candidate of the shapes below, compiled by 16 processes
-#   causal, full   gpt.kernels.bench on issue 17's shapes, GPT-2's (D = 64, T = 1024) and
-#                  D = 64 at T = 4096: sdpa-flash, sdpa-cudnn, triton, triton-hopper (bf16)
+#   causal, full   bench/attention.py on issue 17's shapes, GPT-2's (D = 64, T = 1024) and
+#                  D = 64 at T = 4096: sdpa-flash, sdpa-cudnn, triton, triton-packed-gqa (bf16)
 #                  (causal before full, bench-triton between them)
-#   bench-triton, bench-hopper   bench mode as bench-sdpa, triton and triton-hopper backends
+#   bench-triton, bench-hopper   as bench-sdpa, triton and triton-packed-gqa backends
 #   tests          the kernels' GPU tests (GPT_FLASH_TUNE=quick): bf16 against float64
 #   eval-through   as eval-eager, evaluating through the compiled module (the old way)
 #   bench-ds-bf16  bench-sdpa with DeepSpeed's bf16 section (bf16 weights and its wrapper)
 #   bench-eager    bench-sdpa uncompiled (the eager-model comparison)
+#   levers         issue 26, each lever alone, each stage timing the engine beside the bare
+#                  loop in its own run (not in the default list):
+#     bench-flash       sdpa with FlashAttention-2 first (model.sdpa_kernels; cuDNN never)
+#     bench-cudnn       sdpa with cuDNN first, then flash, efficient, math
+#     bench-micro32     micro-batch 32 (32,768 tokens a step: the optimizer pass amortised;
+#                       about 38 GiB by gpt/memory.py's estimate, 64 would be 75 GiB)
+#     bench-loss-chunk  the chunked LM-head loss, model.loss_chunk = $LOSS_CHUNK (gpt/loss.py)
+#     bench-combined    all three: cuDNN first, micro-batch 32, chunked loss (about 16 GiB)
+#                  every bench JSON records the SDPA kernel that ran ("sdpa": gpt/sdpa.py)
 # Results: $OUT/log.txt, $OUT/results.tar.gz (every stage's files), $OUT/summary-*.md.
 # Python: $PYTHON or python3.
 set -u
@@ -34,10 +44,12 @@ CONFIG=${CONFIG:-configs/gpt2-124m.toml}
 STEPS=${STEPS:-20}
 WARMUP=${WARMUP:-5}
 COMPILE=${COMPILE:-true}
+LOSS_CHUNK=${LOSS_CHUNK:-4096}
 read -r -a CAUSAL <<< "${CAUSAL:-4x16x4096x128 16x16x1024x128 1x16x16384x128 4x32/8x4096x128 2x12x1000x128 16x12x1024x64 4x16x4096x64}"
 read -r -a FULL <<< "${FULL:-4x16x4096x128 4x16x4096x64}"
 ALL=(data bench-sdpa eval-eager warmup causal bench-triton full bench-hopper tests
   eval-through bench-ds-bf16 bench-eager)
+LEVERS=(bench-flash bench-cudnn bench-micro32 bench-loss-chunk bench-combined)
 STAGES=("${@:-${ALL[@]}}")
 WORK=$(mktemp -d /tmp/gpu.XXXX)
 mkdir -p "$OUT" "$WORK/res"
@@ -75,20 +87,25 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log its statu
   tar czf "$OUT/results.tar.gz" -C "$WORK/res" .  # after every stage: a cut run keeps its results
 }
 
-TRAIN=("$PY" train.py "$CONFIG" "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16
-  --train.global_batch_size=16 --train.dtype=bf16 --train.wandb=false "--bench.steps=$STEPS"
-  "--bench.warmup=$WARMUP")
-bench() {  # bench NAME SECONDS OVERRIDES...: one bench-mode run, its JSON kept
+TRAINER=("$PY" bench/trainer.py "$CONFIG" --steps "$STEPS" --warmup "$WARMUP"
+  "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16 --train.global_batch_size=16
+  --train.dtype=bf16 --train.wandb=false)
+bench() {  # bench NAME SECONDS ARGS...: one bench/trainer.py run, its JSON kept
   local name=$1 limit=$2
   shift 2
-  stage "$name" "$limit" "${TRAIN[@]}" "--train.out_dir=$WORK/$name" "$@"
+  stage "$name" "$limit" "${TRAINER[@]}" --out "$WORK/$name" "$@"
   cp "$WORK/$name/bench.json" "$WORK/res/$name.json" 2> /dev/null
 }
 EVAL=("$PY" bench/compiled_eval.py "$CONFIG" --steps 45 --eval-interval 15
   "--data.dir=$WORK/data/bytes" --train.micro_batch_size=16 --train.dtype=bf16
   --train.global_batch_size=16 --train.eval_steps=5 --train.sample_tokens=32)
-KERNELS=("$PY" -m gpt.kernels.bench --dtypes bf16 --no-progress
-  --backends sdpa-flash sdpa-cudnn triton triton-hopper)
+# issue 26's levers: the SDPA kernel order (gpt/sdpa.py) and micro-batch 32 (the global
+# batch follows it: one micro-batch a step, as in the micro-batch 16 rows)
+FLASH_FIRST='--model.sdpa_kernels=["flash","efficient","math"]'
+CUDNN_FIRST='--model.sdpa_kernels=["cudnn","flash","efficient","math"]'
+MICRO32=(--train.micro_batch_size=32 --train.global_batch_size=32)
+KERNELS=("$PY" bench/attention.py --dtypes bf16 --no-progress
+  --backends sdpa-flash sdpa-cudnn triton triton-packed-gqa)
 
 run_stage() {
   case $1 in
@@ -103,13 +120,21 @@ for i in range(8):  # 8 x 512 KiB of random printable bytes
     (docs / f"d{i}.txt").write_text("".join(rng.choice("etaoin shrdlu\n") for _ in range(1 << 19)))
 prepare([str(docs)], Path(sys.argv[1]) / "bytes", encoding="bytes", progress=False)
 PYTHON
-    bench-sdpa) bench bench-sdpa 150 '--bench.backends=["sdpa"]' "--bench.compile=[$COMPILE]" ;;
-    bench-triton) bench bench-triton 100 '--bench.backends=["triton"]' "--bench.compile=[$COMPILE]" ;;
-    bench-hopper)
-      bench bench-hopper 100 '--bench.backends=["triton-hopper"]' "--bench.compile=[$COMPILE]" ;;
-    bench-ds-bf16) bench bench-ds-bf16 100 '--bench.backends=["sdpa"]' \
-      "--bench.compile=[$COMPILE]" --deepspeed.bf16.enabled=true ;;
-    bench-eager) bench bench-eager 60 '--bench.backends=["sdpa"]' '--bench.compile=[false]' ;;
+    bench-sdpa) bench bench-sdpa 150 --backends sdpa --compile "$COMPILE" ;;
+    bench-triton) bench bench-triton 100 --backends triton --compile "$COMPILE" ;;
+    bench-hopper) bench bench-hopper 100 --backends triton-packed-gqa --compile "$COMPILE" ;;
+    bench-ds-bf16) bench bench-ds-bf16 100 --backends sdpa --compile "$COMPILE" \
+      --deepspeed.bf16.enabled=true ;;
+    bench-eager) bench bench-eager 60 --backends sdpa --compile false ;;
+    levers) for lever in "${LEVERS[@]}"; do run_stage "$lever"; done ;;
+    bench-flash) bench bench-flash 100 --backends sdpa --compile "$COMPILE" "$FLASH_FIRST" ;;
+    bench-cudnn) bench bench-cudnn 100 --backends sdpa --compile "$COMPILE" "$CUDNN_FIRST" ;;
+    bench-micro32) bench bench-micro32 120 --backends sdpa --compile "$COMPILE" "$FLASH_FIRST" \
+      "${MICRO32[@]}" ;;
+    bench-loss-chunk) bench bench-loss-chunk 100 --backends sdpa --compile "$COMPILE" \
+      "$FLASH_FIRST" "--model.loss_chunk=$LOSS_CHUNK" ;;
+    bench-combined) bench bench-combined 120 --backends sdpa --compile "$COMPILE" \
+      "$CUDNN_FIRST" "${MICRO32[@]}" "--model.loss_chunk=$LOSS_CHUNK" ;;
     eval-eager) [ "$COMPILE" = true ] &&
       stage eval-eager 110 "${EVAL[@]}" --out "$WORK/res/compiled-eval-eager.json" ;;
     eval-through) [ "$COMPILE" = true ] && stage eval-through 120 "${EVAL[@]}" \
@@ -120,9 +145,9 @@ PYTHON
       --out "$WORK/res/causal" ;;
     full) stage full 60 "${KERNELS[@]}" --masks full --shapes "${FULL[@]}" --out "$WORK/res/full" ;;
     tests) stage tests 150 env GPT_FLASH_TUNE=quick "$PY" -m pytest -q -m gpu -p no:cacheprovider \
-      tests/test_flash_attention.py tests/test_flash_attention_hopper.py tests/test_warmup.py \
+      tests/test_flash_attention.py tests/test_flash_attention_packed_gqa.py tests/test_warmup.py \
       --junitxml "$WORK/res/tests.xml" ;;
-    *) echo "unknown stage $1; stages: ${ALL[*]}" && exit 2 ;;
+    *) echo "unknown stage $1; stages: ${ALL[*]} levers ${LEVERS[*]}" && exit 2 ;;
   esac
 }
 
@@ -141,7 +166,8 @@ from pathlib import Path
 for f in sorted(Path(sys.argv[1]).glob("*.json")):
     data = json.loads(f.read_text())
     rows = data.get("results") if isinstance(data, dict) else None
-    print(f"--- {f.name}")
+    sdpa = data.get("sdpa") if isinstance(data, dict) else None
+    print(f"--- {f.name}" + (f" (sdpa ran {sdpa['kernel']}, order {sdpa['priority']})" if sdpa else ""))
     for r in rows or []:
         print("  ", {k: v for k, v in r.items() if k in (
             "loop", "attention", "compile", "status", "step_ms", "tokens_per_s", "mfu", "vs_bare")})

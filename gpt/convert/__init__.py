@@ -27,7 +27,6 @@ loaded, so it is refused rather than unpickled.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import types
@@ -37,18 +36,23 @@ from typing import Any
 
 import torch
 
+from gpt import store
 from gpt.config import ConfigError, ModelConfig
 from gpt.convert import gpt2, hf_tokenizer, llama
-from gpt.fileio import sha256_file, write_atomic
+from gpt.fileio import write_atomic
 
 CONFIG = "config.json"
-WEIGHTS = "model.safetensors"
-CHECKSUMS = "checksums.json"
+WEIGHTS = store.WEIGHTS
+CHECKSUMS = store.CHECKSUMS  # sha256 of the weights and tokenizer files (store.write_checksums)
 # every file write_model_dir writes: a directory holding only these is an export
 EXPORT_FILES = (CONFIG, WEIGHTS, CHECKSUMS, *hf_tokenizer.FILES)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ARCHITECTURES = {"gpt2": gpt2, "llama": llama}  # transformers' model_type -> mapping
 LAYOUTS = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's architecture
+# config.json's keys for what transformers has no key for ("gpt_": ours, not theirs): the
+# whole ModelConfig, and the tokenizer's encoding name
+MODEL_CONFIG_KEY = "gpt_config"
+TOKENIZER_KEY = "gpt_tokenizer"
 REQUIRED = object()
 
 
@@ -85,6 +89,9 @@ def _has_type(value: Any, tp: Any) -> bool:
         return any(_has_type(value, t) for t in typing.get_args(tp))
     if tp is type(None):
         return value is None
+    if typing.get_origin(tp) is list:  # e.g. list[str] (model.sdpa_kernels)
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
     if tp in (int, float) and isinstance(value, bool):  # JSON true is not a number
         return False
     return isinstance(value, (int, float) if tp is float else tp)
@@ -93,6 +100,8 @@ def _has_type(value: Any, tp: Any) -> bool:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, types.UnionType):
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0]).removeprefix('a ')}s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         tp, "null" if tp is type(None) else "an object"
     )
@@ -128,10 +137,11 @@ def _validated(cfg: ModelConfig, file: Path) -> ModelConfig:
     return cfg
 
 
-def _our_config(keys: ConfigKeys) -> ModelConfig:
+def _recorded_model_config(keys: ConfigKeys) -> ModelConfig:
     """The ModelConfig recorded under ``gpt_config``; absent fields take their defaults (an
     export older than the field)."""
-    section = ConfigKeys(keys.get("gpt_config", dict), keys.file, "gpt_config.")
+    key = MODEL_CONFIG_KEY
+    section = ConfigKeys(keys.get(key, dict), keys.file, f"{key}.")
     hints = typing.get_type_hints(ModelConfig)
     unknown = sorted(set(section.values) - set(hints))
     if unknown:
@@ -141,7 +151,7 @@ def _our_config(keys: ConfigKeys) -> ModelConfig:
     return ModelConfig(**{key: section.get(key, hints[key]) for key in section.values})
 
 
-def model_config(hf: dict, file: Path) -> tuple[ModelConfig, str]:
+def parse_model_config(hf: dict, file: Path) -> tuple[ModelConfig, str]:
     """(config, layout: "gpt2", "llama" or "gpt") of a parsed config.json. For our own
     exports the transformers keys must agree with ``gpt_config``: a hand edit of one but not
     the other would otherwise load silently wrong."""
@@ -152,14 +162,14 @@ def model_config(hf: dict, file: Path) -> tuple[ModelConfig, str]:
             f"{file}: model_type {model_type!r} is not supported; valid: "
             f"{', '.join(ARCHITECTURES)} (or a directory written by GPT.save_pretrained)"
         )
-    if "gpt_config" not in hf:
+    if MODEL_CONFIG_KEY not in hf:
         if model_type is None:
             raise ConfigError(
                 f"{file}: neither model_type (a transformers checkpoint: "
                 f"{', '.join(ARCHITECTURES)}) nor gpt_config (written by GPT.save_pretrained)"
             )
         return _validated(ARCHITECTURES[model_type].config_from_hf(keys), file), model_type
-    cfg = _validated(_our_config(keys), file)
+    cfg = _validated(_recorded_model_config(keys), file)
     if model_type is None:
         return cfg, "gpt"
     mapping = ARCHITECTURES[model_type]
@@ -184,7 +194,7 @@ def read_model_config(path: str | Path) -> ModelConfig:
     config_file = Path(path) / CONFIG
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json here; is this a model directory?")
-    return model_config(read_config_json(path), config_file)[0]
+    return parse_model_config(read_config_json(path), config_file)[0]
 
 
 def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
@@ -212,7 +222,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         )
     verify_model_dir(path)
     hf = read_config_json(path)
-    cfg, layout = model_config(hf, config_file)
+    cfg, layout = parse_model_config(hf, config_file)
     try:
         state = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:
@@ -231,7 +241,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
 
 def tokenizer_name(path: str | Path) -> str | None:
     """The encoding recorded by ``save_pretrained(..., tokenizer=...)``, or None."""
-    return read_config_json(path).get("gpt_tokenizer")
+    return read_config_json(path).get(TOKENIZER_KEY)
 
 
 def choose_layout(cfg: ModelConfig, architecture: str = "auto") -> str:
@@ -298,21 +308,20 @@ def write_model_dir(
         ours = mapping.state_to_hf(ours, cfg)
         eos = eos_token_id(cfg, tokenizer)
         config = mapping.hf_config(cfg) | {"bos_token_id": eos, "eos_token_id": eos}
-    config["gpt_config"] = dataclasses.asdict(cfg)
+    config[MODEL_CONFIG_KEY] = dataclasses.asdict(cfg)
     if tokenizer is not None:
-        config["gpt_tokenizer"] = tokenizer
+        config[TOKENIZER_KEY] = tokenizer
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     weights = {name: t.contiguous() for name, t in ours.items()}
-    raw = save(weights, metadata={"format": "pt"})
     text = json.dumps(config, indent=2) + "\n"
-    write_atomic(path / WEIGHTS, raw)
-    sums = {WEIGHTS: hashlib.sha256(raw).hexdigest()}
+    write_atomic(path / WEIGHTS, save(weights, metadata={"format": "pt"}))
+    checksummed = [WEIGHTS]
     written = []
     if tokenizer is not None and hf_tokenizer.unsupported(tokenizer) is None:
         try:
             written = hf_tokenizer.write_tokenizer(path, tokenizer, cfg.block_size)
-            sums |= {name: sha256_file(path / name) for name in hf_tokenizer.CHECKSUMMED}
+            checksummed += hf_tokenizer.CHECKSUMMED
         except RuntimeError as err:  # its ranks are not cached here: the model still writes
             print(f"warning: {path}: no tokenizer files written ({err})", file=sys.stderr)
     for stale in set(hf_tokenizer.FILES) - set(written):  # another tokenizer's, or none
@@ -320,18 +329,15 @@ def write_model_dir(
     write_atomic(path / CONFIG, text)
     # last: the checksums of the weights and the vocabulary (config.json is left out: editing
     # it by hand is legitimate, and read_model_dir validates every key of it)
-    write_atomic(path / CHECKSUMS, json.dumps(sums) + "\n")
+    store.write_checksums(path, checksummed)
     return layout
 
 
 def verify_model_dir(path: Path) -> None:
     """ValueError naming the file whose sha256 differs from the sidecar ``checksums.json``
-    written with it (gpt/store.py checks it; exports made before sidecars existed, and Hugging
-    Face directories, have none and pass)."""
-    from gpt.store import CheckpointError
-    from gpt.store import verify_model_dir as verify
-
+    written with it (``store.verify_model_dir`` checks it; exports made before sidecars
+    existed, and Hugging Face directories, have none and pass)."""
     try:
-        verify(path)
-    except CheckpointError as err:
+        store.verify_model_dir(path)
+    except store.CheckpointError as err:
         raise ValueError(str(err)) from None

@@ -17,13 +17,13 @@ import argparse
 import dataclasses
 import sys
 
-from gpt.convert import LAYOUTS, hf_tokenizer, read_model_config, write_model_dir
+from gpt.convert import LAYOUTS, hf_tokenizer, write_model_dir
 from gpt.convert.destination import check_destination
 
 
 def main(argv: list[str] | None = None) -> int:
     # here, not at the top: the package gpt.convert never imports the model (which imports it)
-    from gpt.store import load_model, model_dir_of, tokenizer_of
+    from gpt.store import load_model, model_config_of, model_dir_of, tokenizer_of
 
     p = argparse.ArgumentParser(prog="python -m gpt.convert", description=__doc__.split("\n")[0])
     p.add_argument("src", help="run directory, checkpoint or model directory")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         # naive builds anywhere (the source's backend may need a GPU); the export records the
         # source's own backend, which every tool that reads the export back then runs
         model = load_model(args.src, attention="naive")
-        cfg = dataclasses.replace(model.cfg, attention=read_model_config(model_dir).attention)
+        cfg = dataclasses.replace(model.cfg, attention=model_config_of(args.src).attention)
         tokenizer = tokenizer_of(args.src)
         state = model.state_dict()
         layout = write_model_dir(args.out, cfg, state, tokenizer, args.architecture)

@@ -370,7 +370,7 @@ def find_task_files(spec: str) -> list[Path]:
             from gpt.data.assets import bigbench_hint
 
             hint = f"; {bigbench_hint()}"
-        raise ValueError(f"--eval {spec}: no task files (task.json / *.jsonl): {why}{hint}")
+        raise ValueError(f"--tasks {spec}: no task files (task.json / *.jsonl): {why}{hint}")
     return sorted(set(found))
 
 

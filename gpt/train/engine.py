@@ -1,6 +1,10 @@
 """The edge where DeepSpeed lives: process-group start-up, the DeepSpeed config dict (and
-which [deepspeed] keys may reach it), and the engine. The training loop only calls
-``engine(x, y)``, ``engine.backward``, ``engine.step``.
+which [deepspeed] keys may reach it), and ``Engine``, the trainer's handle on the DeepSpeed
+engine. The training loop calls only ``Engine``'s methods (a micro-step, the learning rate,
+the step's health, whole parameters); nothing outside this module reads
+``engine.optimizer``, overflow flags, the global gradient norm or ZeRO's gathers. (The
+checkpoint format's own modules, gpt/train/checkpoint.py and gpt/train/universal.py, speak
+DeepSpeed's save/load protocol on the engine ``Engine.ds``.)
 
 One process with no launcher works too: ``init_distributed`` then fakes a world of one
 (RANK=0, WORLD_SIZE=1, a free local port) so that the same code path runs everywhere.
@@ -8,6 +12,7 @@ One process with no launcher works too: ``init_distributed`` then fakes a world 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -340,3 +345,60 @@ def build_engine(
     if cfg.train.compile:
         engine.compile()
     return engine, optimizer
+
+
+class Engine:
+    """The DeepSpeed engine around the model and the GuardedAdamW it steps, behind the few
+    calls the trainer makes. ``ds`` is DeepSpeed's engine (for the checkpoint protocol),
+    ``optimizer`` ours (DeepSpeed may wrap it: ZeRO, bf16), ``module`` the model."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, world_size: int):
+        self.ds, self.optimizer = build_engine(model, cfg, world_size)
+        self.module = self.ds.module
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        return self.ds(x, y)
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch; DeepSpeed steps the optimizer on the
+        last micro-batch of a gradient-accumulation round. The loss, not read here."""
+        _, loss = self.ds(x, y)
+        self.ds.backward(loss)
+        self.ds.step()
+        return loss
+
+    def set_lr(self, lr: float) -> float:
+        for group in self.ds.optimizer.param_groups:  # DeepSpeed's wrapper shares ours
+            group["lr"] = lr
+        return lr
+
+    def step_health(self) -> tuple:
+        """(skipped, grad_norm) of the optimizer step just taken, as the optimizer left them:
+        device scalars from GuardedAdamW, not read here; a DeepSpeed wrapper (fp16) that
+        skipped before calling it reports its own host flag. Each step's verdict is
+        handed out once."""
+        skipped = self.optimizer.skipped
+        if skipped is None:
+            skipped = float(bool(getattr(self.ds.optimizer, "overflow", False)))
+        self.optimizer.skipped = None
+        return skipped, self.ds.get_global_grad_norm()
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def full_parameters(self):
+        """Collective: a context in which every rank holds whole parameters (ZeRO-3 gathers
+        them; a no-op otherwise)."""
+        return full_parameters(self.ds)
+
+
+def full_parameters(engine: DeepSpeedEngine):
+    """Collective: under ZeRO-3 a context in which every rank holds whole parameters."""
+    if engine.zero_optimization_stage() != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()))

@@ -1,4 +1,5 @@
-"""Tests for the restructured kernel (gpt.kernels.flash_attention_hopper, backend `triton-hopper`).
+"""Tests for the packed-GQA kernel (gpt.kernels.flash_attention_packed_gqa, backend
+`triton-packed-gqa`; `triton-hopper` is its old name, still accepted).
 
 Without a GPU these run in the Triton interpreter (tests/conftest.py), where both load paths
 run: tensor descriptors (the copy engine's on a GPU) and pointer loads. The interpreter also
@@ -20,8 +21,8 @@ from kernel_testing import (
     make_inputs,
 )
 
-from gpt.kernels import flash_attention_hopper as fh
-from gpt.kernels.flash_attention_hopper import flash_attention_hopper
+from gpt.kernels import flash_attention_packed_gqa as fp
+from gpt.kernels.flash_attention_packed_gqa import flash_attention_packed_gqa
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
 
@@ -63,41 +64,41 @@ def test_matches_float64_reference(case):
     T, S, D, causal, group, H_kv, B, dtype, layout = case
     q, k, v, do = make_inputs(B, H_kv * group, H_kv, T, S, D, dtype, layout, seed=T * D)
     scale = 0.3 if D == 128 else None
-    check_against_reference(flash_attention_hopper, q, k, v, do, causal, scale)
+    check_against_reference(flash_attention_packed_gqa, q, k, v, do, causal, scale)
 
 
 def test_descriptor_and_pointer_paths_agree_exactly(monkeypatch):
     """The same inputs through tensor descriptors and through pointer loads: the same tiles
     in the same order, so bit-identical O, dQ, dK, dV."""
     q, k, v, do = make_inputs(1, 4, 2, 45, 45, 32, torch.float32, "bthd", seed=7)
-    assert fh._tma_ready(q, k, v, do) == (fh.TensorDescriptor is not None)
-    tma = forward_backward(flash_attention_hopper, q, k, v, do, True, None)
-    monkeypatch.setattr(fh, "_TMA_ENABLED", False)
-    assert not fh._tma_ready(q, k, v, do)
-    pointers = forward_backward(flash_attention_hopper, q, k, v, do, True, None)
+    assert fp._tma_ready(q, k, v, do) == (fp.TensorDescriptor is not None)
+    tma = forward_backward(flash_attention_packed_gqa, q, k, v, do, True, None)
+    monkeypatch.setattr(fp, "_TMA_ENABLED", False)
+    assert not fp._tma_ready(q, k, v, do)
+    pointers = forward_backward(flash_attention_packed_gqa, q, k, v, do, True, None)
     for name, a, b in zip(NAMES, tma, pointers, strict=True):
         assert torch.equal(a, b), name
 
 
 def test_tensor_descriptors_only_where_the_copy_engine_can_read():
     x = torch.randn(1, 2, 8, 16, device=DEVICE)
-    assert fh._tma_ready(x)
-    assert fh._tma_ready(x.half()[..., :12])  # 12 columns of 32-byte rows: aligned strides
+    assert fp._tma_ready(x)
+    assert fp._tma_ready(x.half()[..., :12])  # 12 columns of 32-byte rows: aligned strides
     narrow = torch.randn(1, 2, 8, 12, device=DEVICE, dtype=torch.float16)
-    assert not fh._tma_ready(narrow)  # 24-byte rows: strides not 16-byte aligned
-    assert not fh._tma_ready(x.transpose(2, 3))  # last dim not contiguous
+    assert not fp._tma_ready(narrow)  # 24-byte rows: strides not 16-byte aligned
+    assert not fp._tma_ready(x.transpose(2, 3))  # last dim not contiguous
     shifted = torch.randn(1 * 2 * 8 * 16 + 1, device=DEVICE)[1:].view(1, 2, 8, 16)
-    assert not fh._tma_ready(shifted)  # base 4 bytes past an aligned address
+    assert not fp._tma_ready(shifted)  # base 4 bytes past an aligned address
 
 
 def test_persistent_and_one_program_per_tile_agree_exactly(monkeypatch):
     """3 programs looping over the tiles (the interpreter's default), 1 program doing all of
     them, and the GPU's default of one program per tile (no loop compiled) agree bit for bit."""
     q, k, v, do = make_inputs(1, 6, 2, 70, 70, 16, torch.float32, seed=5)
-    three = forward_backward(flash_attention_hopper, q, k, v, do, True, None)
+    three = forward_backward(flash_attention_packed_gqa, q, k, v, do, True, None)
     for cap in (1, None):
-        monkeypatch.setattr(fh, "_INTERPRET_PROGRAMS", cap)
-        other = forward_backward(flash_attention_hopper, q, k, v, do, True, None)
+        monkeypatch.setattr(fp, "_INTERPRET_PROGRAMS", cap)
+        other = forward_backward(flash_attention_packed_gqa, q, k, v, do, True, None)
         for name, a, b in zip(NAMES, three, other, strict=True):
             assert torch.equal(a, b), f"{name}, programs {cap}"
 
@@ -105,7 +106,7 @@ def test_persistent_and_one_program_per_tile_agree_exactly(monkeypatch):
 @triton.jit
 def _record_order(OUT, n_bh, n_tiles_per_bh, HEAVIEST_LAST: tl.constexpr):
     for tile in range(0, n_bh * n_tiles_per_bh):
-        i, bh = fh._tile_coords(tile, n_bh, n_tiles_per_bh, HEAVIEST_LAST)
+        i, bh = fp._tile_coords(tile, n_bh, n_tiles_per_bh, HEAVIEST_LAST)
         tl.store(OUT + 2 * tile, i)
         tl.store(OUT + 2 * tile + 1, bh)
 
@@ -126,29 +127,29 @@ def test_launch_order_heads_fastest_heaviest_first(heaviest_last):
 def test_bad_input_raises():
     q, k, v, _ = make_inputs(1, 2, 1, 9, 8, 16, torch.float32)
     with pytest.raises(ValueError, match="T <= S"):
-        flash_attention_hopper(q, k, v, causal=True)
+        flash_attention_packed_gqa(q, k, v, causal=True)
     with pytest.raises(ValueError, match="multiple"):
-        flash_attention_hopper(*make_inputs(1, 3, 2, 8, 8, 16, torch.float32)[:3])
+        flash_attention_packed_gqa(*make_inputs(1, 3, 2, 8, 8, 16, torch.float32)[:3])
 
 
 def test_bad_program_count_names_the_variable(monkeypatch):
-    monkeypatch.setenv(fh.PROGRAMS_ENV, "many")
+    monkeypatch.setenv(fp.PROGRAMS_ENV, "many")
     with pytest.raises(ValueError, match="GPT_FLASH_PROGRAMS_PER_SM='many'"):
-        fh._programs_per_sm()
+        fp._programs_per_sm()
 
 
 def test_custom_ops_pass_opcheck():
     """Schema, fake (meta) implementation, autograd registration and AOT dispatch."""
     q, k, v, do = make_inputs(1, 4, 2, 17, 17, 16, torch.float32, layout="bthd")
-    fwd = torch.ops.gpt.flash_attention_hopper_fwd.default
+    fwd = torch.ops.gpt.flash_attention_packed_gqa_fwd.default
     q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
     torch.library.opcheck(fwd, (q, k, v, True, 0.25))
     out, lse = fwd(q.detach(), k.detach(), v.detach(), True, 0.25)
-    bwd = torch.ops.gpt.flash_attention_hopper_bwd.default
+    bwd = torch.ops.gpt.flash_attention_packed_gqa_bwd.default
     torch.library.opcheck(bwd, (do, q.detach(), k.detach(), v.detach(), out, lse, True, 0.25))
 
 
-def test_model_with_triton_hopper_matches_naive():
+def test_model_with_triton_packed_gqa_matches_naive():
     """A 2-layer GQA model: logits and every parameter's gradient agree across backends."""
     from gpt import GPT, ModelConfig
 
@@ -159,7 +160,7 @@ def test_model_with_triton_hopper_matches_naive():
     gen = torch.Generator().manual_seed(1)
     idx, targets = (torch.randint(0, 64, (2, 24), generator=gen).to(DEVICE) for _ in range(2))
     results = []
-    for backend in ("naive", "triton-hopper"):
+    for backend in ("naive", "triton-packed-gqa"):
         model.set_attention(backend)
         model.zero_grad(set_to_none=True)
         logits, loss = model(idx, targets)
@@ -193,7 +194,7 @@ def test_model_with_triton_hopper_matches_naive():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_gpu_low_precision(B, H, H_kv, T, S, D, causal, dtype):
     q, k, v, do = make_inputs(B, H, H_kv, T, S, D, dtype, layout="bthd", seed=T + D)
-    check_against_reference(flash_attention_hopper, q, k, v, do, causal, None)
+    check_against_reference(flash_attention_packed_gqa, q, k, v, do, causal, None)
 
 
 @pytest.mark.gpu
@@ -202,6 +203,6 @@ def test_gpu_float32_and_descriptors_on_hopper():
     """float32 (IEEE products) within 1e-4; on compute capability 9+ the model's transposed
     bf16 layout goes through tensor descriptors."""
     q, k, v, do = make_inputs(1, 4, 2, 1024, 1024, 64, torch.float32, layout="bthd")
-    check_against_reference(flash_attention_hopper, q, k, v, do, True, None)
+    check_against_reference(flash_attention_packed_gqa, q, k, v, do, True, None)
     hopper = torch.cuda.get_device_capability()[0] >= 9
-    assert fh._tma_ready(*(x.bfloat16() for x in (q, k, v))) == hopper
+    assert fp._tma_ready(*(x.bfloat16() for x in (q, k, v))) == hopper

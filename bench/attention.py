@@ -1,8 +1,8 @@
 """Attention kernel benchmark: check every backend against float64, then time it.
 
-    python -m gpt.kernels.bench                # small sweep on the CPU, full sweep on a GPU
-    python -m gpt.kernels.bench --full --backends sdpa-flash triton --dtypes bf16
-    python -m gpt.kernels.bench --shapes 4x16x4096x128 4x32/8x4096x128 --masks causal
+    python bench/attention.py                # small sweep on the CPU, full sweep on a GPU
+    python bench/attention.py --full --backends sdpa-flash triton --dtypes bf16
+    python bench/attention.py --shapes 4x16x4096x128 4x32/8x4096x128 --masks causal
 
 Sweeps backends (the registry's `naive`, `sdpa`, `triton` and every other registered name,
 plus each of PyTorch's SDPA kernels forced on its own: `sdpa-flash`, `sdpa-efficient`,
@@ -31,7 +31,10 @@ and gradients (explicit formulas, `reference_attention`). Each backend then:
 Out of memory is recorded as status `oom`, a kernel that refuses the shape or dtype as
 `unsupported`. Results go to `--out` (default `bench/results/<device>-<date>/`):
 results.json (every record plus device, versions, command, load average), results.csv,
-command.txt, summary.md and plots (`gpt.kernels.bench_report`).
+command.txt, summary.md and plots (`bench/attention_report.py`).
+
+A tool of this repository, not of the installed package: it imports ``gpt`` (the registry,
+the kernels) and is never imported by it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import argparse
 import contextlib
 import math
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -54,8 +56,24 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gpt.attention import AttentionFn, attention_names, get_attention, sdpa_attention
-from gpt.kernels.bench_report import device_slug, environment, summary_markdown, write_results
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `bench` as a namespace: this file is run as a script
+
+from bench.attention_report import (  # noqa: E402
+    device_slug,
+    environment,
+    summary_markdown,
+    write_results,
+)
+from gpt.attention import (  # noqa: E402
+    AttentionFn,
+    attention_names,
+    get_attention,
+    sdpa_attention,
+)
+from gpt.kernels.warmup import parse_shape  # noqa: E402  (the warm-up reads the same shapes)
+
+PROG = "python bench/attention.py"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Relative error ‖x − ref‖ / ‖ref‖ allowed for O, dQ, dK, dV: about 20 units of roundoff
@@ -72,7 +90,7 @@ FLOPS_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}  # multiples of the forw
 # Triton's interpreter runs each program in Python (~15 µs per score on 2 cores): it skips
 # shapes with more scores B·H·T² than this, which would take minutes.
 INTERPRET_MAX_SCORES = 2**17
-INTERPRETED = ("triton", "triton-hopper")  # Triton kernels: the interpreter runs them on a CPU
+INTERPRETED = ("triton", "triton-packed-gqa")  # Triton kernels: the interpreter runs them on a CPU
 REFERENCE_CHUNK_BYTES = 1 << 30  # float64 score matrices per chunk of heads
 SWEEPS = {  # tokens = batch × T, hidden = heads × D
     "full": dict(seq_lens=[512, 1024, 2048, 4096, 8192, 16384], head_dims=[64, 128],
@@ -123,18 +141,6 @@ class Timing:
     min_reps: int
     max_reps: int
     budget_s: float  # time a phase until min_reps calls *and* this many seconds
-
-
-def parse_shape(text: str) -> tuple[int, int, int, int, int]:
-    """ "4x32/8x4096x128" -> (batch 4, heads 32, kv heads 8, T 4096, D 128)."""
-    match = re.fullmatch(r"(\d+)x(\d+)(?:/(\d+))?x(\d+)x(\d+)", text)
-    if not match:
-        raise ValueError(f"shape {text!r} is not BxHxTxD or BxH/H_kvxTxD (e.g. 4x32/8x4096x128)")
-    B, H, H_kv, T, D = (int(g) if g else None for g in match.groups())
-    H_kv = H if H_kv is None else H_kv
-    if min(B, H, H_kv, T, D) < 1 or H % H_kv:
-        raise ValueError(f"shape {text!r}: sizes must be >= 1 and H a multiple of H_kv")
-    return B, H, H_kv, T, D
 
 
 def sweep_shapes(args: argparse.Namespace) -> list[Shape]:
@@ -421,9 +427,7 @@ def device_peak(device: torch.device, dtype: str) -> float | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m gpt.kernels.bench", description=__doc__.split("\n")[0]
-    )
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the full sweep (default with CUDA)")
     size.add_argument("--small", action="store_true", help="the small sweep (default on CPU)")
@@ -491,7 +495,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name, why in reasons.items():
         if why is not None:
             print(f"{name}: unavailable here ({why})", file=sys.stderr)
-    command = shlex.join(sys.orig_argv if argv is None else ["python", "-m", __spec__.name, *argv])
+    command = shlex.join(sys.orig_argv if argv is None else [*PROG.split(), *argv])
     date, load_start, started = (
         time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         os.getloadavg(),

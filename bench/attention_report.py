@@ -1,4 +1,4 @@
-"""The attention benchmark's output (`gpt.kernels.bench`): the run's environment, and
+"""The attention benchmark's output (`bench/attention.py`): the run's environment, and
 results.json, results.csv, command.txt, summary.md and plots of TFLOP/s and peak memory
 against sequence length."""
 

@@ -1,8 +1,9 @@
-"""Medians over repeated bench-mode runs, as a Markdown table.
+"""Medians over repeated runs of bench/trainer.py, as a Markdown table.
 
-    python bench/bench_summary.py RUN_DIR [RUN_DIR ...]
+    python bench/trainer_summary.py RUN_DIR [RUN_DIR ...]
 
-Each RUN_DIR holds a ``bench.json`` written by ``python train.py CONFIG --bench.steps=N``;
+Each RUN_DIR holds a ``bench.json`` written by ``python bench/trainer.py CONFIG`` (or, in
+results from before it was a script, by ``python train.py CONFIG --bench.steps=N``);
 runs of the same configuration (repeated on a loaded machine) are grouped by loop,
 attention backend and compile setting, and each row shows the median step time (wall and CPU) over
 the runs, the medians of the engine's ``vs_bare`` ratios, and every run's wall time.

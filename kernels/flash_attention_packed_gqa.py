@@ -1,4 +1,5 @@
-"""FlashAttention-2 restructured for Hopper GPUs: the ``triton-hopper`` attention backend.
+"""FlashAttention-2 with packed grouped-query heads, split loops and an optional persistent
+launch: the ``triton-packed-gqa`` attention backend (``triton-hopper`` before issue 23).
 
 The algorithm, conventions and masks are those of gpt.kernels.flash_attention (read its
 docstring first: base-2 scores, online softmax, recomputed P, bottom-right causal mask,
@@ -33,12 +34,15 @@ to say (kernels/NOTES.md).
 5. *Configurations per head dim and dtype* from small tables (gpt.kernels.tuning), keyed
    on length buckets; packed tiles of at most 16 rows (decoding) get a fixed 16-row tile
    and no autotuning.
+
+The file runs past 450 lines because its three kernels each carry the split causal loop and
+both load paths (descriptors, pointers) as compile-time switches; the op plumbing they share
+with gpt.kernels.flash_attention is gpt.kernels.attention_op's.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -47,13 +51,13 @@ import triton.language as tl
 from torch import Tensor
 
 from gpt.kernels import tuning
-from gpt.kernels.flash_attention import (
-    _LOG2E,
-    _MIN_INIT,
-    _block_d,
-    _dot_precision,
-    _flash_attention_bwd_delta_kernel,
-    check_inputs,
+from gpt.kernels.attention_op import (
+    LOG2E,
+    MIN_INIT,
+    AttentionOp,
+    autotune,
+    block_d,
+    dot_precision,
 )
 
 try:  # Triton >= 3.4; the kernels fall back to pointer loads without it
@@ -70,8 +74,21 @@ _INTERPRET_PROGRAMS: int | None = 3
 
 
 # --------------------------------------------------------------------------------------
-# Shared pieces: tile order, tile loads
+# Shared pieces: which tiles a program handles, in which order; tile loads; key ranges
 # --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _program_tiles(n_tiles, PERSISTENT: tl.constexpr):
+    """(first, count, step): this program handles the tiles first + n * step for n < count.
+    PERSISTENT: every programs-th tile from pid on (item 4). Otherwise tile pid alone, with
+    a constant count of 1, so that the loop over it compiles away (a loop costs registers)."""
+    pid = tl.program_id(0)
+    if PERSISTENT:
+        step = tl.num_programs(0)
+        return pid, tl.cdiv(n_tiles - pid, step), step
+    else:
+        return pid, 1, 1
 
 
 @triton.jit
@@ -83,6 +100,41 @@ def _tile_coords(tile, n_bh, n_tiles_per_bh, HEAVIEST_LAST: tl.constexpr):
     if HEAVIEST_LAST:
         i = n_tiles_per_bh - 1 - i
     return i, bh
+
+
+@triton.jit
+def _packed_rows(tile, B, H_KV, T, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                 BLOCK_M: tl.constexpr):  # fmt: skip
+    """The BLOCK_M packed query rows of a forward or dQ tile (module docstring, item 3):
+    the tile's index i along the rows, its batch b (int32, int64), kv head, and per row
+    its position t, query head h and whether it exists. Heaviest first when causal."""
+    n_rows = T * GROUP
+    i, bh = _tile_coords(tile, B * H_KV, tl.cdiv(n_rows, BLOCK_M), IS_CAUSAL)
+    b32 = bh // H_KV
+    b = b32.to(tl.int64)  # b * stride_qb can pass 2**31 elements for large batches
+    h_kv = bh % H_KV
+    rows = i * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) packed rows
+    t = rows // GROUP  # their positions
+    h = h_kv * GROUP + rows % GROUP  # their query heads
+    return i, b32, b, h_kv, t, h, rows < n_rows
+
+
+@triton.jit
+def _key_ranges(i, T, S, GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):  # fmt: skip
+    """(full_end, hi) for row tile i: key tiles [0, full_end) are seen whole by every row
+    of the tile (with a causal mask, those ending at or before the first row's last key,
+    t_first + S - T; without, all complete tiles); [full_end, hi) holds the diagonal or
+    ragged tiles, to be masked."""
+    if IS_CAUSAL:
+        t_first = (i * BLOCK_M) // GROUP
+        t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
+        full_end = ((t_first + S - T + 1) // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(S, t_last + S - T + 1)
+    else:
+        full_end = (S // BLOCK_N) * BLOCK_N
+        hi = S
+    return full_end, hi
 
 
 @triton.jit
@@ -152,84 +204,6 @@ def _fwd_key_tiles(
 
 
 @triton.jit
-def _fwd_tile(
-    tile,  # which tile (module docstring, item 4)
-    Q, K_DESC, V_DESC, K, V, OUT, LSE,  # K_DESC, V_DESC: descriptors with USE_TMA, else K, V
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_ob, stride_oh, stride_ot, stride_od,
-    B, H, H_KV, T, S, D,
-    qk_scale,  # softmax scale * log2(e)
-    T_BUCKET, S_BUCKET,  # T and S rounded up to powers of two: the autotune key, unused here
-    GROUP: tl.constexpr,  # query heads per K/V head
-    IS_CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Forward of one tile of BLOCK_M packed query rows."""
-    # One tile = BLOCK_M packed rows (position r // GROUP, head r % GROUP) of one (batch,
-    # kv head); a program handles tiles pid, pid + programs, ... (one, unless persistent).
-    offset = S - T
-    n_rows = T * GROUP
-    n_row_tiles = tl.cdiv(n_rows, BLOCK_M)
-    n_bh = B * H_KV
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
-    b32 = bh // H_KV
-    b = b32.to(tl.int64)  # b * stride_qb can pass 2**31 elements for large batches
-    h_kv = bh % H_KV
-    rows = i * BLOCK_M + offs_r  # (BLOCK_M,) packed rows
-    t = rows // GROUP  # their positions
-    h = h_kv * GROUP + rows % GROUP  # their query heads
-    row_ok = rows < n_rows
-    qo_mask = row_ok[:, None] & d_ok[None, :]
-
-    # --- Stays in SRAM for the whole tile -----------------------------------------
-    q_off = b * stride_qb + h * stride_qh + t * stride_qt
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
-    m_i = tl.full([BLOCK_M], _MIN_INIT, dtype=tl.float32)  # running row max (base 2)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
-
-    # Key tiles [0, full_end) are seen whole by every row of the tile: with a causal
-    # mask, those ending at or before the first row's last key (t_first + offset);
-    # without, all complete tiles. [full_end, hi) holds the diagonal or ragged tiles.
-    t_first = (i * BLOCK_M) // GROUP
-    t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
-    if IS_CAUSAL:
-        full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(S, t_last + offset + 1)
-    else:
-        full_end = (S // BLOCK_N) * BLOCK_N
-        hi = S
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    acc, m_i, l_i = _fwd_key_tiles(
-        acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-        stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
-        False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
-    acc, m_i, l_i = _fwd_key_tiles(
-        acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-        stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
-        True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
-
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
-    acc = acc / l_safe[:, None]
-    o_off = b * stride_ob + h * stride_oh + t * stride_ot
-    o_ptrs = OUT + o_off[:, None] + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=qo_mask)
-    tl.store(LSE + (b * H + h) * T + t, m_i + tl.log2(l_safe), mask=row_ok)
-
-
-@triton.jit
 def _fwd_kernel(
     Q, K_DESC, V_DESC, K, V, OUT, LSE,  # K_DESC, V_DESC: descriptors with USE_TMA, else K, V
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -248,27 +222,49 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    if PERSISTENT:
-        n_tiles = tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV
-        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _fwd_tile(
-                tile, Q, K_DESC, V_DESC, K, V, OUT, LSE, stride_qb, stride_qh, stride_qt, stride_qd,
-                stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
-                stride_vd, stride_ob, stride_oh, stride_ot, stride_od, B, H, H_KV, T, S, D,
-                qk_scale, T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M,
-                BLOCK_N, BLOCK_D,
-            )  # fmt: skip
-    else:
-        _fwd_tile(
-            tl.program_id(0), Q, K_DESC, V_DESC, K, V, OUT, LSE, stride_qb, stride_qh, stride_qt,
-            stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh, stride_vt,
-            stride_vd, stride_ob, stride_oh, stride_ot, stride_od, B, H, H_KV, T, S, D, qk_scale,
-            T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+    # One tile = BLOCK_M packed rows (position r // GROUP, head r % GROUP) of one (batch,
+    # kv head); a program handles one tile, or loops over several when PERSISTENT.
+    offset = S - T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    first, count, step = _program_tiles(tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV, PERSISTENT)
+    for n in range(0, count):
+        tile = first + n * step
+        i, b32, b, h_kv, t, h, row_ok = _packed_rows(tile, B, H_KV, T, GROUP, IS_CAUSAL,
+                                                     BLOCK_M)  # fmt: skip
+        qo_mask = row_ok[:, None] & d_ok[None, :]
+
+        # --- Stays in SRAM for the whole tile -------------------------------------
+        q_off = b * stride_qb + h * stride_qh + t * stride_qt
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qo_mask, other=0.0)
+        m_i = tl.full([BLOCK_M], MIN_INIT, dtype=tl.float32)  # running row max (base 2)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running row sum of exp2(s - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # unnormalised output
+
+        full_end, hi = _key_ranges(i, T, S, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        k_base = K + b * stride_kb + h_kv * stride_kh
+        v_base = V + b * stride_vb + h_kv * stride_vh
+        acc, m_i, l_i = _fwd_key_tiles(
+            acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+            stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
+            False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
         )  # fmt: skip
+        acc, m_i, l_i = _fwd_key_tiles(
+            acc, m_i, l_i, q, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+            stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
+            True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # only a row with no visible key has l == 0
+        acc = acc / l_safe[:, None]
+        o_off = b * stride_ob + h * stride_oh + t * stride_ot
+        o_ptrs = OUT + o_off[:, None] + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=qo_mask)
+        tl.store(LSE + (b * H + h) * T + t, m_i + tl.log2(l_safe), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------
-# Backward (delta = rowsum(dO * O) is gpt.kernels.flash_attention's kernel)
+# Backward (delta = rowsum(dO * O) is gpt.kernels.attention_op's kernel)
 # --------------------------------------------------------------------------------------
 
 
@@ -310,87 +306,6 @@ def _dkdv_query_tiles(
 
 
 @triton.jit
-def _dkdv_tile(
-    tile,  # which tile (module docstring, item 4)
-    Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dkb, stride_dkh, stride_dkt, stride_dkd,  # DK and DV share one layout
-    B, H, H_KV, T, S, D,
-    qk_scale, sm_scale,
-    T_BUCKET, S_BUCKET,  # the autotune key, unused here
-    GROUP: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """dK and dV of one tile of BLOCK_N keys."""
-    # One tile = BLOCK_N keys of one (batch, kv head), held in SRAM with their dK and dV
-    # while the Q/dO tiles of every query head of the group stream past (the sum over
-    # the group happens here, without atomics). The first key tiles are the heaviest when
-    # causal, and tiles are numbered from the first: no reversal.
-    offset = S - T
-    n_key_tiles = tl.cdiv(S, BLOCK_N)
-    n_bh = B * H_KV
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    j, bh = _tile_coords(tile, n_bh, n_key_tiles, False)
-    b32 = bh // H_KV
-    b = b32.to(tl.int64)
-    h_kv = bh % H_KV
-    start_n = j * BLOCK_N
-    keys = start_n + offs_n
-    kv_mask = (keys < S)[:, None] & d_ok[None, :]
-
-    # --- Stays in SRAM: this tile of K and V and its two gradient accumulators -------
-    k_ptrs = K + b * stride_kb + h_kv * stride_kh
-    k = tl.load(k_ptrs + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
-                mask=kv_mask, other=0.0)  # fmt: skip
-    v_ptrs = V + b * stride_vb + h_kv * stride_vh
-    v = tl.load(v_ptrs + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
-                mask=kv_mask, other=0.0)  # fmt: skip
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    # Query rows m see key n when n <= m + offset. Rows before `lo` see none of this
-    # tile; rows from `mid` on see all of it; the tiles in [lo, mid) are masked.
-    if IS_CAUSAL:
-        lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
-        first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
-        mid = tl.cdiv(first_full, BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        mid = 0
-    for g in range(0, GROUP):
-        h = h_kv * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LSE + (b * H + h) * T
-        delta_base = DELTA + (b * H + h) * T
-        dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
-            b32, h, stride_qt, stride_qd, stride_dot, stride_dod, lo, mid, T, D, offset,
-            qk_scale, True, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
-        )  # fmt: skip
-        dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
-            b32, h, stride_qt, stride_qd, stride_dot, stride_dod, mid, T, T, D, offset,
-            qk_scale, False, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
-        )  # fmt: skip
-
-    dk_off = b * stride_dkb + h_kv * stride_dkh
-    dk_off += keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
-    tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
-
-
-@triton.jit
 def _dkdv_kernel(
     Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -410,24 +325,65 @@ def _dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    if PERSISTENT:
-        for tile in range(tl.program_id(0), tl.cdiv(S, BLOCK_N) * B * H_KV, tl.num_programs(0)):
-            _dkdv_tile(
-                tile, Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb, stride_qh,
-                stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb,
-                stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
-                stride_dkb, stride_dkh, stride_dkt, stride_dkd, B, H, H_KV, T, S, D, qk_scale,
-                sm_scale, T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M,
-                BLOCK_N, BLOCK_D,
+    # One tile = BLOCK_N keys of one (batch, kv head), held in SRAM with their dK and dV
+    # while the Q/dO tiles of every query head of the group stream past (the sum over
+    # the group happens here, without atomics). The first key tiles are the heaviest when
+    # causal, and tiles are numbered from the first: no reversal.
+    offset = S - T
+    n_key_tiles = tl.cdiv(S, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    first, count, step = _program_tiles(n_key_tiles * B * H_KV, PERSISTENT)
+    for n in range(0, count):
+        tile = first + n * step
+        j, bh = _tile_coords(tile, B * H_KV, n_key_tiles, False)
+        b32 = bh // H_KV
+        b = b32.to(tl.int64)
+        h_kv = bh % H_KV
+        start_n = j * BLOCK_N
+        keys = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (keys < S)[:, None] & d_ok[None, :]
+
+        # --- Stays in SRAM: this tile of K and V and its two gradient accumulators ---
+        k_ptrs = K + b * stride_kb + h_kv * stride_kh
+        k = tl.load(k_ptrs + keys[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        v_ptrs = V + b * stride_vb + h_kv * stride_vh
+        v = tl.load(v_ptrs + keys[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)  # fmt: skip
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+        # Query rows m see key n when n <= m + offset. Rows before `lo` see none of this
+        # tile; rows from `mid` on see all of it; the tiles in [lo, mid) are masked.
+        if IS_CAUSAL:
+            lo = (tl.maximum(start_n - offset, 0) // BLOCK_M) * BLOCK_M
+            first_full = tl.maximum(start_n + BLOCK_N - 1 - offset, 0)
+            mid = tl.cdiv(first_full, BLOCK_M) * BLOCK_M
+        else:
+            lo = 0
+            mid = 0
+        for g in range(0, GROUP):
+            h = h_kv * GROUP + g
+            q_base = Q + b * stride_qb + h * stride_qh
+            do_base = DO + b * stride_dob + h * stride_doh
+            lse_base = LSE + (b * H + h) * T
+            delta_base = DELTA + (b * H + h) * T
+            dk, dv = _dkdv_query_tiles(
+                dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
+                b32, h, stride_qt, stride_qd, stride_dot, stride_dod, lo, mid, T, D, offset,
+                qk_scale, True, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
             )  # fmt: skip
-    else:
-        _dkdv_tile(
-            tl.program_id(0), Q_DESC, DO_DESC, Q, K, V, DO, LSE, DELTA, DK, DV, stride_qb,
-            stride_qh, stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb,
-            stride_vh, stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod,
-            stride_dkb, stride_dkh, stride_dkt, stride_dkd, B, H, H_KV, T, S, D, qk_scale, sm_scale,
-            T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-        )  # fmt: skip
+            dk, dv = _dkdv_query_tiles(
+                dk, dv, k, v, keys, Q_DESC, DO_DESC, q_base, do_base, lse_base, delta_base,
+                b32, h, stride_qt, stride_qd, stride_dot, stride_dod, mid, T, T, D, offset,
+                qk_scale, False, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_D,
+            )  # fmt: skip
+
+        dk_off = b * stride_dkb + h_kv * stride_dkh
+        dk_off += keys[:, None] * stride_dkt + offs_d[None, :] * stride_dkd
+        tl.store(DK + dk_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + dk_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -465,82 +421,6 @@ def _dq_key_tiles(
 
 
 @triton.jit
-def _dq_tile(
-    tile,  # which tile (module docstring, item 4)
-    Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ,
-    stride_qb, stride_qh, stride_qt, stride_qd,
-    stride_kb, stride_kh, stride_kt, stride_kd,
-    stride_vb, stride_vh, stride_vt, stride_vd,
-    stride_dob, stride_doh, stride_dot, stride_dod,
-    stride_dqb, stride_dqh, stride_dqt, stride_dqd,
-    B, H, H_KV, T, S, D,
-    qk_scale, sm_scale,
-    T_BUCKET, S_BUCKET,  # the autotune key, unused here
-    GROUP: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """dQ of one tile of BLOCK_M packed query rows."""
-    # The forward's tiling (packed rows, same order, same two loops) with dQ as the output.
-    offset = S - T
-    n_rows = T * GROUP
-    n_row_tiles = tl.cdiv(n_rows, BLOCK_M)
-    n_bh = B * H_KV
-    offs_r = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    i, bh = _tile_coords(tile, n_bh, n_row_tiles, IS_CAUSAL)
-    b32 = bh // H_KV
-    b = b32.to(tl.int64)
-    h_kv = bh % H_KV
-    rows = i * BLOCK_M + offs_r
-    t = rows // GROUP
-    h = h_kv * GROUP + rows % GROUP
-    row_ok = rows < n_rows
-    qd_mask = row_ok[:, None] & d_ok[None, :]
-
-    # --- Stays in SRAM: Q and dO tiles, L and delta, the dQ accumulator --------------
-    q_off = b * stride_qb + h * stride_qh + t * stride_qt
-    q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-    do_off = b * stride_dob + h * stride_doh + t * stride_dot
-    do = tl.load(DO + do_off[:, None] + offs_d[None, :] * stride_dod, mask=qd_mask,
-                 other=0.0)  # fmt: skip
-    # rows past the end: L = +inf makes their P exactly 0
-    lse = tl.load(LSE + (b * H + h) * T + t, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + (b * H + h) * T + t, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    t_first = (i * BLOCK_M) // GROUP
-    t_last = tl.minimum((i * BLOCK_M + BLOCK_M - 1) // GROUP, T - 1)
-    if IS_CAUSAL:
-        full_end = ((t_first + offset + 1) // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(S, t_last + offset + 1)
-    else:
-        full_end = (S // BLOCK_N) * BLOCK_N
-        hi = S
-    k_base = K + b * stride_kb + h_kv * stride_kh
-    v_base = V + b * stride_vb + h_kv * stride_vh
-    dq = _dq_key_tiles(
-        dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-        stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
-        False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
-    dq = _dq_key_tiles(
-        dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
-        stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
-        True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
-
-    dq_off = b * stride_dqb + h * stride_dqh + t * stride_dqt
-    dq_ptrs = DQ + dq_off[:, None] + offs_d[None, :] * stride_dqd
-    tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
-
-
-@triton.jit
 def _dq_kernel(
     Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qt, stride_qd,
@@ -560,25 +440,45 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    if PERSISTENT:
-        n_tiles = tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV
-        for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-            _dq_tile(
-                tile, Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh, stride_qt,
-                stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh,
-                stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb,
-                stride_dqh, stride_dqt, stride_dqd, B, H, H_KV, T, S, D, qk_scale, sm_scale,
-                T_BUCKET, S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                BLOCK_D,
-            )  # fmt: skip
-    else:
-        _dq_tile(
-            tl.program_id(0), Q, K_DESC, V_DESC, K, V, DO, LSE, DELTA, DQ, stride_qb, stride_qh,
-            stride_qt, stride_qd, stride_kb, stride_kh, stride_kt, stride_kd, stride_vb, stride_vh,
-            stride_vt, stride_vd, stride_dob, stride_doh, stride_dot, stride_dod, stride_dqb,
-            stride_dqh, stride_dqt, stride_dqd, B, H, H_KV, T, S, D, qk_scale, sm_scale, T_BUCKET,
-            S_BUCKET, GROUP, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+    # The forward's tiling (packed rows, same order, same two loops) with dQ as the output.
+    offset = S - T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    first, count, step = _program_tiles(tl.cdiv(T * GROUP, BLOCK_M) * B * H_KV, PERSISTENT)
+    for n in range(0, count):
+        tile = first + n * step
+        i, b32, b, h_kv, t, h, row_ok = _packed_rows(tile, B, H_KV, T, GROUP, IS_CAUSAL,
+                                                     BLOCK_M)  # fmt: skip
+        qd_mask = row_ok[:, None] & d_ok[None, :]
+
+        # --- Stays in SRAM: Q and dO tiles, L and delta, the dQ accumulator ----------
+        q_off = b * stride_qb + h * stride_qh + t * stride_qt
+        q = tl.load(Q + q_off[:, None] + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do_off = b * stride_dob + h * stride_doh + t * stride_dot
+        do = tl.load(DO + do_off[:, None] + offs_d[None, :] * stride_dod, mask=qd_mask,
+                     other=0.0)  # fmt: skip
+        # rows past the end: L = +inf makes their P exactly 0
+        lse = tl.load(LSE + (b * H + h) * T + t, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + (b * H + h) * T + t, mask=row_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        full_end, hi = _key_ranges(i, T, S, GROUP, IS_CAUSAL, BLOCK_M, BLOCK_N)
+        k_base = K + b * stride_kb + h_kv * stride_kh
+        v_base = V + b * stride_vb + h_kv * stride_vh
+        dq = _dq_key_tiles(
+            dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+            stride_kt, stride_kd, stride_vt, stride_vd, 0, full_end, S, D, offset, qk_scale,
+            False, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
         )  # fmt: skip
+        dq = _dq_key_tiles(
+            dq, q, do, lse, delta, t, K_DESC, V_DESC, k_base, v_base, b32, h_kv,
+            stride_kt, stride_kd, stride_vt, stride_vd, full_end, hi, S, D, offset, qk_scale,
+            True, IS_CAUSAL, USE_TMA, DOT_PRECISION, BLOCK_N, BLOCK_D,
+        )  # fmt: skip
+
+        dq_off = b * stride_dqb + h * stride_dqh + t * stride_dqt
+        dq_ptrs = DQ + dq_off[:, None] + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -621,11 +521,6 @@ DECODE_TILES = {"fwd": [Tile(DECODE_ROWS, 64, 4, 3), Tile(DECODE_ROWS, 128, 4, 2
 # The interpreter's one configuration per kernel: small unequal tiles, so that short test
 # sequences span several tiles and every way of straddling the diagonal occurs.
 INTERPRET_TILES = {role: [Tile(32, 16, 4, 2)] for role in GPU_TILES}
-FOOTPRINTS = {  # see gpt.kernels.flash_attention.FOOTPRINTS
-    "fwd": tuning.Footprint(held_tiles=1, streamed_tiles=2),
-    "dq": tuning.Footprint(held_tiles=2, streamed_tiles=2),
-    "dkdv": tuning.Footprint(held_tiles=2, streamed_tiles=2),
-}
 
 
 def _head_dim_class(block_d: int) -> int:
@@ -671,31 +566,21 @@ def autotuned(kernel, role: str, tiles: list[Tile] | None = None, do_bench=None)
     every head dim and DECODE_TILES on a GPU, the one INTERPRET_TILES configuration in the
     interpreter, which is never timed), pruned per call by tuning.prune and _keep_tile.
     ``do_bench`` replaces Triton's timer (tests)."""
-    holds_queries = role != "dkdv"
     tables = None
     if tiles is None and _INTERPRET:
         tiles = INTERPRET_TILES[role]
     elif tiles is None:
         tables = GPU_TILES[role]
         tiles = [t for table in tables.values() for t in table] + DECODE_TILES[role]
-    prune = functools.partial(
-        tuning.prune,
-        footprint=FOOTPRINTS[role],
-        holds_queries=holds_queries,
-        keep=functools.partial(_keep_tile, role=role, tables=tables),
-        rank=functools.partial(_rank_tile, role=role, tables=tables),
-    )
-    return triton.autotune(
-        configs=tuning.configs(tiles, holds_queries, pre_hook=_descriptor_blocks),
-        key=AUTOTUNE_KEY,
-        prune_configs_by={"early_config_prune": prune},
-        do_bench=do_bench,
-    )(kernel)
+    keep = functools.partial(_keep_tile, role=role, tables=tables)
+    rank = functools.partial(_rank_tile, role=role, tables=tables)
+    return autotune(kernel, role, tiles, AUTOTUNE_KEY, do_bench, keep, rank, _descriptor_blocks)
 
 
-_fwd = autotuned(_fwd_kernel, "fwd")
-_dq = autotuned(_dq_kernel, "dq")
-_dkdv = autotuned(_dkdv_kernel, "dkdv")
+# The @triton.jit kernels by role, and the autotuned wrappers the launches look up (tests
+# replace them).
+JIT_KERNELS = {"fwd": _fwd_kernel, "dq": _dq_kernel, "dkdv": _dkdv_kernel}
+TUNED_KERNELS = {role: autotuned(kernel, role) for role, kernel in JIT_KERNELS.items()}
 
 
 def _programs_per_sm() -> int:
@@ -747,130 +632,76 @@ def _descriptors(use_tma: bool, *tensors: Tensor) -> list:
     or the tensors themselves when the kernels load through pointers."""
     if not use_tma:
         return list(tensors)
-    block_d = _block_d(tensors[0].shape[-1])
+    tile_d = block_d(tensors[0].shape[-1])
     return [
-        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]) for t in tensors
+        TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, tile_d]) for t in tensors
     ]
 
 
 # --------------------------------------------------------------------------------------
-# PyTorch custom ops (see gpt.kernels.flash_attention)
+# Launches; gpt.kernels.attention_op makes them custom ops
 # --------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("gpt::flash_attention_hopper_fwd", mutates_args=())
-def _attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Returns O (B, H, T, D), contiguous, and the base-2 log-sum-exp (B, H, T), float32."""
+def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, o: Tensor, lse: Tensor):
+    """Fills O (B, H, T, D) and the base-2 log-sum-exp L (B, H, T)."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     group = H // H_kv
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
     use_tma = _tma_ready(k, v)
     k_desc, v_desc = _descriptors(use_tma, k, v)
     cap = _programs_cap(q.device)
-    _fwd[_grid(T * group, "BLOCK_M", B * H_kv, cap)](
+    TUNED_KERNELS["fwd"][_grid(T * group, "BLOCK_M", B * H_kv, cap)](
         q, k_desc, v_desc, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         B, H, H_kv, T, S, D,
-        scale * _LOG2E,
+        scale * LOG2E,
         tuning.length_bucket(T), tuning.length_bucket(S),
         PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=use_tma,
-        DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=_block_d(D),
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d(D),
     )  # fmt: skip
-    return o, lse
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, causal, scale):
-    B, H, T, D = q.shape
-    return q.new_empty((B, H, T, D)), q.new_empty((B, H, T), dtype=torch.float32)
-
-
-@torch.library.custom_op("gpt::flash_attention_hopper_bwd", mutates_args=())
-def _attention_bwd(
-    do: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns dQ, dK, dV, contiguous, in the dtypes of q, k, v."""
+def _backward(do, q, k, v, lse, delta, causal: bool, scale: float, dq, dk, dv):
+    """Fills dQ, dK, dV, given L and delta = rowsum(dO * O)."""
     B, H, T, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
     group = H // H_kv
-    block_d = _block_d(D)
-    precision = _dot_precision(q.dtype)
-    dq = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H_kv, S, D), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, H_kv, S, D), dtype=v.dtype, device=v.device)
-    delta = torch.empty((B, H, T), dtype=torch.float32, device=q.device)
+    tile_d = block_d(D)
+    precision = dot_precision(q.dtype)
     key = (tuning.length_bucket(T), tuning.length_bucket(S))
-
-    delta_block = 32 if _INTERPRET else 64
-    _flash_attention_bwd_delta_kernel[(triton.cdiv(T, delta_block), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, T, D,
-        BLOCK_M=delta_block, BLOCK_D=block_d,
-    )  # fmt: skip
     qdo_tma = _tma_ready(q, do)
     q_desc, do_desc = _descriptors(qdo_tma, q, do)
     cap = _programs_cap(q.device)
-    _dkdv[_grid(S, "BLOCK_N", B * H_kv, cap)](
+    TUNED_KERNELS["dkdv"][_grid(S, "BLOCK_N", B * H_kv, cap)](
         q_desc, do_desc, q, k, v, do, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(),
         B, H, H_kv, T, S, D,
-        scale * _LOG2E, scale, *key,
+        scale * LOG2E, scale, *key,
         PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=qdo_tma,
         DOT_PRECISION=precision,
-        BLOCK_D=block_d,
+        BLOCK_D=tile_d,
     )  # fmt: skip
     kv_tma = _tma_ready(k, v)
     k_desc, v_desc = _descriptors(kv_tma, k, v)
-    _dq[_grid(T * group, "BLOCK_M", B * H_kv, cap)](
+    TUNED_KERNELS["dq"][_grid(T * group, "BLOCK_M", B * H_kv, cap)](
         q, k_desc, v_desc, k, v, do, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         B, H, H_kv, T, S, D,
-        scale * _LOG2E, scale, *key,
+        scale * LOG2E, scale, *key,
         PERSISTENT=cap is not None, GROUP=group, IS_CAUSAL=causal, USE_TMA=kv_tma,
         DOT_PRECISION=precision,
-        BLOCK_D=block_d,
+        BLOCK_D=tile_d,
     )  # fmt: skip
-    return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+# gpt::flash_attention_packed_gqa_fwd, _bwd
+OP = AttentionOp("flash_attention_packed_gqa", _forward, _backward)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, scale = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, do: Tensor, _dlse: Tensor | None):
-    q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
-
-
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def flash_attention_hopper(
+def flash_attention_packed_gqa(
     q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: float | None = None
 ) -> Tensor:
     """gpt.kernels.flash_attention.flash_attention, restructured (module docstring): same
     contract, same results up to rounding order."""
-    check_inputs(q, k, v, causal, "flash_attention_hopper")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = _attention_fwd(q, k, v, causal, scale)
-    return out
+    return OP(q, k, v, causal, scale)

@@ -1,6 +1,6 @@
 """The vertical fine-tuning recipe: four ways to adapt a base model, and what each forgets.
 
-    python bench/finetune.py [--config configs/finetune-pydocs.toml] [--out DIR] [-- OVERRIDES]
+    python recipes/finetune.py [--config configs/finetune-pydocs.toml] [--out DIR] [-- OVERRIDES]
 
 Runs ``train.py CONFIG`` four times (full fine-tuning; LoRA; frozen embeddings and first two
 blocks; full fine-tuning with 10% replay of the general data), each from the same base
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python bench/finetune.py", description=__doc__)
+    p = argparse.ArgumentParser(prog="python recipes/finetune.py", description=__doc__)
     p.add_argument("--config", default="configs/finetune-pydocs.toml")
     p.add_argument("--runs", default="out/finetune", help="where the four runs go")
     p.add_argument("--out", default="out/finetune", help="where the table and plot go")

@@ -1,5 +1,6 @@
-"""The attention benchmark (gpt.kernels.bench): float64 reference, the correctness gate,
-timing and memory, and a tiny end-to-end CPU sweep with deliberately wrong backends."""
+"""The attention benchmark (bench/attention.py, bench/attention_report.py): float64 reference,
+the correctness gate, timing and memory, and a tiny end-to-end CPU sweep with deliberately
+wrong backends."""
 
 import csv
 import json
@@ -8,10 +9,10 @@ import math
 import pytest
 import torch
 
+from bench import attention as bench
+from bench.attention import FIELDS, Shape, Timing
 from gpt import attention
 from gpt.attention import BackendUnavailable, register_attention, sdpa_attention
-from gpt.kernels import bench
-from gpt.kernels.bench import FIELDS, Shape, Timing
 
 
 @pytest.fixture
@@ -131,7 +132,7 @@ def test_end_to_end_refuses_wrong_backends(tmp_path, registered):
         "command", "date", "device", "versions", "git", "env", "load_average", "wall_s",
         "settings", "timing_method", "memory_method", "backends", "fields", "results",
     ]  # fmt: skip
-    assert results["command"] == "python -m gpt.kernels.bench " + " ".join(argv)
+    assert results["command"] == "python bench/attention.py " + " ".join(argv)
     assert (tmp_path / "command.txt").read_text() == results["command"] + "\n"
     assert results["device"]["type"] == "cpu" and results["device"]["peak_tflops"] == {"fp32": None}
     assert results["versions"]["torch"] == torch.__version__
@@ -219,7 +220,16 @@ def test_shape_list_with_grouped_query_heads(tmp_path):
     """--shapes: each shape (one with 4 query heads on 2 K/V heads) x mask, checked against
     the float64 reference; the summary is issue 17's table, a row per shape."""
     shapes = ["--shapes", "2x4/2x16x16", "1x2x24x16", "--masks", "causal", "--threads", "1"]
-    argv = ["--backends", "naive", "sdpa", "triton-hopper", *shapes, *FAST, "--out", str(tmp_path)]
+    argv = [
+        "--backends",
+        "naive",
+        "sdpa",
+        "triton-packed-gqa",
+        *shapes,
+        *FAST,
+        "--out",
+        str(tmp_path),
+    ]
     results = bench.main(argv)
     records = results["results"]
     assert results["settings"]["shapes"] == ["2x4/2x16x16", "1x2x24x16"]
@@ -229,10 +239,10 @@ def test_shape_list_with_grouped_query_heads(tmp_path):
     by = {(r["backend"], r["seq_len"]): r for r in records}
     for T in (16, 24):
         assert by["naive", T]["status"] == by["sdpa", T]["status"] == "ok"
-        assert by["triton-hopper", T]["status"] == "checked"
-        assert max(by["triton-hopper", T][e] for e in bench.ERRORS) < 1e-5
+        assert by["triton-packed-gqa", T]["status"] == "checked"
+        assert max(by["triton-packed-gqa", T][e] for e in bench.ERRORS) < 1e-5
     summary = (tmp_path / "summary.md").read_text()
-    assert "| shape (B, H/H_kv, T, D) | naive | sdpa | triton-hopper |" in summary
+    assert "| shape (B, H/H_kv, T, D) | naive | sdpa | triton-packed-gqa |" in summary
     assert "| 2, 4/2, 16, 16 |" in summary and "| 1, 2, 24, 16 |" in summary
     assert (tmp_path / "tflops-fp32.png").read_bytes()[:4] == b"\x89PNG"
 
