@@ -374,10 +374,10 @@ class GPT(nn.Module):
         self, path: str | Path, tokenizer: str | None = None, architecture: str = "auto"
     ) -> str:
         """Write ``config.json`` + ``model.safetensors`` (the real vocabulary's rows only).
-        ``architecture``: "auto" (GPT-2 or Llama layout when the switches allow, else our
+        ``architecture``: "auto" (GPT-2 or Llama when the switches allow, else our
         own), "transformers" (GPT-2 or Llama, else ValueError naming the switches), "gpt2",
         "llama" or "gpt" (ours). ``tokenizer`` (an encoding name) is recorded, and gives
-        the exported end-of-text id. Returns the layout written: "gpt2", "llama" or "gpt"."""
+        the exported end-of-text id. Returns the architecture written: "gpt2", "llama" or "gpt"."""
         from gpt.convert import write_model_dir
 
         return write_model_dir(path, self.cfg, self.state_dict(), tokenizer, architecture)

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 from gpt import GPT, ModelConfig
 from gpt.config import ConfigError
-from gpt.convert import choose_layout, read_model_config
+from gpt.convert import choose_architecture, read_model_config
 from gpt.convert.__main__ import main as convert_main
 from gpt.generate import generate
 
@@ -78,7 +78,7 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "switches, layout",
+    "switches, architecture",
     [
         (dict(LLAMA, n_kv_head=1), "llama"),
         (dict(norm_position="post", position_encoding="sinusoidal", mlp="relu", n_kv_head=2),
@@ -86,11 +86,11 @@ def test_save_pretrained_loads_in_transformers_with_the_same_logits(tmp_path):
         (dict(norm="rmsnorm", tie_embeddings=False, vocab_multiple=16), "gpt"),
     ],
 )  # fmt: skip
-def test_extra_switches_survive_a_round_trip(tmp_path, switches, layout):
+def test_extra_switches_survive_a_round_trip(tmp_path, switches, architecture):
     torch.manual_seed(2)
     cfg = ModelConfig(vocab_size=50, block_size=16, n_layer=2, n_head=4, n_embd=32, **switches)
     model = GPT(cfg).eval()
-    assert model.save_pretrained(tmp_path / "m") == layout
+    assert model.save_pretrained(tmp_path / "m") == architecture
     assert (
         json.loads((tmp_path / "m" / "config.json").read_text())["gpt_config"]["n_kv_head"]
         == cfg.n_kv_head
@@ -312,12 +312,12 @@ def test_every_combination_transformers_cannot_represent_is_refused():
         llama = pre and cfg.norm == "rmsnorm" and cfg.position_encoding == "rope"
         llama = llama and cfg.mlp == "swiglu" and not cfg.bias
         if gpt2 or llama:
-            assert choose_layout(cfg, "transformers") == ("gpt2" if gpt2 else "llama")
-            assert choose_layout(cfg) == ("gpt2" if gpt2 else "llama")
+            assert choose_architecture(cfg, "transformers") == ("gpt2" if gpt2 else "llama")
+            assert choose_architecture(cfg) == ("gpt2" if gpt2 else "llama")
             continue
         refused += 1
         with pytest.raises(ValueError, match="cannot export this model to transformers") as err:
-            choose_layout(cfg, "transformers")
+            choose_architecture(cfg, "transformers")
         message = str(err.value)
         assert "GPT2LMHeadModel cannot represent" in message
         assert "LlamaForCausalLM cannot represent" in message
@@ -325,7 +325,7 @@ def test_every_combination_transformers_cannot_represent_is_refused():
             assert "norm_position = 'post'" in message
         if cfg.position_encoding == "sinusoidal":
             assert "position_encoding = 'sinusoidal'" in message
-        assert choose_layout(cfg) == choose_layout(cfg, "gpt") == "gpt"
+        assert choose_architecture(cfg) == choose_architecture(cfg, "gpt") == "gpt"
     # 288 combinations; GPT-2 takes gelu|relu x tied|untied, Llama GQA or not x tied|untied
     assert refused == 2 * 2 * 3 * 3 * 2 * 2 * 2 - 4 - 4
 
@@ -420,7 +420,7 @@ def test_convert_command_exports_or_refuses_with_status_2(tmp_path, capsys):
     small = dict(vocab_size=257, block_size=8, n_layer=1, n_head=2, n_embd=8)
     GPT(ModelConfig(**small, **LLAMA)).save_pretrained(tmp_path / "llama", tokenizer="bytes")
     assert convert_main([str(tmp_path / "llama"), str(tmp_path / "out")]) == 0
-    assert "(llama layout)" in capsys.readouterr().out
+    assert "(llama architecture)" in capsys.readouterr().out
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 256
     GPT(ModelConfig(**small, norm_position="post")).save_pretrained(tmp_path / "post")

@@ -3,11 +3,11 @@
 A model directory is what ``GPT.save_pretrained`` writes and ``GPT.from_pretrained`` reads:
 exports of this project, the ``model/`` folder of every checkpoint, and Hugging Face
 checkpoints of a supported architecture. This module does the file work (formats, errors
-that name the file and key, atomic writes) and picks the layout; the per-architecture
+that name the file and key, atomic writes) and picks the architecture; the per-architecture
 mapping of config keys and weight names lives beside it (``gpt2.py``, ``llama.py``). It
 never imports the model, so the model can import it.
 
-Three layouts, told apart by ``model_type`` in config.json:
+Three architectures, told apart by ``model_type`` in config.json:
 
 - ``gpt2``: transformers' ``GPT2LMHeadModel`` (layernorm, pre-norm, learned positions, gelu
   or relu, biases, no GQA);
@@ -48,7 +48,7 @@ CHECKSUMS = store.CHECKSUMS  # sha256 of the weights and tokenizer files (store.
 EXPORT_FILES = (CONFIG, WEIGHTS, CHECKSUMS, *hf_tokenizer.FILES)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 ARCHITECTURES = {"gpt2": gpt2, "llama": llama}  # transformers' model_type -> mapping
-LAYOUTS = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's architecture
+ARCHITECTURE_CHOICES = ("auto", "transformers", "gpt2", "llama", "gpt")  # save_pretrained's
 # config.json's keys for what transformers has no key for ("gpt_": ours, not theirs): the
 # whole ModelConfig, and the tokenizer's encoding name
 MODEL_CONFIG_KEY = "gpt_config"
@@ -152,7 +152,7 @@ def _recorded_model_config(keys: ConfigKeys) -> ModelConfig:
 
 
 def parse_model_config(hf: dict, file: Path) -> tuple[ModelConfig, str]:
-    """(config, layout: "gpt2", "llama" or "gpt") of a parsed config.json. For our own
+    """(config, architecture: "gpt2", "llama" or "gpt") of a parsed config.json. For our own
     exports the transformers keys must agree with ``gpt_config``: a hand edit of one but not
     the other would otherwise load silently wrong."""
     keys = ConfigKeys(hf, file)
@@ -222,7 +222,7 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
         )
     verify_model_dir(path)
     hf = read_config_json(path)
-    cfg, layout = parse_model_config(hf, config_file)
+    cfg, architecture = parse_model_config(hf, config_file)
     try:
         state = load_file(weights_file)
     except (SafetensorError, OSError, ValueError) as err:
@@ -230,8 +230,8 @@ def read_model_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tenso
             f"{weights_file}: cannot read the weights ({err}); the file is damaged or "
             "truncated: export or copy it again"
         ) from None
-    if layout in ARCHITECTURES:
-        state = ARCHITECTURES[layout].state_from_hf(state, cfg)
+    if architecture in ARCHITECTURES:
+        state = ARCHITECTURES[architecture].state_from_hf(state, cfg)
     state = {
         name: (t.to(torch.float32) if t.is_floating_point() else t).contiguous()
         for name, t in state.items()
@@ -244,12 +244,14 @@ def tokenizer_name(path: str | Path) -> str | None:
     return read_config_json(path).get(TOKENIZER_KEY)
 
 
-def choose_layout(cfg: ModelConfig, architecture: str = "auto") -> str:
-    """The layout ``save_pretrained(architecture=...)`` writes: "gpt2", "llama" or "gpt".
+def choose_architecture(cfg: ModelConfig, architecture: str = "auto") -> str:
+    """The architecture ``save_pretrained(architecture=...)`` writes: "gpt2", "llama" or "gpt".
     ValueError naming the switches when a transformers architecture is asked for and none
     represents the model."""
-    if architecture not in LAYOUTS:
-        raise ValueError(f"architecture {architecture!r} is not valid; choose one of {LAYOUTS}")
+    if architecture not in ARCHITECTURE_CHOICES:
+        raise ValueError(
+            f"architecture {architecture!r} is not valid; choose one of {ARCHITECTURE_CHOICES}"
+        )
     if architecture == "gpt":
         return "gpt"
     problems = {name: mapping.unsupported(cfg) for name, mapping in ARCHITECTURES.items()}
@@ -264,8 +266,8 @@ def choose_layout(cfg: ModelConfig, architecture: str = "auto") -> str:
         for name in wanted
     )
     raise ValueError(
-        f"cannot export this model to transformers: {why}. Our own layout "
-        "(architecture='gpt') keeps every switch and GPT.from_pretrained reads it."
+        f"cannot export this model to transformers: {why}. Our own architecture "
+        "('gpt') keeps every switch and GPT.from_pretrained reads it."
     )
 
 
@@ -287,14 +289,14 @@ def write_model_dir(
     architecture: str = "auto",
 ) -> str:
     """Write config.json + model.safetensors, each atomically: an interrupted save never
-    leaves a half-written file under a final name. ``architecture`` as ``choose_layout``;
+    leaves a half-written file under a final name. ``architecture`` as ``choose_architecture``;
     ``tokenizer`` (an encoding name of gpt.data.tokenizer) is recorded as ``gpt_tokenizer``,
     gives the end-of-text id and, where ``hf_tokenizer.unsupported`` allows, has its Hugging
     Face tokenizer files written beside the model (tokenizer files of an earlier save that
-    do not fit any more are removed). Returns the layout written."""
+    do not fit any more are removed). Returns the architecture written."""
     from safetensors.torch import save
 
-    layout = choose_layout(cfg, architecture)
+    chosen = choose_architecture(cfg, architecture)
     rows = {"transformer.wte.weight", "lm_head.weight"}
     ours = {}
     for name, tensor in state.items():
@@ -303,8 +305,8 @@ def write_model_dir(
         tensor = tensor.detach().to("cpu")
         ours[name] = tensor[: cfg.vocab_size] if name in rows else tensor  # no padding rows
     config: dict = {}
-    if layout in ARCHITECTURES:
-        mapping = ARCHITECTURES[layout]
+    if chosen in ARCHITECTURES:
+        mapping = ARCHITECTURES[chosen]
         ours = mapping.state_to_hf(ours, cfg)
         eos = eos_token_id(cfg, tokenizer)
         config = mapping.hf_config(cfg) | {"bos_token_id": eos, "eos_token_id": eos}
@@ -330,7 +332,7 @@ def write_model_dir(
     # last: the checksums of the weights and the vocabulary (config.json is left out: editing
     # it by hand is legitimate, and read_model_dir validates every key of it)
     store.write_checksums(path, checksummed)
-    return layout
+    return chosen
 
 
 def verify_model_dir(path: Path) -> None:

@@ -4,7 +4,7 @@
 
 SRC is a training run (its latest complete checkpoint), one checkpoint or a model directory;
 a LoRA run's adapters are merged into its base (a plain model).
-The default, ``transformers``, writes GPT-2's or Llama's layout and refuses (status 2, naming
+The default, ``transformers``, writes GPT-2's or Llama's architecture and refuses (status 2, naming
 the switches) a model that neither represents. OUT_DIR must lie outside every run directory,
 checkpoint and the source, and be new, empty or an earlier export (gpt/convert/destination.py).
 The export records the source's attention backend and carries its tokenizer's Hugging Face
@@ -17,7 +17,7 @@ import argparse
 import dataclasses
 import sys
 
-from gpt.convert import LAYOUTS, hf_tokenizer, write_model_dir
+from gpt.convert import ARCHITECTURE_CHOICES, hf_tokenizer, write_model_dir
 from gpt.convert.destination import check_destination
 
 
@@ -30,10 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="directory to write config.json + model.safetensors into")
     p.add_argument(
         "--architecture",
-        choices=LAYOUTS,
+        choices=ARCHITECTURE_CHOICES,
         default="transformers",
         help="transformers: GPT-2 or Llama, whichever fits, else an error; gpt: our own "
-        "layout; auto: transformers when it fits, else ours (default: transformers)",
+        "architecture; auto: transformers when it fits, else ours (default: transformers)",
     )
     args = p.parse_args(argv)
     try:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dataclasses.replace(model.cfg, attention=model_config_of(args.src).attention)
         tokenizer = tokenizer_of(args.src)
         state = model.state_dict()
-        layout = write_model_dir(args.out, cfg, state, tokenizer, args.architecture)
+        architecture = write_model_dir(args.out, cfg, state, tokenizer, args.architecture)
     except (
         ValueError,
         FileNotFoundError,
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as err:  # RuntimeError: a damaged checkpoint
         print(f"python -m gpt.convert: error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} ({layout} layout) from {args.src}")
+    print(f"wrote {args.out} ({architecture} architecture) from {args.src}")
     why = "it records no tokenizer" if tokenizer is None else hf_tokenizer.unsupported(tokenizer)
     if why is not None:
         print(
