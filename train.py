@@ -1,8 +1,10 @@
 """Pretrain a GPT: ``python train.py CONFIG.toml [--section.key=value ...]``.
 
 Runs as one process (CPU or one GPU) with no launcher, or under ``deepspeed`` / ``torchrun``
-with N processes; always through a DeepSpeed engine (gpt/engine.py). Running the same
-command again resumes from the latest complete checkpoint in ``train.out_dir``.
+with N processes; always through a DeepSpeed engine (gpt/train/engine.py). gpt/cli/train.py
+checks the config and builds the ``Trainer``; its loop is ``Trainer.fit`` in
+gpt/train/trainer.py. Running the same command again resumes from the latest complete
+checkpoint in ``train.out_dir``.
 
 Exit status: 0 finished; 2 bad configuration; 3 aborted after too many consecutive
 non-finite steps; 4 a checkpoint or metrics.jsonl could not be written (disk full); 5

@@ -165,3 +165,39 @@ def test_wheel_holds_the_whole_package_and_runs_from_another_directory(tmp_path)
         text=True,
     )
     assert out.returncode == 0 and out.stdout.startswith("usage:"), out.stderr
+
+
+def layout_rows() -> list[tuple[str, str]]:
+    """(path cell, what cell) of each row of the README's layout table."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| `")]
+    assert rows, "README.md: no layout table under ## Layout"
+    return [(re.sub(r"\s+", " ", p).strip(), w.strip()) for p, w in rows]
+
+
+def test_every_path_the_readme_layout_table_names_exists():
+    import re
+
+    for paths, what in layout_rows():
+        folders = [p for p in re.findall(r"`([^`]+)`", paths) if p.endswith("/")]
+        for path in re.findall(r"`([^`]+)`", paths):
+            assert (ROOT / path).exists(), f"README.md layout table: {path} does not exist"
+        for name in re.findall(r"`([\w/.-]+\.(?:py|sh))`", what):
+            where = [ROOT / f / name for f in folders] or [ROOT / name]
+            assert any(p.exists() for p in where), f"README.md layout table: {name} in {paths}"
+
+
+def test_every_module_of_the_core_folders_is_in_the_readme_layout_table():
+    """A module added to gpt/, gpt/train/ or kernels/ gets a line in the layout table."""
+    rows = layout_rows()
+    text = " ".join(p + " " + w for p, w in rows)
+    for folder in ("gpt", "gpt/train", "kernels", "bench", "recipes"):
+        row = " ".join(w for p, w in rows if p == f"`{folder}/`")
+        for module in sorted((ROOT / folder).glob("*.py")):
+            if module.name == "__init__.py":
+                continue
+            named = f"`{folder}/{module.name}`" in text or f"`{module.name}`" in row
+            assert named, f"README.md layout table does not name {folder}/{module.name}"
