@@ -68,6 +68,7 @@ from bench.attention_report import (  # noqa: E402
 from gpt.attention import (  # noqa: E402
     AttentionFn,
     attention_names,
+    canonical_attention_name,
     get_attention,
     sdpa_attention,
 )
@@ -460,7 +461,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is available")
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     valid = attention_names() + list(SDPA_KERNELS)
-    args.backends = args.backends or valid
+    args.backends = [canonical_attention_name(n) for n in args.backends or valid]  # old names
     if unknown := [n for n in args.backends if n not in valid]:
         p.error(f"unknown backend(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     full = args.full or (args.device.type == "cuda" and not args.small)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from gpt import __version__
-from gpt.attention import attention_status
+from gpt.attention import attention_status, canonical_attention_name
 from gpt.cli.train import checked_config
 from gpt.config import Config
 from gpt.config_io import config_from_argv
@@ -245,11 +245,11 @@ def report(cfg, settings, results, device, world, tokens_per_step, out, argv) ->
         f"{cfg.train.dtype} ({precision(cfg)})"
     )
     print(
-        f"{'loop':<8}{'attention':<12}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}"
+        f"{'loop':<8}{'attention':<19}{'compile':<9}{'step ms':>10}{'tokens/s':>12}{'MFU':>8}"
         f"{'vs bare':>9}{'CPU ms':>10}{'vs bare':>9}"
     )
     for r in results:
-        head = f"{r['loop']:<8}{r['attention']:<12}{r['compile']!s:<9}"
+        head = f"{r['loop']:<8}{r['attention']:<19}{r['compile']!s:<9}"
         if r["status"] != "ok":
             print(f"{head}  {r['status']}: {r.get('reason', '')}")
             continue
@@ -317,6 +317,7 @@ def parse_args(argv: list[str]) -> tuple[Settings, Path | None, list[str]]:
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0; got {args.warmup}")
     names = list(attention_status())
+    args.backends = [canonical_attention_name(n) for n in args.backends]  # old names too
     if unknown := [n for n in args.backends if n not in names]:
         p.error(f"--backends: unknown attention backend(s) {', '.join(unknown)}; valid: "
                 f"{', '.join(names)}")  # fmt: skip

@@ -145,6 +145,12 @@ class ModelConfig:
             )
 
 
+# [model] keys that change how the model computes, not its weights: a run may resume with
+# other values, and fine-tuning (train.init_from) may set them (plus vocab_multiple, whose
+# padding rows the loaded weights do not hold)
+COMPUTE_KEYS = ("attention", "dropout", "sdpa_kernels", "loss_chunk")
+
+
 @dataclass
 class DataConfig:
     dir: str = option("out/data/shakespeare", "Directory written by `python -m gpt.data.prepare`.")
@@ -502,15 +508,15 @@ def retired_setting(section: str, key: str, value: Any, origin: str) -> None:
     and what to do instead."""
     run = "python bench/trainer.py CONFIG --steps N [--warmup N] [--backends ...] [--compile ...]"
     what = (
-        f"[{section}] is retired: train.py has no benchmark mode any more; time the trainer "
-        f"with `{run}` (docs/performance.md)"
+        f"[{section}] is retired: train.py has no benchmark mode any more; its settings are "
+        f"flags of `{run}` (docs/performance.md)"
     )
     if origin == "command line":
         raise ConfigError(f"command line: --{section}.{key}: {what}")
     if key not in RETIRED_SECTIONS[section]:
         raise ConfigError(f"{origin}: unknown key {section}.{key}; {what}")
-    if key == "steps" and value != 0:
+    if key == "steps" and not (type(value) is int and value == 0):  # 0: written by train.py
         raise ConfigError(
-            f"{origin}: {section}.{key} = {value!r} asks for the benchmark; {what}, and delete "
-            f"the [{section}] table from {origin} to train"
+            f"{origin}: {section}.{key} = {value!r}: {what}. Delete the [{section}] table "
+            f"from {origin} (and pass --steps to bench/trainer.py to time the trainer)"
         )

@@ -135,14 +135,53 @@ def sdpa_kernel_report(
 TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def sdpa_runs(
+    order: Sequence[str], head_dim: int, dtype: torch.dtype, device, masked: bool = False
+) -> bool:
+    """Whether some kernel of ``order`` takes causal attention of ``head_dim`` in ``dtype``
+    on ``device``: a two-token probe (``masked``: with an explicit mask, as decoding with a
+    KV cache calls it, which the flash kernels do not take)."""
+    q = torch.zeros(1, 1, 2, head_dim, dtype=dtype, device=device)
+    k = torch.zeros(1, 1, 3, head_dim, dtype=dtype, device=device)
+    mask = torch.ones(2, 3, dtype=torch.bool, device=device).tril(1) if masked else None
+    try:
+        with sdpa_priority(order):
+            if masked:
+                torch.nn.functional.scaled_dot_product_attention(q, k, k, attn_mask=mask)
+            else:
+                torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+def usable_kernels(head_dim: int, dtype: torch.dtype, device, masked: bool = False) -> list[str]:
+    """The SDPA kernels that run here for these inputs, each alone."""
+    return [n for n in KERNELS if sdpa_runs((n,), head_dim, dtype, device, masked)]
+
+
+def not_usable(names: Sequence[str], order, head_dim: int, dtype, device, masked=False) -> str:
+    """Why ``model.sdpa_kernels = names`` cannot run here, naming the key and what can."""
+    usable = usable_kernels(head_dim, dtype, device, masked)
+    what = "decoding with a KV cache (an explicit mask)" if masked else "causal attention"
+    return (
+        f"model.sdpa_kernels = {list(names)}: no kernel of {', '.join(order)} runs "
+        f"{what} in {str(dtype).removeprefix('torch.')} on {device} (head size {head_dim}); "
+        f"here: {', '.join(usable) or 'none'}. Use [] (auto) or list one of those"
+    )
+
+
 def run_sdpa_report(model_cfg, train_dtype: str, device: torch.device | str) -> dict | None:
     """``sdpa_kernel_report`` for one sequence of a model of ``model_cfg`` (a ModelConfig)
     trained in ``train_dtype`` (train.dtype: what the attention's inputs are under autocast)
     on ``device``; None when the model's attention backend is not ``sdpa``. What run.json
-    and bench.json record."""
+    and bench.json record. ValueError naming model.sdpa_kernels when none of its kernels
+    runs here."""
     if model_cfg.attention != "sdpa":
         return None
     H = model_cfg.n_head
     shape = (1, H, model_cfg.block_size, model_cfg.n_embd // H)
-    order = sdpa_order(model_cfg.sdpa_kernels, device)
-    return sdpa_kernel_report(order, shape, model_cfg.kv_heads, TRAIN_DTYPES[train_dtype], device)
+    order, dtype = sdpa_order(model_cfg.sdpa_kernels, device), TRAIN_DTYPES[train_dtype]
+    if not sdpa_runs(order, shape[-1], dtype, device):  # found before any work, every rank
+        raise ValueError(not_usable(model_cfg.sdpa_kernels, order, shape[-1], dtype, device))
+    return sdpa_kernel_report(order, shape, model_cfg.kv_heads, dtype, device)

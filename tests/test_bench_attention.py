@@ -267,9 +267,10 @@ def test_percentage_of_peak_and_peak_table(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     gpu = torch.device("cuda", 0)
     assert bench.device_peak(gpu, "bf16") == 989e12
-    assert bench.device_peak(gpu, "fp32") == 67e12  # IEEE fp32: the kernels' products are exact
     tf32 = torch.backends.cuda.matmul.allow_tf32  # a property: monkeypatch cannot undo it
-    try:
+    try:  # (train.py and bench/trainer.py turn TF32 on for the process: set it either way)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert bench.device_peak(gpu, "fp32") == 67e12  # IEEE fp32: exact products
         torch.backends.cuda.matmul.allow_tf32 = True
         assert bench.device_peak(gpu, "fp32") == 494.5e12
     finally:

@@ -188,12 +188,15 @@ def test_an_old_config_with_the_retired_bench_table_still_loads(tmp_path):
 @pytest.mark.parametrize(
     "text, args, match",
     [
-        ("[bench]\nsteps = 10\n", [], r"c.toml: bench.steps = 10 asks for the benchmark; "
-         r"\[bench\] is retired: .*`python bench/trainer.py CONFIG --steps N"),
+        ("[bench]\nsteps = 10\n", [], r"c.toml: bench.steps = 10: \[bench\] is retired: .*"
+         r"`python bench/trainer.py CONFIG --steps N.*\. Delete the \[bench\] table from "),
+        ("[bench]\nsteps = false\n", [], r"c.toml: bench.steps = False: \[bench\] is retired"),
+        ("[bench]\nsteps = 0.0\n", [], r"c.toml: bench.steps = 0.0: \[bench\] is retired"),
+        ("[bench]\nsteps = -1\n", [], r"c.toml: bench.steps = -1: \[bench\] is retired"),
         ("[bench]\nsteps = 0\nwarmpu = 1\n", [], r"c.toml: unknown key bench.warmpu; \[bench\] "
          "is retired"),
         ("", ["--bench.steps=10"], r"command line: --bench.steps: \[bench\] is retired: train.py "
-         "has no benchmark mode any more; time the trainer with `python bench/trainer.py"),
+         "has no benchmark mode any more; its settings are flags of `python bench/trainer.py"),
         (OLD_BENCH, ["--bench.backends=[\"sdpa\"]"], r"command line: --bench.backends: "),
     ],
 )  # fmt: skip

@@ -286,6 +286,7 @@ def test_sample_py_eval_forwards_with_a_one_line_note(capsys, model_dir, tmp_pat
     assert err.count("sample.py: note:") == 1  # one line; the rest is the progress bar
     new, old_report = (json.loads((tmp_path / f).read_text()) for f in ("new.json", "old.json"))
     assert old_report == new and new["config"]["tasks"] == [str(task)]
+    assert new["config"]["eval"] == [str(task)]  # the key scripts read before gpt.eval
     timing = re.compile(r"in [0-9.]+ s")  # the closing line's wall-clock time
     assert timing.sub("", old_out).replace("old.json", "new.json") == timing.sub("", new_out)
     assert "1 tasks x 2 shot counts (8 queries) evaluated" in old_out
@@ -332,3 +333,46 @@ def test_both_entry_points_run_as_commands(model_dir, tmp_path):
         outs[flag] = re.sub(r"in [0-9.]+ s", "", out)
     assert outs["--tasks"] == outs["--eval"]
     assert "1 tasks x 1 shot counts (2 queries) evaluated, 0 skipped" in outs["--tasks"]
+
+
+def test_sample_py_eval_takes_the_abbreviations_the_old_parser_took(capsys, model_dir, tmp_path):
+    """Before evaluation moved, one parser took --eva and --batch for --eval and
+    --batch-size (argparse's unique prefixes): the forwarding spells them out."""
+    task = write_task(tmp_path / "add.jsonl")
+    argv = ["--ckpt", model_dir, "--eva", task, "--batch", "3", "--lim", "2"]
+    code, out, err = run(capsys, *[*argv, "--out", tmp_path / "r.json"], main=sample.main)
+    assert code == 0, err
+    spelt = ["--ckpt", str(model_dir), "--tasks", str(task), "--batch-size", "3", "--limit", "2"]
+    assert shlex.join(spelt) in err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["config"]["batch_size"] == 3 and report["config"]["limit"] == 2
+    # a prefix of a sampling flag, or of two flags, is left for the evaluation to refuse
+    for flag, refused in (("--temp", "--temp"), ("--s", "--s")):
+        code, _, err = run(capsys, "--ckpt", model_dir, "--eval", task, flag, "1", main=sample.main)
+        assert code == 2 and f"unrecognized arguments: {refused}" in err, err
+
+
+def test_a_model_whose_sdpa_kernels_cannot_run_here_samples_with_a_warning(
+    capsys, model_dir, tmp_path
+):
+    """config.json records model.sdpa_kernels; a list trained on a GPU (["cudnn"]) does not
+    run on a CPU: sampling and evaluation warn, naming the file and key, and use the
+    default order."""
+    import shutil
+
+    from gpt.store import write_checksums
+
+    moved = tmp_path / "model"
+    shutil.copytree(model_dir, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["gpt_config"]["sdpa_kernels"] = ["cudnn"]
+    (moved / "config.json").write_text(json.dumps(config))
+    write_checksums(moved)
+    task = write_task(tmp_path / "add.jsonl")
+    code, out, err = run(capsys, "--ckpt", moved, "--tasks", task, "--limit", "2")
+    assert code == 0, err
+    assert f"{PROG}: warning: {moved / 'config.json'}: model.sdpa_kernels = ['cudnn']" in err
+    assert "using the default order" in err and "2 queries" in out
+    code, out, err = run(capsys, "--ckpt", moved, "--prompt", "ab", "--max-new-tokens", "3",
+                         main=sample.main)  # fmt: skip
+    assert code == 0 and "sample.py: warning:" in err and "model.sdpa_kernels" in err, err

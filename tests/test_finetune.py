@@ -124,9 +124,15 @@ def test_a_contradicting_model_key_is_refused_with_the_fields_named(
     assert "model.n_embd = 64 (the checkpoint has 32)" in err
     assert "dropout" not in err.split("the config sets")[1].split(". Remove")[0]
     assert not out.exists()
-    # keys equal to the checkpoint's, and the backend / dropout, are fine
+    # keys equal to the checkpoint's, and those that change no weight, are fine
     ok = [str(path), "--model.n_layer=2", "--model.attention=naive", "--train.max_steps=1"]
     assert train.main([*ok, "--model.dropout=0.1", "--train.eval_interval=0"]) == 0
+    compute = ["--model.loss_chunk=8", '--model.sdpa_kernels=["math"]', "--model.attention=sdpa"]
+    args = [str(path), "--train.max_steps=2", "--train.eval_interval=0", *compute]
+    assert train.main(args) == 0
+    saved = json.loads((latest_checkpoint(out) / "model" / "config.json").read_text())
+    assert saved["gpt_config"]["loss_chunk"] == 8
+    assert saved["gpt_config"]["sdpa_kernels"] == ["math"]
 
 
 def test_frozen_embeddings_and_blocks_stay_bitwise_unchanged(tmp_path, base, domain, data_dir):

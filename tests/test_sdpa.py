@@ -132,3 +132,28 @@ def test_exported_model_keeps_the_order_and_a_wrong_type_names_the_key(tmp_path)
     file.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="gpt_config.sdpa_kernels must be a list of strings"):
         GPT.from_pretrained(tmp_path / "m")
+
+
+def test_a_list_with_no_kernel_that_runs_here_is_refused_before_any_work(
+    tmp_path, data_dir, capsys
+):
+    """["cudnn"] on a CPU: status 2 naming the key, the device and what does run, and the
+    run directory is left as it was (no config.toml written with the bad value)."""
+    from runs import config
+
+    from gpt.cli import train
+
+    path, out = config(tmp_path, data_dir)
+    assert train.main([str(path), '--model.sdpa_kernels=["cudnn"]']) == 2
+    err = capsys.readouterr().err
+    assert "train.py: error: model.sdpa_kernels = ['cudnn']: no kernel of cudnn runs causal " in err
+    assert "on cpu" in err and "here: flash, math" in err and "Use [] (auto)" in err
+    assert not (out / "config.toml").exists() and not (out / "checkpoints").exists()
+
+
+def test_usable_kernels_checks_masked_calls_apart():
+    from gpt.sdpa import sdpa_runs, usable_kernels
+
+    assert usable_kernels(16, torch.float32, "cpu") == ["flash", "math"]
+    assert sdpa_runs(("math",), 16, torch.float32, "cpu", masked=True)
+    assert not sdpa_runs(("cudnn", "efficient"), 16, torch.float32, "cpu")

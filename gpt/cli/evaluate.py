@@ -38,7 +38,7 @@ from gpt.fileio import write_output
 PROG = "python -m gpt.eval"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description=__doc__.splitlines()[0],
@@ -93,6 +93,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="plot metric against shots per task [default with several --shots and --out: "
         "beside --out]",
     )
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         if any(k < 0 for k in args.shots):
@@ -136,6 +141,7 @@ def write_report(args: argparse.Namespace, results: list[dict], skipped: list[di
     keys = ("ckpt", "tasks", "shots", "seed", "limit", "kind", "template", "separator",
             "batch_size")  # fmt: skip
     config = {k: getattr(args, k) for k in keys}
+    config["eval"] = args.tasks  # its name before this command existed (sample.py --eval)
     report = {"config": config, "results": results, "skipped": skipped}
     report, notes = replace_non_finite(report)  # standard JSON has no NaN or Infinity
     report["notes"] = notes

@@ -16,6 +16,7 @@ import torch
 from gpt import store
 from gpt.attention import get_attention
 from gpt.data.tokenizer import get_tokenizer
+from gpt.sdpa import not_usable, sdpa_order, sdpa_runs
 
 # What gpt.store.locate resolves; a LoRA run or checkpoint has its adapters merged into the
 # base they pin. docs/sampling.md ("What --ckpt takes") says the same.
@@ -107,6 +108,15 @@ def load_model(args: argparse.Namespace, prog: str):
         print(f"{prog}: warning: {err}; using sdpa", file=sys.stderr)
         model.set_attention("sdpa")
     model.to(args.device).eval()
+    if model.cfg.attention == "sdpa":  # the kernels it was trained with may not run here
+        head, dtype = model.cfg.n_embd // model.cfg.n_head, next(model.parameters()).dtype
+        if not all(sdpa_runs(model.sdpa_order, head, dtype, args.device, m) for m in (0, 1)):
+            why = not_usable(model.cfg.sdpa_kernels, model.sdpa_order, head, dtype, args.device)
+            print(
+                f"{prog}: warning: {model_dir / 'config.json'}: {why}; using the default order",
+                file=sys.stderr,
+            )
+            model.sdpa_order = sdpa_order([], args.device)
     name = args.tokenizer or store.tokenizer_of(args.ckpt) or "gpt2"
     tokenizer = get_tokenizer(name)
     if tokenizer.n_vocab > model.cfg.vocab_size:

@@ -35,7 +35,7 @@ from gpt.generate import check_sampling, encode_prompt, sample_texts
 from gpt.memory import available_memory, check_decode_memory
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sample.py",
         description=__doc__.splitlines()[0],
@@ -84,6 +84,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     few.add_argument("--separator", help="between demonstrations")
     p.add_argument("--show-prompt", action="store_true", help="print the exact prompt")
     p.add_argument("--attention-map", metavar="OUT.png", help="draw the prompt's attention")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
@@ -101,15 +106,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return unescape_text_flags(args)
 
 
+EVAL_FLAG = ("--ev", "--eva", "--eval")  # what argparse took for --eval before it moved
+
+
 def is_eval_flag(arg: str) -> bool:
-    return arg == "--eval" or arg.startswith("--eval=")
+    return arg.split("=", 1)[0] in EVAL_FLAG
 
 
 def forward_to_eval(argv: list[str]) -> None:
-    """``sample.py --eval TASKS ...`` (evaluation's old home) as ``python -m gpt.eval``."""
+    """``sample.py --eval TASKS ...`` (evaluation's old home) as ``python -m gpt.eval``, with
+    the flags the old combined parser took by a unique prefix (``--batch``) spelt out."""
     from gpt.cli import evaluate  # here: sampling never loads the suite's modules
 
-    new = ["--tasks" + a.removeprefix("--eval") if is_eval_flag(a) else a for a in argv]
+    eval_flags = {o for a in evaluate.build_parser()._actions for o in a.option_strings}
+    old_flags = eval_flags | {o for a in build_parser()._actions for o in a.option_strings}
+
+    def spelt_out(arg: str) -> str:
+        if is_eval_flag(arg):
+            return "--tasks" + arg[arg.index("=") :] if "=" in arg else "--tasks"
+        name, eq, value = arg.partition("=")
+        if not name.startswith("--") or name in old_flags:
+            return arg
+        matches = [f for f in old_flags | {"--eval"} if f.startswith(name)]
+        if len(matches) == 1 and matches[0] in eval_flags:
+            return matches[0] + eq + value
+        return arg
+
+    new = [spelt_out(a) for a in argv]
     print(
         f"sample.py: note: evaluation moved to its own command; running: "
         f"{evaluate.PROG} {shlex.join(new)}",

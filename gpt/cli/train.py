@@ -88,6 +88,7 @@ def train(
         for partial in remove_partial_checkpoints(out_dir):
             print(f"train.py: removed the partial checkpoint {partial}", file=sys.stderr)
     try:
+        sdpa = run_sdpa_report(cfg.model, cfg.train.dtype, device)  # which kernel runs, if any
         trainer = Trainer(cfg, manifests, device)  # ValueError: a damaged data shard
         resumed = trainer.resume()  # ConfigError: no checkpoint this run can continue
     except ValueError as err:
@@ -98,7 +99,6 @@ def train(
         save_config(cfg, out_dir / "config.toml")
         params, trainable = trainer.model.num_params(), count_trainable(trainer.model)
         batch = cfg.global_batch(dist.world_size())
-        sdpa = run_sdpa_report(cfg.model, cfg.train.dtype, device)  # which kernel runs
         write_run_info(
             out_dir, ["train.py", *argv], params=params, trainable_params=trainable, sdpa=sdpa
         )

@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from gpt.config import Config, ConfigError
+from gpt.config import COMPUTE_KEYS, Config, ConfigError
 from gpt.fileio import write_atomic
 from gpt.store import (
     ADAPTERS,
@@ -203,8 +203,6 @@ def data_fingerprint(manifests: dict[str, dict]) -> dict[str, list]:
     }
 
 
-# model keys that change how the model computes, not its weights: a run may resume with others
-RESUMABLE_CHANGES = ("attention", "dropout", "sdpa_kernels", "loss_chunk")
 
 
 def check_resume(
@@ -216,7 +214,7 @@ def check_resume(
     changed = [
         f"model.{k}: {v!r} -> {getattr(cfg.model, k)!r}"
         for k, v in saved["config"]["model"].items()
-        if k not in RESUMABLE_CHANGES and getattr(cfg.model, k) != v
+        if k not in COMPUTE_KEYS and getattr(cfg.model, k) != v
     ]
     if changed:
         raise ConfigError(

@@ -17,17 +17,18 @@ from pathlib import Path
 import torch
 
 from gpt import store
-from gpt.config import Config, ConfigError, ModelConfig
+from gpt.config import COMPUTE_KEYS, Config, ConfigError, ModelConfig
 from gpt.convert import read_model_config
 from gpt.lora import add_lora, freeze
 from gpt.model import GPT
 
-OVERRIDABLE = ("attention", "dropout", "vocab_multiple")  # do not change the weights
+OVERRIDABLE = (*COMPUTE_KEYS, "vocab_multiple")  # keys that do not change the weights
 
 
 def init_model_config(cfg: Config) -> ModelConfig:
     """The model config of train.init_from. Keys that do not change the weights (attention
-    backend, dropout, padding) take the config's value where it sets them; ConfigError naming
+    backend and SDPA kernels, dropout, the chunked loss, padding) take the config's value
+    where it sets them; ConfigError naming
     every other ``[model]`` key the config sets that contradicts the checkpoint."""
     source = cfg.train.init_from
     if not Path(source).exists():
@@ -78,9 +79,7 @@ def build_model(cfg: Config, pin: dict | None = None) -> GPT:
     m, f = cfg.model, cfg.finetune
     pin = pin or init_pin(cfg)
     try:
-        model = store.load_model(
-            pin["path"], attention=m.attention, dropout=m.dropout, vocab_multiple=m.vocab_multiple
-        )
+        model = store.load_model(pin["path"], **{k: getattr(m, k) for k in OVERRIDABLE})
     except store.CheckpointError as err:
         raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: {err}") from None
     if f.lora_rank:
