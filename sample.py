@@ -8,10 +8,12 @@ task files is ``python -m gpt.eval`` (``sample.py --eval ...`` forwards there).
 
 import sys
 
-try:  # Ctrl-C while the imports load (seconds): an exit status, not a traceback
-    from gpt.cli.sample import main
-except KeyboardInterrupt:
-    sys.exit(130)
+from gpt.interrupt import exit_on_interrupt, interrupt_as_usual
+
+exit_on_interrupt()  # Ctrl-C while the imports load (seconds): status 130, not a traceback
+from gpt.cli.sample import main  # noqa: E402
+
+interrupt_as_usual()
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -15,12 +15,14 @@ when stopped by a signal. 5 and 128 + N come after saving a checkpoint, on every
 
 import sys
 
-try:  # Ctrl-C while the imports load (seconds): an exit status, not a traceback
-    import torch.distributed as dist
+from gpt.interrupt import exit_on_interrupt, interrupt_as_usual
 
-    from gpt.cli.train import main
-except KeyboardInterrupt:
-    sys.exit(130)
+exit_on_interrupt()  # Ctrl-C while the imports load (seconds): status 130, not a traceback
+import torch.distributed as dist  # noqa: E402
+
+from gpt.cli.train import main  # noqa: E402
+
+interrupt_as_usual()
 
 if __name__ == "__main__":
     status = main(sys.argv[1:])

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from gpt.kernels.reference import causal_mask, check_shapes, naive_attention
 
@@ -94,8 +95,15 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale=N
     check_shapes(q, k, v, causal)
     gqa = q.shape[1] != k.shape[1]
     T, S = q.shape[2], k.shape[2]
-    if causal and T != S and T > 1:  # is_causal aligns to the top-left corner: give the mask
-        mask = causal_mask(T, S, q.device)
+    if causal and T != S and T > 1:  # a chunked prefill: is_causal aligns top-left, we need
+        # bottom-right. PyTorch's CausalBias says so without a mask tensor, which keeps the
+        # fused (memory-efficient) kernel on a GPU; torch.compile cannot build one in a graph,
+        # so compiled code passes the explicit mask (the same attention: tested)
+        mask = (
+            causal_mask(T, S, q.device)
+            if torch.compiler.is_compiling()
+            else causal_lower_right(T, S)
+        )
         return F.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=gqa)
     # one query after S keys sees all of them: no mask at all
     causal = causal and T == S

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.attention import attention_status, canonical_attention_name
+from gpt.rope import resolve_scaling, scaled_length
 from gpt.sdpa import check_sdpa_kernels
 
 
@@ -90,6 +91,12 @@ class ModelConfig:
     )
     norm_eps: float = option(1e-5, "Epsilon of LayerNorm / RMSNorm.", above=0)
     rope_theta: float = option(10000.0, "Base of the rotary frequencies.", above=0)
+    rope_scaling: dict[str, str | int | float | bool] = option(
+        {},
+        "Rotary scaling past the trained context, a table: type = linear | dynamic | yarn | "
+        "llama3, factor, original_max_position_embeddings, ... (docs/long-context.md); "
+        "empty: none.",
+    )
     tie_embeddings: bool = option(True, "LM head shares the token embedding's weights (GPT-2).")
     vocab_multiple: int = option(
         1,
@@ -117,6 +124,19 @@ class ModelConfig:
         return 4 * self.n_embd
 
     @property
+    def resolved_rope_scaling(self) -> dict:
+        """model.rope_scaling with every default filled in ({}: no scaling; gpt/rope.py)."""
+        return resolve_scaling(self.rope_scaling)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model runs: block_size (the trained context), or with
+        model.rope_scaling the larger of it and factor x original_max_position_embeddings."""
+        if self.position_encoding != "rope":
+            return self.block_size
+        return scaled_length(self.block_size, self.resolved_rope_scaling)
+
+    @property
     def padded_vocab_size(self) -> int:
         """Rows of the embedding and LM head: vocab_size rounded up to vocab_multiple."""
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
@@ -142,6 +162,15 @@ class ModelConfig:
             raise ConfigError(
                 f"model.position_encoding = 'rope' needs an even head dimension; "
                 f"n_embd / n_head = {self.n_embd // self.n_head}"
+            )
+        try:
+            resolve_scaling(self.rope_scaling)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.rope_scaling and self.position_encoding != "rope":
+            raise ConfigError(
+                f"model.rope_scaling scales rotary positions, but model.position_encoding = "
+                f"{self.position_encoding!r}; set it to 'rope' or leave model.rope_scaling empty"
             )
 
 
@@ -210,6 +239,11 @@ class TrainConfig:
     )
     dtype: str = option("fp32", "Precision: fp32 | bf16 | fp16.")
     compile: bool = option(False, "Compile the model with torch.compile.")
+    activation_checkpointing: bool = option(
+        False,
+        "Keep only each Transformer block's input and recompute the block in the backward "
+        "pass: less activation memory for about a third more compute (docs/training.md).",
+    )
     wandb: bool = option(True, "Log to Weights & Biases (offline unless configured).")
     wandb_project: str = option("gpt-pretrain", "Weights & Biases project name.")
     sample_prompts: list[str] = option(["\n"], "Prompts sampled from at each evaluation.")

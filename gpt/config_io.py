@@ -27,7 +27,6 @@ from gpt.config import (
     retired_setting,
 )
 from gpt.fileio import write_atomic
-from gpt.train.engine import DEEPSPEED_KEYS, DEEPSPEED_REFUSED
 
 
 def _type_name(tp: Any) -> str:
@@ -284,6 +283,9 @@ def config_markdown() -> str:
     """docs/configuration.md: every section and key with its type, default, valid range and
     description (``python -m gpt.config_io > docs/configuration.md``; a test keeps it
     current)."""
+    # here, not at the top: reading a config (gpt.run, the tools) must not load the trainer
+    from gpt.train.engine import DEEPSPEED_KEYS, DEEPSPEED_REFUSED
+
     out = [
         "# Configuration reference",
         "",

@@ -5,11 +5,13 @@ then one new token at a time, reusing the keys and values of every earlier posit
 step costs one token's forward pass instead of the whole context's. The logits equal those
 of nanoGPT's method, which recomputes the full context at every step (``use_cache=False``).
 
-Past ``block_size`` the window slides. Cached keys depend on the positions (and the context)
-they were computed with, so a full cache is rebuilt by a prefill of the window's last
-``window_keep`` tokens. The default, ``block_size``, is nanoGPT's crop exactly: the model
-always sees the last ``block_size`` tokens, and the cache is rebuilt for every new token, so
-decoding past ``block_size`` runs at the speed of full recomputation. A smaller
+Past ``block_size`` the window slides (past ``max_positions``, the longer context of
+``model.rope_scaling``, which stands for block_size in this paragraph). Cached keys depend on
+the positions (and the context) they were computed with, so a full cache is rebuilt by a
+prefill of the window's last ``window_keep`` tokens. The default, ``block_size``, is
+nanoGPT's crop exactly: the model always sees the last ``block_size`` tokens, and the cache
+is rebuilt for every new token, so decoding past ``block_size`` runs at the speed of full
+recomputation. A smaller
 ``window_keep`` (e.g. ``block_size // 2``) rebuilds once every ``block_size - window_keep + 1``
 tokens, and the model then sees between ``window_keep`` and ``block_size`` tokens.
 
@@ -115,7 +117,12 @@ class DecodeStep:
         self.model, self.cache, self.static = model, cache, static or compile
         device = cache.keys[0].device
         self.pos = torch.zeros(1, dtype=torch.long, device=device)  # the new token's position
-        self.slots = torch.arange(model.cfg.block_size, device=device)  # cache positions
+        self.slots = torch.arange(model.cfg.max_positions, device=device)  # cache positions
+        if self.static and model.cfg.rope_scaling.get("type") == "dynamic":
+            raise ValueError(
+                "model.rope_scaling type 'dynamic' recomputes the rotary tables for every new "
+                "length, which a static (compiled) decode step cannot; decode without compile"
+            )
         self.run = self.forward
         if compile:
             mode = None
@@ -146,8 +153,10 @@ class DecodeStep:
             x = x + t.wpe(pos)
         elif cfg.position_encoding == "sinusoidal":
             x = x + m.pos_table[pos].to(x.dtype)
-        else:
+        elif self.static:
             rope = (m.rope_cos[pos], m.rope_sin[pos])  # (1, D/2) each
+        else:  # by the cache's length: dynamic scaling depends on it (GPT.rope_rows)
+            rope = m.rope_rows(self.cache.length, self.cache.length + 1)
         visible = (self.slots <= pos).view(1, 1, 1, -1) if self.static else None  # (1, 1, 1, S)
         for i, block in enumerate(t.h):
             attn = block.attn
@@ -217,10 +226,11 @@ def decode(
     padded past the tokenizer's has ids nothing can decode. ``compile`` compiles the
     single-token step (worth it for long or repeated decoding: compiling takes seconds)."""
     check_sampling(temperature, top_k, top_p)
-    block = model.cfg.block_size
+    block = model.cfg.max_positions
     keep = block if window_keep is None else window_keep
     if not 1 <= keep <= block:
-        raise ValueError(f"--window-keep must be in [1, block_size = {block}], got {keep}")
+        what = "block_size" if block == model.cfg.block_size else "model.rope_scaling's context"
+        raise ValueError(f"--window-keep must be in [1, {what} = {block}], got {keep}")
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx must be (B, T) with T >= 1, got shape {tuple(idx.shape)}")
     if max_new_tokens <= 0:

@@ -16,39 +16,48 @@ weights are 16-bit (train.dtype = "fp16", or bf16 with deepspeed.bf16.enabled), 
                  gathered whole, w (block + V' C); ZeRO 0 with N > 1: one gradient bucket
                  flattened for the all-reduce, w min(5e8, P_t); bf16 autocast: its bf16
                  copies of the weights, 2 P
-    activations  B T [(L + 1) (2 C r + (5 C + 2 C_kv + m + p) a + 4 H + d + n)
-                      + C (r + a) + 4 k V' + 12 H T [naive]]
+    activations  B T [L k_b + max(C (r + a) + 4 k V', b + 4 V')]
 
 with B = train.micro_batch_size, T = model.block_size, L layers of width C, H heads, C_kv =
 n_kv_head x head size, V' the padded vocabulary, r and a the bytes of the residual stream and
 of the matmul inputs (4 and 4 in fp32; 4 and 2 under bf16 autocast; 2 and 2 with 16-bit
-weights). What a block keeps for its backward pass, per token: the two norm inputs (2 C r);
-the inputs of the four projections, the q, k, v and attention outputs (5 C + 2 C_kv); the
-MLP's m = 2 h (GELU: its input and output), h (ReLU) or 4 h (SwiGLU) of hidden width h;
+weights). What a block keeps for its backward pass, per token, k_b = l: the two norm inputs
+(2 C r); the inputs of the four projections, the q, k, v and attention outputs (5 C + 2 C_kv);
+the MLP's m = 2 h (GELU: its input and output), h (ReLU) or 4 h (SwiGLU) of hidden width h;
 p = C + C_kv with rotary positions (the rotated q and k); the attention's log-sum-exp (4 H
 bytes); d = 2 C bytes of dropout masks when dropout > 0; n = 4 H T bytes with the naive
-backend (the softmax it materialises; 12 H T more for one layer's score matrices at a time).
+backend (the softmax it materialises):
+
+    l = 2 C r + (5 C + 2 C_kv + m + p) a + 4 H + d + n
+
 That is the count of Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
-Transformer Models": 34 s b h bytes per layer in 16 bits) for our layers, plus one more
-block's worth for the gradients the backward pass holds while it runs through a block. After
-the blocks: the final norm's and the head's inputs, and k = 4 fp32 copies of the logits (the
-logits, which the caller holds until backward, their log-softmax and the two gradients): the
-largest term of a small model with GPT-2's vocabulary. With model.loss_chunk = n
-(gpt/loss.py) the logits are never held in full: 4 bytes per token (the log-sum-exp), plus
-one chunk's logits and softmax gradient, n V' 2 (4 + a), and the head's fp32 gradient sum,
-4 V' C. The parts are summed, although a step's activations are freed before the
-optimizer's buffers are used. Left out: the
-allocator's fragmentation and cache, the CUDA context, torch.compile's savings (its fused
-kernels keep less). tests/test_memory.py holds the estimate within a factor of 1.5 of the
-measured peak of DeepSpeed training steps on the CPU; measured, it was 0.83-1.05 of the peak
-across the model's switches, ZeRO stages and bf16 autocast, and a block's term within 10% of
-the tensors autograd saves.
+Transformer Models": 34 s b h bytes per layer in 16 bits) for our layers. With
+train.activation_checkpointing a block keeps its input alone, k_b = C r, and runs again in the
+backward pass. Beside what the blocks keep, the backward pass peaks either at its start, over
+the head (the final norm's and head's inputs, and k = 4 fp32 copies of the logits: the
+logits, which the caller holds until backward, their log-softmax and the two gradients; the
+largest term of a small model with GPT-2's vocabulary), or inside a block: b = the block's
+gradients, max(2 C r + m a, 8 H T with the naive backend: two score matrices), plus l for
+the block run again with checkpointing, beside the caller's logits (4 V'). With
+model.loss_chunk = n (gpt/loss.py) the logits are never held in full: 4 bytes per token (the
+log-sum-exp) for the logit copies and the caller's logits, plus, over the head, one chunk's
+logits and softmax gradient, n V' 2 (4 + a), and the head's fp32 gradient sum, 4 V' C. The
+other parts are summed with the activations, although a step's activations are freed before
+the optimizer's buffers are used. Left out: the allocator's fragmentation and cache (on the
+CPU glibc's malloc, whose mmap threshold rises as large blocks are freed, keeps freed pages
+in its heap: a checkpointed run's resident memory can be several times its tensors'), the
+CUDA context, torch.compile's savings (its fused kernels keep less).
+tests/test_memory.py holds the estimate within 25% of the measured peak of DeepSpeed training
+steps on the CPU (glibc's mmap threshold held fixed): 0.99-1.17 of it across the model's
+switches, ZeRO stages, T up to 1024 and activation checkpointing; and a block's term within
+10% of the tensors autograd saves.
 
 Decoding (sample.py), bytes per sequence of the batch, beside the weights already loaded:
-the KV cache 2 L C_kv S e (S = block_size positions, e bytes per weight), the token buffer
-8 (T_p + n_new), the prefill's logits 4 T_p V' (every prompt position is projected) and its
-largest activations T_p (4 C + 2 h) e + 4 H T_p^2 (attention scores, when materialised), and
-the sampling step's 4 copies of one row of logits, 16 V'.
+the KV cache 2 L C_kv S e (S = max_positions: block_size, or the longer context of
+model.rope_scaling; e bytes per weight), the token buffer 8 (T_p + n_new), the prefill's
+logits 4 T_p V' (every prompt position is projected) and its largest activations
+T_p (4 C + 2 h) e + 4 H T_p^2 (attention scores, when materialised), and the sampling
+step's 4 copies of one row of logits, 16 V'.
 """
 
 from __future__ import annotations
@@ -148,18 +157,22 @@ def activation_bytes(cfg: Config, micro_batch_size: int) -> int:
     layer = 2 * C * r + (5 * C + 2 * kv + mlp + rope) * a + 4 * H
     layer += 2 * C if m.dropout > 0 else 0
     layer += 4 * H * T if m.attention == "naive" else 0
-    # the blocks' saved tensors, one more block's worth of gradients while the backward pass
-    # runs through it, the final norm's and the head's inputs, the logits (with
-    # model.loss_chunk: each token's log-sum-exp, and one chunk's logits below)
-    V = m.padded_vocab_size
-    logits = 4 if m.loss_chunk else 4 * LOGIT_COPIES * V
-    per_token = (m.n_layer + 1) * layer + C * (r + a) + logits
-    per_token += 12 * H * T if m.attention == "naive" else 0
-    total = micro_batch_size * T * per_token
-    if m.loss_chunk:  # one chunk's logits in fp32 and the compute dtype, twice; the head's
-        # gradient summed in fp32 (gpt/loss.py)
-        total += min(m.loss_chunk, micro_batch_size * T) * V * 2 * (4 + a) + 4 * V * C
-    return total
+    # kept through the backward pass: every block's saved tensors, or with
+    # train.activation_checkpointing each block's input alone
+    V, tokens = m.padded_vocab_size, micro_batch_size * T
+    recompute = cfg.train.activation_checkpointing
+    kept = m.n_layer * (C * r if recompute else layer)
+    # beside them the backward pass peaks either over the head (the final norm's and the
+    # head's inputs, the logits' copies; with model.loss_chunk each token's log-sum-exp, one
+    # chunk's logits and the head's fp32 gradient sum, gpt/loss.py) or in a block (the
+    # block run again; the gradients of its MLP and residual stream, or with the naive
+    # backend two score matrices' (the softmax's and its input's); the caller's logits)
+    head = tokens * (C * (r + a) + (4 if m.loss_chunk else 4 * LOGIT_COPIES * V))
+    if m.loss_chunk:
+        head += min(m.loss_chunk, tokens) * V * 2 * (4 + a) + 4 * V * C
+    gradients = max(2 * C * r + mlp * a, 8 * H * T if m.attention == "naive" else 0)
+    block = (layer if recompute else 0) + gradients + (4 if m.loss_chunk else 4 * V)
+    return tokens * kept + max(head, tokens * block)
 
 
 def training_memory(cfg: Config, world: int, micro_batch_size: int | None = None) -> MemoryEstimate:
@@ -243,11 +256,11 @@ def decode_memory(
     m: ModelConfig, batch: int, prompt_tokens: int, new_tokens: int, weight_bytes: int = 4
 ) -> MemoryEstimate:
     """What decoding ``batch`` sequences allocates beside the weights (module docstring)."""
-    C, H, T = m.n_embd, m.n_head, max(1, min(prompt_tokens, m.block_size))
+    C, H, T = m.n_embd, m.n_head, max(1, min(prompt_tokens, m.max_positions))
     kv = m.kv_heads * (C // H)
     scores = 4 * H * T * T if m.attention == "naive" else 0
     parts = {
-        "KV cache": 2 * m.n_layer * kv * m.block_size * weight_bytes,
+        "KV cache": 2 * m.n_layer * kv * m.max_positions * weight_bytes,
         "tokens": 8 * (prompt_tokens + new_tokens),
         "logits": 4 * T * m.padded_vocab_size + 16 * m.padded_vocab_size,
         "activations": T * (4 * C + 2 * m.mlp_hidden) * weight_bytes + scores,

@@ -23,10 +23,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from gpt.attention import get_attention
 from gpt.config import ModelConfig
 from gpt.loss import chunked_cross_entropy
+from gpt.rope import resolve_scaling, rope_tables
 from gpt.sdpa import sdpa_order, sdpa_priority
 
 Rope = tuple[Tensor, Tensor]  # cos, sin of the rotary angles of the positions in x, (T, D/2)
@@ -48,14 +50,6 @@ def sinusoidal_table(length: int, dim: int) -> Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
     return table.float()
-
-
-def rope_tables(length: int, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotary angles, each (length, head_dim // 2) float32."""
-    f64 = dict(dtype=torch.float64, device="cpu")  # real tensors even under a meta device
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, **f64) / head_dim)
-    angles = torch.arange(length, **f64)[:, None] * inv_freq  # (L, D/2)
-    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -87,7 +81,8 @@ class MaskPadding(torch.autograd.Function):
 class KVCache:
     """Keys and values of the positions seen so far, for decoding without recomputation.
 
-    One (B, H_kv, S_max, D) buffer each for keys and values per layer, filled from position 0;
+    One (B, H_kv, S_max, D) buffer each for keys and values per layer (S_max = the model's
+    ``max_positions``: past block_size with model.rope_scaling), filled from position 0;
     ``length`` counts the filled positions and is advanced by ``GPT.forward``. Positions of new
     tokens are offset by ``length`` and the T new tokens attend causally to the cached ones and
     to each other (the bottom-right aligned mask of gpt/attention.py), so any split of a
@@ -95,7 +90,7 @@ class KVCache:
     by several continuations) gives the logits of one full recomputation."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, device=None, dtype=torch.float32):
-        shape = (batch_size, cfg.kv_heads, cfg.block_size, cfg.n_embd // cfg.n_head)
+        shape = (batch_size, cfg.kv_heads, cfg.max_positions, cfg.n_embd // cfg.n_head)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.length = 0
@@ -232,13 +227,17 @@ class GPT(nn.Module):
         # fixed tables are buffers, not parameters, and are not saved (persistent=False)
         if cfg.position_encoding == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(cfg.block_size, cfg.n_embd), False)
-        if cfg.position_encoding == "rope":
-            cos, sin = rope_tables(cfg.block_size, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        if cfg.position_encoding == "rope":  # scaled tables (gpt/rope.py) over max_positions
+            head_dim = cfg.n_embd // cfg.n_head
+            cos, sin = rope_tables(cfg.max_positions, head_dim, cfg.rope_theta, cfg.rope_scaling)
             self.register_buffer("rope_cos", cos, False)
             self.register_buffer("rope_sin", sin, False)
         # which kernel F.scaled_dot_product_attention may pick, in order (gpt/sdpa.py); an
         # empty model.sdpa_kernels is resolved for the device current at build time
         self.sdpa_order = sdpa_order(cfg.sdpa_kernels)
+        # train.activation_checkpointing, set by the trainer (gpt/train/finetune.py): how a
+        # run trains, not what the model is, so an attribute that no exported config holds
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer), one per residual add
         for name, p in self.named_parameters():
@@ -285,10 +284,11 @@ class GPT(nn.Module):
         it, any number at a time."""
         B, T = idx.shape
         start = 0 if kv_cache is None else kv_cache.length
-        if start + T > self.cfg.block_size:
-            raise ValueError(
-                f"sequence length {start + T} exceeds block_size {self.cfg.block_size}"
-            )
+        if start + T > self.cfg.max_positions:
+            longest = f"block_size {self.cfg.block_size}"
+            if self.cfg.max_positions > self.cfg.block_size:
+                longest = f"the {self.cfg.max_positions} positions of model.rope_scaling"
+            raise ValueError(f"sequence length {start + T} exceeds {longest}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.cfg.position_encoding == "learned":
@@ -296,11 +296,20 @@ class GPT(nn.Module):
         elif self.cfg.position_encoding == "sinusoidal":
             x = x + self.pos_table[start : start + T].to(x.dtype)
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            rope = self.rope_rows(start, start + T)
         x = self.transformer.drop(x)
+        # activation checkpointing (Chen et al. 2016): a block keeps only its input for the
+        # backward pass, which runs the block again; never while decoding (the recompute
+        # would append to the cache twice) nor in evaluation (nothing is kept for a backward)
+        recompute = self.activation_checkpointing and self.training and kv_cache is None
         with sdpa_priority(self.sdpa_order):
             for i, block in enumerate(self.transformer.h):
-                x = block(x, rope, kv_cache, i)
+                if recompute and torch.is_grad_enabled():
+                    # preserve_rng_state: the recompute draws the forward's dropout masks
+                    args = (self._recompute_block, block, x, rope, i)
+                    x = checkpoint(*args, use_reentrant=False, preserve_rng_state=True)
+                else:
+                    x = block(x, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         x, V = self.transformer.ln_f(x), self.cfg.vocab_size
@@ -318,6 +327,24 @@ class GPT(nn.Module):
             logits.view(-1, logits.size(-1)).to(acc), targets.reshape(-1), ignore_index=-1
         )
         return logits[..., :V], loss
+
+    def _recompute_block(self, block: Block, x: Tensor, rope: Rope | None, i: int) -> Tensor:
+        # the backward pass runs this again outside forward's sdpa_priority: the recompute
+        # must pick the forward's SDPA kernel, whose saved tensors it replaces
+        with sdpa_priority(self.sdpa_order):
+            return block(x, rope, None, i)
+
+    def rope_rows(self, start: int, end: int) -> Rope:
+        """cos, sin (end - start, D/2) of positions [start, end) of a sequence of ``end``
+        positions. The static types read the tables built once; ``dynamic`` past its original
+        length recomputes them for a base that grows with ``end``, as transformers does: a
+        cached token keeps the rotation it was computed with (docs/long-context.md)."""
+        cfg, scaling = self.cfg, resolve_scaling(self.cfg.rope_scaling)
+        if scaling.get("type") != "dynamic" or end <= scaling["original_max_position_embeddings"]:
+            return self.rope_cos[start:end], self.rope_sin[start:end]
+        head_dim = cfg.n_embd // cfg.n_head
+        cos, sin = rope_tables(end - start, head_dim, cfg.rope_theta, scaling, start, end)
+        return cos.to(self.rope_cos), sin.to(self.rope_sin)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides) -> GPT:

@@ -89,6 +89,29 @@ def test_causal_queries_after_cached_keys_are_bottom_right_aligned(fn, T, S, kv_
     )
 
 
+@pytest.mark.parametrize("T, S, kv_heads", [(2, 3, 4), (7, 64, 1), (16, 33, 2)])
+def test_a_chunked_prefill_passes_no_mask_tensor_and_compiles_to_the_same(T, S, kv_heads):
+    """Eager sdpa says bottom-right causal with PyTorch's CausalBias (no mask tensor: the
+    fused kernels stay eligible on a GPU); compiled, where CausalBias cannot be built, with
+    the explicit mask. Both give the float64 reference."""
+    import gpt.attention
+
+    torch.manual_seed(T + S)
+    q = torch.randn(1, 4, T, 8)
+    k, v = torch.randn(1, kv_heads, S, 8), torch.randn(1, kv_heads, S, 8)
+
+    def no_mask(*args):
+        raise AssertionError("eager sdpa built a mask tensor")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gpt.attention, "causal_mask", no_mask)
+        eager = sdpa_attention(q, k, v, True, 0.5)
+    compiled = torch.compile(sdpa_attention, fullgraph=True, dynamic=False)(q, k, v, True, 0.5)
+    expected = reference(q.double(), k.double(), v.double(), True, 0.5)
+    for out in (eager, compiled):
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_naive_returns_weights_that_are_causal_and_normalised():
     q, k, v = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
     out, w = naive_attention(q, k, v, True, 0.5, return_weights=True)

@@ -501,8 +501,9 @@ def edited(config: dict, path: str, value) -> dict:
          r"num_key_value_heads = 2 contradicts gpt_config \(kv_heads = 4\)"),
         (LLAMA, "rope_parameters.rope_theta", 5.0,
          r"rope_parameters.rope_theta = 5.0 contradicts gpt_config \(rope_theta = 10000.0\)"),
-        (LLAMA, "rope_parameters.rope_type", "llama3",
-         r"rope_type 'llama3' \(rotary scaling\) is not supported"),
+        (LLAMA, "rope_parameters.rope_type", "llama3", r"missing key rope_parameters.factor"),
+        (LLAMA, "rope_parameters", {"rope_type": "linear", "factor": 2.0},
+         r"rope_parameters = \{'type': 'linear'.* contradicts gpt_config"),
         (LLAMA, "intermediate_size", "big", r"intermediate_size must be an integer, got 'big'"),
         (LLAMA, "model_type", "gpt2",
          r"model_type = 'gpt2' contradicts gpt_config: GPT2LMHeadModel cannot represent norm ="),
@@ -540,7 +541,7 @@ def test_malformed_transformers_config_names_file_and_key(tmp_path, config, matc
     [
         (dict(hidden_act="gelu"), r"hidden_act 'gelu' is not supported; valid: 'silu'"),
         (dict(attention_bias=True), r"attention_bias = true is not supported"),
-        (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), r"rope_type 'linear'"),
+        (dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), r"rope_type 'longrope'"),
         (dict(head_dim=4), r"head_dim = 4 is not supported; it must be hidden_size / num_"),
     ],
 )  # fmt: skip

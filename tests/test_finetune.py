@@ -319,3 +319,37 @@ def test_train_refuses_lora_it_cannot_train(
     assert train.main([str(path)]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_rotary_base_fine_tunes_at_a_longer_context_with_rope_scaling(tmp_path, data_dir, capsys):
+    """Context extension (docs/long-context.md): train.init_from a rotary model with a larger
+    block_size and a model.rope_scaling. The weights are the base's; a learned-position base
+    refuses a new block_size (its position table is weights)."""
+    from gpt.config_io import load_config
+    from gpt.train.finetune import build_model, init_model_config
+
+    base_path, base = config(tmp_path, data_dir, "base")
+    rope = ["--model.position_encoding=rope", "--train.eval_interval=0"]
+    assert train.main([str(base_path), *rope, "--train.max_steps=2"]) == 0
+    path, out = config(tmp_path, data_dir, "long")
+    scaling = "{type = 'yarn', factor = 4, original_max_position_embeddings = 16}"
+    args = [str(path), f"--train.init_from={base}", "--model.block_size=48", "--train.max_steps=1"]
+    args += ["--train.eval_interval=0", f"--model.rope_scaling={scaling}"]
+    cfg = load_config(path, args[1:])
+    cfg.model = init_model_config(cfg)
+    assert cfg.model.block_size == 48 and cfg.model.rope_scaling["type"] == "yarn"
+    extended, original = build_model(cfg), load_model(base)
+    for (name, a), b in zip(
+        extended.state_dict().items(), original.state_dict().values(), strict=True
+    ):
+        if not name.startswith("rope_"):  # the rotary tables are computed, not trained
+            assert torch.equal(a, b), name
+    assert train.main(args) == 0
+    saved = json.loads((latest_checkpoint(out) / "model" / "config.json").read_text())
+    assert saved["gpt_config"]["block_size"] == 48
+    assert saved["gpt_config"]["rope_scaling"]["factor"] == 4
+    learned_path, learned = config(tmp_path, data_dir, "learned")
+    assert train.main([str(learned_path), "--train.max_steps=1", "--train.eval_interval=0"]) == 0
+    path, _ = config(tmp_path, data_dir, "learned-long")
+    assert train.main([str(path), f"--train.init_from={learned}", "--model.block_size=48"]) == 2
+    assert "model.block_size = 48 (the checkpoint has 16)" in capsys.readouterr().err

@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window-keep",
         type=int,
-        help="past block_size, rebuild the KV cache from "
-        "this many last tokens [default: block_size, exact and slow]",
+        help="past the context (block_size, or model.rope_scaling's longer one), rebuild the "
+        "KV cache from this many last tokens [default: the whole context, exact and slow]",
     )
     few = p.add_argument_group("a few-shot prompt from a task file (docs/evaluation.md)")
     few.add_argument("--task", help="build the prompt from this task file (.jsonl / BIG-bench)")
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             prompt = read_prompt(args)
         if args.show_prompt:
             show_prompt(prompt, "prompt")
-        ids, warning = encode_prompt(tokenizer, prompt, model.cfg.block_size)
+        ids, warning = encode_prompt(tokenizer, prompt, model.cfg.max_positions)
         if warning:
             print(f"sample.py: warning: {warning}", file=sys.stderr)
         if args.attention_map:

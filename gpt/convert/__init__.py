@@ -92,6 +92,11 @@ def _has_type(value: Any, tp: Any) -> bool:
     if typing.get_origin(tp) is list:  # e.g. list[str] (model.sdpa_kernels)
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if typing.get_origin(tp) is dict:  # e.g. model.rope_scaling
+        key, item = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _has_type(k, key) and _has_type(v, item) for k, v in value.items()
+        )
     if tp in (int, float) and isinstance(value, bool):  # JSON true is not a number
         return False
     return isinstance(value, (int, float) if tp is float else tp)

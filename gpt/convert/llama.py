@@ -6,6 +6,13 @@ heads (grouped-query attention): the layout ``transformers.LlamaForCausalLM`` re
 one most other tools read too. The matrices are the same ``nn.Linear`` (out, in) on both
 sides; only the fused ones are split and joined: our ``c_attn`` is [q; k; v] stacked on the
 output dimension, our SwiGLU ``c_fc`` is [gate; up].
+
+``model.rope_scaling`` is transformers' ``rope_parameters`` (``rope_scaling`` in transformers
+4) with ``type`` for ``rope_type``: the same formulas (gpt/rope.py). transformers' ``dynamic``
+scales from ``max_position_embeddings``, so a dynamic model exports only when its block_size
+is its original length; the other types keep ``max_position_embeddings = block_size`` and
+carry the original length in the parameters (and at the top level, where ``linear`` reads
+nothing but transformers keeps it).
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt.config import ConfigError, ModelConfig
+from gpt.rope import OPTIONAL_KEYS, SCALING_TYPES, resolve_scaling
 
 if TYPE_CHECKING:
     from gpt.convert import ConfigKeys
@@ -39,6 +47,7 @@ KEYS = {
     "mlp_hidden": "intermediate_size",
     "norm_eps": "rms_norm_eps",
     "rope_theta": "rope_parameters.rope_theta",
+    "resolved_rope_scaling": "rope_parameters",
     "tie_embeddings": "tie_word_embeddings",
 }
 TOP = {  # ours -> theirs, outside the layers
@@ -58,11 +67,53 @@ GATE_UP = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 
 def unsupported(cfg: ModelConfig) -> list[str]:
     """Our switches that Llama cannot represent, as "key = value (Llama: valid)"."""
-    return [
+    problems = [
         f"{key} = {getattr(cfg, key)!r} (Llama: {value!r})"
         for key, value in FIXED.items()
         if getattr(cfg, key) != value
     ]
+    scaling = cfg.resolved_rope_scaling if cfg.position_encoding == "rope" else {}
+    original = scaling.get("original_max_position_embeddings")
+    if scaling.get("type") == "dynamic" and original != cfg.block_size:
+        problems.append(
+            f"rope_scaling type 'dynamic' with original_max_position_embeddings = {original} "
+            f"!= block_size = {cfg.block_size} (Llama: dynamic NTK scales from "
+            "max_position_embeddings, which holds both)"
+        )
+    return problems
+
+
+def scaling_from_hf(keys: ConfigKeys) -> dict:
+    """model.rope_scaling of a Llama config.json ({}: none); ConfigError naming what is not
+    supported."""
+    # transformers 5 writes rope_parameters; 4 wrote rope_theta and rope_scaling
+    rope, scaling = keys.section("rope_parameters"), keys.section("rope_scaling")
+    params = scaling if scaling.values else rope
+    kind = params.get("rope_type", str, params.get("type", str, None))
+    if kind in (None, "default"):
+        return {}
+    if kind not in SCALING_TYPES:
+        raise ConfigError(
+            f"{keys.file}: rope_type {kind!r} (rotary scaling) is not supported; valid: "
+            f"'default', {', '.join(map(repr, SCALING_TYPES))}"
+        )
+    if params.get("partial_rotary_factor", float, 1.0) != 1.0:
+        raise ConfigError(f"{keys.file}: partial_rotary_factor != 1 is not supported")
+    max_positions = keys.get("max_position_embeddings", int, 2048)
+    original = keys.get("original_max_position_embeddings", int, max_positions)
+    if kind != "dynamic":  # transformers' dynamic scales from max_position_embeddings
+        original = params.get("original_max_position_embeddings", int, original)
+    out = {"type": kind, "factor": params.get("factor", float)}
+    out["original_max_position_embeddings"] = max_positions if kind == "dynamic" else original
+    for key in OPTIONAL_KEYS[kind]:
+        value = params.values.get(key)
+        if value is not None:
+            out[key] = value
+    try:
+        resolve_scaling(out)
+    except ValueError as err:
+        raise ConfigError(f"{keys.file}: {err}") from None
+    return out
 
 
 def config_from_hf(keys: ConfigKeys) -> ModelConfig:
@@ -74,13 +125,7 @@ def config_from_hf(keys: ConfigKeys) -> ModelConfig:
     for key in ("attention_bias", "mlp_bias"):
         if keys.get(key, bool, False):
             raise ConfigError(f"{file}: {key} = true is not supported (Llama has no biases)")
-    # transformers 5 writes rope_parameters; 4 wrote rope_theta and rope_scaling
-    rope, scaling = keys.section("rope_parameters"), keys.section("rope_scaling")
-    kind = rope.get("rope_type", str, scaling.get("rope_type", str, scaling.get("type", str, None)))
-    if kind not in (None, "default"):
-        raise ConfigError(
-            f"{file}: rope_type {kind!r} (rotary scaling) is not supported; valid: 'default'"
-        )
+    rope = keys.section("rope_parameters")
     hidden, heads = keys.get("hidden_size", int), keys.get("num_attention_heads", int)
     head_dim = keys.get("head_dim", int | None, None)
     if head_dim is not None and head_dim * heads != hidden:
@@ -98,6 +143,7 @@ def config_from_hf(keys: ConfigKeys) -> ModelConfig:
         mlp_hidden_dim=keys.get("intermediate_size", int),
         norm_eps=keys.get("rms_norm_eps", float, 1e-6),
         rope_theta=rope.get("rope_theta", float, keys.get("rope_theta", float, 10000.0)),
+        rope_scaling=scaling_from_hf(keys),
         tie_embeddings=keys.get("tie_word_embeddings", bool, False),
         dropout=0.0,
         **FIXED,
@@ -155,8 +201,13 @@ def state_from_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
 
 def hf_config(cfg: ModelConfig) -> dict:
     """config.json contents a LlamaForCausalLM reads, in transformers 5's keys and 4's
-    (rope_theta): both read it (token ids are added by the caller)."""
-    return {
+    (rope_theta, rope_scaling): both read it (token ids are added by the caller)."""
+    scaling = {k: v for k, v in cfg.resolved_rope_scaling.items() if k != "type"}
+    rope = {"rope_type": cfg.resolved_rope_scaling.get("type", "default")}
+    rope |= {"rope_theta": cfg.rope_theta, **scaling}
+    if rope["rope_type"] in ("linear", "dynamic"):  # not theirs: at the top level (docstring)
+        rope.pop("original_max_position_embeddings")
+    config = {
         "architectures": [CLASS],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -170,10 +221,14 @@ def hf_config(cfg: ModelConfig) -> dict:
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_parameters": rope,
         "attention_bias": False,
         "mlp_bias": False,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "tie_word_embeddings": cfg.tie_embeddings,
     }
+    if scaling:  # transformers 4's key; 5 reads it first, so it must say the same
+        config["rope_scaling"] = dict(rope)
+        config["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    return config

@@ -8,10 +8,12 @@ Every option: ``python -m gpt.eval --help``; the code is in gpt/cli/evaluate.py.
 
 import sys
 
-try:  # Ctrl-C while the imports load (seconds): an exit status, not a traceback
-    from gpt.cli.evaluate import main
-except KeyboardInterrupt:
-    sys.exit(130)
+from gpt.interrupt import exit_on_interrupt, interrupt_as_usual
+
+exit_on_interrupt()  # Ctrl-C while the imports load (seconds): status 130, not a traceback
+from gpt.cli.evaluate import main  # noqa: E402
+
+interrupt_as_usual()
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -203,8 +203,6 @@ def data_fingerprint(manifests: dict[str, dict]) -> dict[str, list]:
     }
 
 
-
-
 def check_resume(
     cfg: Config, saved: dict, manifests: dict[str, dict], world: int, ckpt: Path
 ) -> bool:

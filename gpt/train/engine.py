@@ -175,7 +175,7 @@ DEEPSPEED_REFUSED = {
     ),
     "activation_checkpointing": (
         "ignored: the model never calls DeepSpeed's activation checkpointing",
-        "a smaller train.micro_batch_size with a larger train.grad_accum",
+        "train.activation_checkpointing (per block, torch.utils.checkpoint)",
     ),
     "zero_optimization.offload_optimizer": (
         "not supported: offloading needs DeepSpeed's CPU Adam and the trainer steps its AdamW",

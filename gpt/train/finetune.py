@@ -22,13 +22,20 @@ from gpt.convert import read_model_config
 from gpt.lora import add_lora, freeze
 from gpt.model import GPT
 
-OVERRIDABLE = (*COMPUTE_KEYS, "vocab_multiple")  # keys that do not change the weights
+OVERRIDABLE = (*COMPUTE_KEYS, "vocab_multiple", "rope_scaling")  # change no weight
+
+
+def overridable(m: ModelConfig) -> tuple[str, ...]:
+    """The [model] keys fine-tuning may set on a base of ``m``: those that change no weight,
+    and block_size for a rotary model (positions are computed, not learned: a longer
+    context is context extension, docs/long-context.md)."""
+    return (*OVERRIDABLE, "block_size") if m.position_encoding == "rope" else OVERRIDABLE
 
 
 def init_model_config(cfg: Config) -> ModelConfig:
     """The model config of train.init_from. Keys that do not change the weights (attention
-    backend and SDPA kernels, dropout, the chunked loss, padding) take the config's value
-    where it sets them; ConfigError naming
+    backend and SDPA kernels, dropout, the chunked loss, padding, rotary scaling; a rotary
+    model's block_size) take the config's value where it sets them; ConfigError naming
     every other ``[model]`` key the config sets that contradicts the checkpoint."""
     source = cfg.train.init_from
     if not Path(source).exists():
@@ -43,17 +50,17 @@ def init_model_config(cfg: Config) -> ModelConfig:
     given = {f.name for f in dataclasses.fields(ModelConfig) if f"model.{f.name}" in cfg.given}
     contradictions = [
         f"model.{k} = {getattr(cfg.model, k)!r} (the checkpoint has {getattr(saved, k)!r})"
-        for k in sorted(given - set(OVERRIDABLE))
+        for k in sorted(given - set(overridable(saved)))
         if getattr(cfg.model, k) != getattr(saved, k)
     ]
     if contradictions:
         raise ConfigError(
             f"train.init_from = {source!r}: the model's shape comes from the checkpoint, but "
             f"the config sets {'; '.join(contradictions)}. Remove these keys from [model] "
-            f"(only {', '.join('model.' + k for k in OVERRIDABLE)} may differ)"
+            f"(only {', '.join('model.' + k for k in overridable(saved))} may differ)"
         )
     return dataclasses.replace(
-        saved, **{k: getattr(cfg.model, k) for k in given & set(OVERRIDABLE)}
+        saved, **{k: getattr(cfg.model, k) for k in given & set(overridable(saved))}
     )
 
 
@@ -72,18 +79,21 @@ def build_model(cfg: Config, pin: dict | None = None) -> GPT:
     """A fresh model of ``cfg.model`` (seeded: identical on every rank), or the weights of
     train.init_from (``cfg.model`` must then be ``init_model_config(cfg)``; ``pin`` its
     ``init_pin``, so that the weights loaded are the ones pinned), with the ``[finetune]``
-    freezing or LoRA adapters applied."""
+    freezing or LoRA adapters applied; train.activation_checkpointing set on it."""
     torch.manual_seed(cfg.train.seed)
     if cfg.train.init_from == "scratch":
-        return GPT(cfg.model)
+        model = GPT(cfg.model)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        return model
     m, f = cfg.model, cfg.finetune
     pin = pin or init_pin(cfg)
     try:
-        model = store.load_model(pin["path"], **{k: getattr(m, k) for k in OVERRIDABLE})
+        model = store.load_model(pin["path"], **{k: getattr(m, k) for k in overridable(m)})
     except store.CheckpointError as err:
         raise ConfigError(f"train.init_from = {cfg.train.init_from!r}: {err}") from None
     if f.lora_rank:
         torch.manual_seed(cfg.train.seed)  # the adapters' initialisation, identical on every rank
         add_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)
     freeze(model, f.freeze_embeddings, f.freeze_blocks)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     return model
