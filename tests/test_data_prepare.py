@@ -242,3 +242,42 @@ def test_glob_and_folder_sources_with_symlink_loops_finish(tmp_path):
         assert result.returncode == 0, result.stderr
         assert "train: 2 documents" in result.stdout
         assert decode_split(tmp_path / out, "train") == ["beta", "alpha"]  # other/, then sub/
+
+
+def test_dedup_keeps_the_first_of_each_normalised_text_for_any_number_of_workers(
+    tmp_path, monkeypatch
+):
+    """--dedup: repeats (exact, or differing only in whitespace or Unicode composition) are
+    dropped before indexing, the first kept; the shards equal preparing the unique documents
+    alone, for 1 and 3 workers; the manifest counts what was removed."""
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 50)
+    unique = ["alpha beta", "Alpha beta", "café au lait", "gamma\n\ndelta", "x"]
+    stream = [
+        unique[0], unique[1], "  alpha   beta\t", unique[2], "cafe\u0301 au lait",  # NFD café
+        unique[3], "gamma delta", unique[0], unique[4], "x ",
+    ]  # fmt: skip
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("".join(json.dumps({"text": d}) + "\n" for d in stream), encoding="utf-8")
+    alone = tmp_path / "unique.jsonl"
+    alone.write_text("".join(json.dumps({"text": d}) + "\n" for d in unique), encoding="utf-8")
+    common = dict(encoding="bytes", val_fraction=0.4, shard_tokens=16, progress=False, fetch=False)
+    expected = prepare([str(alone)], tmp_path / "expected", workers=1, **common)
+    assert "dedup" not in expected
+    for workers in (1, 3):
+        out = tmp_path / f"dedup{workers}"
+        manifest = prepare([str(dup)], out, workers=workers, dedup=True, **common)
+        assert manifest["dedup"]["removed_documents"] == 5
+        assert manifest["splits"] == expected["splits"]
+        for split in ("train", "val"):
+            assert decode_split(out, split) == decode_split(tmp_path / "expected", split)
+    assert read_manifest(tmp_path / "dedup3")["dedup"]["removed_documents"] == 5
+
+
+def test_dedup_normalises_whitespace_and_composition_only():
+    from gpt.data.prepare import dedup_documents, normalise
+
+    assert normalise(" a \t b\n\nc ") == "a b c"
+    assert normalise("e\u0301") == "\u00e9" and normalise("A") != normalise("a")
+    removed = [0]
+    kept = list(dedup_documents(["a b", "a  b", "A b", "ab", "a b "], removed))
+    assert kept == ["a b", "A b", "ab"] and removed == [2]
