@@ -74,3 +74,27 @@ def sha256_file(path: str | Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """Lay out a matplotlib ``fig``, write it as a PNG to ``path`` (as ``write_output``) and
+    close it; ``path``."""
+    import io
+
+    import matplotlib.pyplot as plt  # here: this module imports nothing heavy
+
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=dpi)
+    plt.close(fig)
+    write_output(path, png.getvalue())
+    return Path(path)
+
+
+def plot_beside(out: str | Path | None) -> str | None:
+    """The default ``--plot`` of a command given ``--out``: the same name with ``.png``, beside
+    a regular (or new) file only (never ``/dev/null.png``, nor inside a directory)."""
+    if not out:
+        return None
+    path = Path(out)
+    return str(path.with_suffix(".png")) if path.is_file() or not path.exists() else None

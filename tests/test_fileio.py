@@ -57,3 +57,29 @@ def test_an_output_path_linked_to_a_device_is_written_to_the_device(tmp_path):
     (tmp_path / "out").symlink_to(null)
     fileio.write_output(tmp_path / "out", "x")
     assert stat.S_ISCHR(null.stat().st_mode) and (tmp_path / "out").is_symlink()
+
+
+def test_a_plot_goes_beside_a_regular_or_new_out_file_only(tmp_path):
+    from gpt.fileio import plot_beside
+
+    (tmp_path / "r.json").write_text("{}")
+    assert plot_beside(tmp_path / "r.json") == str(tmp_path / "r.png")
+    assert plot_beside(tmp_path / "new.json") == str(tmp_path / "new.png")
+    assert plot_beside(tmp_path) is None  # a directory
+    assert plot_beside("/dev/null") is None  # never /dev/null.png
+    assert plot_beside(None) is None and plot_beside("") is None
+
+
+def test_write_figure_writes_a_png_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gpt.fileio import write_figure
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert write_figure(fig, tmp_path / "f.png") == tmp_path / "f.png"
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert fig.number not in plt.get_fignums()

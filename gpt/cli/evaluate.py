@@ -33,7 +33,7 @@ from gpt.eval.suite import (
     replace_non_finite,
     run_suite,
 )
-from gpt.fileio import write_output
+from gpt.fileio import plot_beside, write_output
 
 PROG = "python -m gpt.eval"
 
@@ -111,10 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.max_new_tokens is not None and args.max_new_tokens < 0:
             raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
         check_model_flags(args)
-        # beside a regular (or new) file only: never /dev/null.png
-        regular = bool(args.out) and (Path(args.out).is_file() or not Path(args.out).exists())
-        if args.plot is None and regular and len(args.shots) > 1:
-            args.plot = str(Path(args.out).with_suffix(".png"))
+        if args.plot is None and len(args.shots) > 1:
+            args.plot = plot_beside(args.out)
         for flag in ("out", "plot"):  # found now, not after a whole evaluation
             if getattr(args, flag):
                 check_output(f"--{flag}", getattr(args, flag))

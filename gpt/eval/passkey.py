@@ -18,7 +18,6 @@ depths, not tasks x shots, and its result is a heat map; ``--ckpt``, ``--tokeniz
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import re
 import sys
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from gpt.cli.evaluate import check_output
 from gpt.cli.model_flags import HelpWithDefaults, add_model_flags, check_model_flags, load_model
 from gpt.data.passkey import draw_keys, passkey_prompt, shortest_length
-from gpt.fileio import write_output
+from gpt.fileio import plot_beside, write_figure, write_output
 from gpt.generate import generate
 
 PROG = "python -m gpt.eval.passkey"
@@ -145,12 +144,7 @@ def plot_heat_map(cells: list[dict], lengths: Sequence[int], depths: Sequence[fl
     trials = cells[0]["trials"] if cells else 0
     ax.set_title(f"{title}\npasskey accuracy, {trials} trials per cell".strip(), fontsize=9)
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    write_output(path, png.getvalue())
-    return Path(path)
+    return write_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,8 +192,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         check_model_flags(args)
-        if args.plot is None and args.out and not Path(args.out).is_dir():
-            args.plot = str(Path(args.out).with_suffix(".png"))
+        if args.plot is None:
+            args.plot = plot_beside(args.out)
         for flag in ("out", "plot"):  # found now, not after the whole grid
             if getattr(args, flag):
                 check_output(f"--{flag}", getattr(args, flag))

@@ -17,7 +17,6 @@ its positions'. T may exceed ``block_size`` when the model runs longer sequences
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from collections.abc import Sequence
@@ -34,7 +33,7 @@ from gpt.cli.evaluate import check_output
 from gpt.cli.model_flags import HelpWithDefaults, add_model_flags, check_model_flags, load_model
 from gpt.data.loader import TokenLoader, split_xy
 from gpt.data.shards import read_manifest
-from gpt.fileio import write_output
+from gpt.fileio import plot_beside, write_figure, write_output
 from gpt.run import read_run
 
 PROG = "python -m gpt.eval.positions"
@@ -110,12 +109,7 @@ def plot_loss_by_position(results: Sequence[dict], path: str | Path, title: str 
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title or "validation loss by position", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
-    plt.close(fig)
-    write_output(path, png.getvalue())
-    return Path(path)
+    return write_figure(fig, path)
 
 
 def data_dir_of(ckpt: str | Path) -> Path:
@@ -186,8 +180,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             if value is not None and value < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
         check_model_flags(args)
-        if args.plot is None and args.out and not Path(args.out).is_dir():
-            args.plot = str(Path(args.out).with_suffix(".png"))
+        if args.plot is None:
+            args.plot = plot_beside(args.out)
         for flag in ("out", "plot"):
             if getattr(args, flag):
                 check_output(f"--{flag}", getattr(args, flag))

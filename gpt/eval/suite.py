@@ -15,7 +15,6 @@ broken model's NaN log-likelihoods) is written as null, with a note saying where
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from gpt.eval.tasks import (
     load_task,
     task_name,
 )
-from gpt.fileio import write_output
+from gpt.fileio import write_figure
 
 MAX_PANELS = 48  # per-task panels of the shot-curve plot; the rest are in the JSON
 MAX_NOTES = 100  # notes of non-finite numbers written as null; the rest are counted
@@ -215,9 +214,4 @@ def plot_shot_curves(results: list[dict], path: str | Path, title: str = "") -> 
     fig.supxlabel("shots (demonstrations in the prompt)")
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=80)
-    plt.close(fig)
-    write_output(path, png.getvalue())
-    return Path(path)
+    return write_figure(fig, path, dpi=80)
