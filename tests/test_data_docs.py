@@ -55,7 +55,23 @@ def test_every_offline_command_runs_and_prints_what_the_page_shows(tmp_path):
         if "--dedup" in body:  # the repeat differing in whitespace only is removed
             assert "dedup: 1 repeated documents removed" in result.stdout
             assert "train: 2 documents" in result.stdout
-    assert ran == 4
+        if lang == "sh" and "formats/rows.parquet" in body:  # Parquet, .jsonl.zst, folder
+            assert result.stdout.count("skipped: 0 empty and 1 null documents") == 2
+            assert "skipped: 0 empty and 2 null documents" in result.stdout  # the folder
+            assert result.stdout.count("train: 900 documents") == 2
+            assert result.stdout.count("val: 100 documents") == 2
+            assert "train: 1,801 documents" in result.stdout  # 2,001 documents in all
+            assert "status 2" in result.stdout
+            assert (
+                "formats/rows.parquet: no column 'text'; its columns: id, content; name the one "
+                "holding the text with --text-field"
+            ) in result.stderr
+            data = tmp_path / "data"
+            shards = sorted(p.name for p in (data / "parquet").iterdir())
+            for name in shards[1:]:  # the manifests differ in their command and sources
+                assert (data / "parquet" / name).read_bytes() == (data / "zst" / name).read_bytes()
+            assert shards == ["manifest.json", "train_000000.bin", "val_000000.bin"]
+    assert ran == 6
 
 
 def test_recipe_command_gives_the_counts_the_page_states(tmp_path):
