@@ -171,6 +171,14 @@ class TokenLoader:
             return self.position // self.n_windows
         return self.position * self.block_size // self.n_tokens
 
+    @property
+    def passes(self) -> float:
+        """Passes over the split so far, fractional: windows read / windows in the split
+        (sequential), tokens drawn / N (random); ``epoch`` is its whole part."""
+        if self.mode == "sequential":
+            return self.position / self.n_windows
+        return self.position * self.block_size / self.n_tokens
+
     def _window(self, start: int) -> np.ndarray:
         # A window may straddle shards: gather its pieces.
         end = start + self.block_size + 1

@@ -1,9 +1,11 @@
 """The prepared data sets a run reads, and the run's config checked against them.
 
-A run reads data.dir ("train"), finetune.replay_dir ("replay") and each data.extra_val set
-("extra_val/<name>"): ``Config.data_sets`` names them by role. Their manifests (the
-``manifest.json`` of gpt/data/shards.py) must hold the model's vocabulary and at least one
-sequence of every split the run reads; a ``ConfigError`` names the key otherwise.
+A run reads data.dir ("train"), finetune.replay_dir ("replay"), or instead each source of
+data.mixture ("mixture/<name>"), and each data.extra_val set ("extra_val/<name>"):
+``Config.data_sets`` names them by role. Their manifests (the ``manifest.json`` of
+gpt/data/shards.py) must hold the model's vocabulary and at least one sequence of every split
+the run reads, and the sets training reads one tokenizer; a ``ConfigError`` names the key
+otherwise.
 """
 
 from __future__ import annotations
@@ -27,11 +29,18 @@ def read_manifests(cfg: Config) -> dict[str, dict]:
     return manifests
 
 
+def trains_on(role: str) -> bool:
+    """Whether training reads the set of ``role`` (validation sets are read by evaluation)."""
+    return role in ("train", "replay") or role.startswith("mixture/")
+
+
 def check_run_data(cfg: Config, manifests: dict[str, dict]) -> None:
     """ConfigError naming the key for a data set whose tokens the model's vocabulary cannot
-    hold, or a split the run reads that has less than one sequence (block_size + 1 tokens)."""
+    hold, a training set in another tokenizer than the first, or a split the run reads that
+    has less than one sequence (block_size + 1 tokens)."""
     t, m = cfg.train, cfg.model
     window = m.block_size + 1  # one sequence: block_size inputs and the next token
+    first = None  # (key, directory, encoding) of the first set training reads
     for role, key, directory in cfg.data_sets():
         manifest = manifests[role]
         if manifest["n_vocab"] > m.vocab_size:
@@ -39,7 +48,15 @@ def check_run_data(cfg: Config, manifests: dict[str, dict]) -> None:
                 f"{key} = {directory} uses {manifest['encoding']} with "
                 f"{manifest['n_vocab']} tokens, more than model.vocab_size = {m.vocab_size}"
             )
-        splits = {"train": ["train", "val"], "replay": ["train"]}.get(role, ["val"])
+        if trains_on(role):
+            first = first or (key, directory, manifest["encoding"])
+            if manifest["encoding"] != first[2]:
+                raise ConfigError(
+                    f"{key} = {directory} uses {manifest['encoding']}, but {first[0]} = "
+                    f"{first[1]} uses {first[2]}: the sets a run trains on must share one "
+                    "tokenizer (prepare them with the same --encoding)"
+                )
+        splits = ["train"] if role == "replay" else ["train", "val"] if trains_on(role) else ["val"]
         if not t.eval_interval:
             splits = [s for s in splits if s == "train"]
         for split in splits:

@@ -11,13 +11,15 @@ config; which of its keys are accepted, and of what type, is gpt/train/engine.py
 Validation asks the attention registry (gpt/attention.py) which backends run here, so this
 module imports torch. gpt/lora.py, gpt/memory.py and gpt/train/engine.py take a config
 themselves, so their checks are imported where they are called, not at the top. The module
-runs past 450 lines because every key carries its help text and range beside it.
+runs past 600 lines because every key carries its help text and range beside it, and every
+combination its check.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,13 +184,25 @@ COMPUTE_KEYS = ("attention", "dropout", "sdpa_kernels", "loss_chunk")
 
 @dataclass
 class DataConfig:
-    dir: str = option("out/data/shakespeare", "Directory written by `python -m gpt.data.prepare`.")
+    dir: str = option(
+        "out/data/shakespeare",
+        "Directory written by `python -m gpt.data.prepare` (not read with data.mixture).",
+    )
     mode: str = option("random", "Batches: random windows | sequential (each token once/epoch).")
     extra_val: dict[str, str] = option(
         {}, "Extra validation sets, name = prepared dir; logged as val_loss/<name>."
     )
     name: str = option(
         "", "Name of data.dir's validation set: also logged as val_loss/<name> (e.g. domain)."
+    )
+    mixture: dict[str, float] = option(
+        {},
+        "Train on several prepared sets: name = weight (> 0, relative: normalised to sum 1), "
+        "each name's directory in data.sources; data.dir is then not read "
+        "(docs/data.md#mixtures). Empty: data.dir alone.",
+    )
+    sources: dict[str, str] = option(
+        {}, "The directories of data.mixture's sets: name = prepared dir, one per name."
     )
 
 
@@ -364,6 +378,7 @@ class Config:
             )
         self.validate_trainable()
         self.validate_val_names()
+        self.validate_mixture()
         if bool(f.replay_fraction) != bool(f.replay_dir):
             raise ConfigError(
                 f"finetune.replay_fraction = {f.replay_fraction} and finetune.replay_dir = "
@@ -458,11 +473,75 @@ class Config:
                     "name for one of them"
                 )
 
+    def validate_mixture(self) -> None:
+        """data.mixture names sets with a positive weight each and data.sources their
+        directories, one per name; the names are logged (tokens/<name>, val_loss/<name>), so
+        they must be plain and stand for no other set. Replay (finetune.replay_*) is the
+        two-source mixture, so the two are not combined."""
+        d, f = self.data, self.finetune
+        if d.sources and not d.mixture:
+            raise ConfigError(
+                f"data.sources = {d.sources} but data.mixture is empty: give each source a "
+                "weight in data.mixture (e.g. data.mixture = {web = 0.7, code = 0.3}), or "
+                "remove data.sources (a validation-only set belongs in data.extra_val)"
+            )
+        if not d.mixture:
+            return
+        if f.replay_dir or f.replay_fraction:
+            raise ConfigError(
+                "finetune.replay_dir / replay_fraction and data.mixture: replay is the "
+                "two-source mixture, so with data.mixture add the replay set to it as a source "
+                "(data.mixture = {domain = 0.9, general = 0.1} with both in data.sources) and "
+                "leave finetune.replay_* unset"
+            )
+        for name, weight in d.mixture.items():
+            if not MIXTURE_NAME.fullmatch(name) or name in RESERVED_VAL_NAMES:
+                raise ConfigError(
+                    f"data.mixture.{name}: the name {name!r} is not valid: use letters, digits, "
+                    f"'_', '-' and '.', and none of {', '.join(RESERVED_VAL_NAMES)} (they name "
+                    "data.dir's sets and the replay set)"
+                )
+            if name in d.extra_val:
+                raise ConfigError(
+                    f"data.mixture.{name} and data.extra_val.{name}: a mixture's sets are "
+                    f"evaluated as val_loss/<name> already; rename or remove data.extra_val.{name}"
+                )
+            if not (math.isfinite(weight) and weight > 0):
+                raise ConfigError(
+                    f"data.mixture.{name} = {weight}: a weight must be a number > 0 (weights "
+                    "are relative: {web = 7, code = 3} is 70% and 30%)"
+                )
+        missing = [name for name in d.mixture if name not in d.sources]
+        if missing:
+            raise ConfigError(
+                f'data.mixture.{missing[0]} has no directory: add {missing[0]} = "DIR" to '
+                f"data.sources (it names {', '.join(d.sources) or 'none'})"
+            )
+        extra = [name for name in d.sources if name not in d.mixture]
+        if extra:
+            raise ConfigError(
+                f"data.sources.{extra[0]} is not in data.mixture: give it a weight there, or "
+                "remove it (a validation-only set belongs in data.extra_val)"
+            )
+        if d.name:
+            raise ConfigError(
+                f"data.name = {d.name!r} names data.dir's validation set, which a mixture run "
+                "does not read (each source's is logged as val_loss/<name>); leave data.name "
+                "empty"
+            )
+
     def data_sets(self) -> list[tuple[str, str, str]]:
         """(role, config key, directory) of every prepared data set the run reads: "train"
-        (data.dir), "replay" (finetune.replay_dir, if set) and "extra_val/<name>" for each
+        (data.dir), "replay" (finetune.replay_dir, if set), or instead of both
+        "mixture/<name>" for each source of data.mixture, and "extra_val/<name>" for each
         data.extra_val set, a role no other set can take."""
-        sets = [("train", "data.dir", self.data.dir)]
+        if self.data.mixture:
+            sets = [
+                (f"mixture/{name}", f"data.sources.{name}", self.data.sources.get(name, ""))
+                for name in self.data.mixture
+            ]
+        else:
+            sets = [("train", "data.dir", self.data.dir)]
         if self.finetune.replay_dir:
             sets.append(("replay", "finetune.replay_dir", self.finetune.replay_dir))
         for name, directory in self.data.extra_val.items():
@@ -471,6 +550,7 @@ class Config:
 
 
 RESERVED_VAL_NAMES = ("train", "val", "replay")
+MIXTURE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def batch_suggestions(global_batch: int, micro: int, world: int) -> str:

@@ -272,7 +272,8 @@ def _range_text(meta: dict, key: str) -> str:
 SECTION_HELP = {
     "model": "The network's shape and switches (gpt/model.py). With `train.init_from` the shape "
     "comes from the checkpoint.",
-    "data": "The prepared data set (`python -m gpt.data.prepare`, docs/data.md).",
+    "data": "The prepared data set (`python -m gpt.data.prepare`, docs/data.md), or a weighted "
+    "mixture of several (docs/data.md#mixtures).",
     "train": "The run: steps, batch, evaluation, checkpoints, logging, precision.",
     "optim": "AdamW and the learning-rate schedule (linear warmup, cosine decay).",
     "finetune": "Adapting a model loaded with `train.init_from` (docs/finetune.md).",

@@ -1,9 +1,10 @@
 """Summarise a training run: ``python -m gpt.report RUN_DIR [--png PATH]``.
 
 Prints the final training and validation losses next to the unigram baseline of the run's
-data (gpt/eval/baseline.py), and draws the loss curves from ``RUN_DIR/metrics.jsonl`` into
-``RUN_DIR/loss.png``: training loss and every validation set (a fine-tuning run's domain and
-general sets as two curves). Works from any directory: the run's relative paths resolve
+data (gpt/eval/baseline.py), the tokens and epochs of each source of a mixture (or replay),
+and draws the loss curves from ``RUN_DIR/metrics.jsonl`` into ``RUN_DIR/loss.png``: training
+loss and every validation set (a fine-tuning run's domain and general sets, a mixture's
+sources, as curves of their own). Works from any directory: the run's relative paths resolve
 against the directory it was started from (recorded in ``RUN_DIR/run.json``).
 """
 
@@ -13,7 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt.eval.baseline import unigram_loss
+from gpt.data.mixture import exact_weights
+from gpt.eval.baseline import mixture_unigram_loss, unigram_loss
 from gpt.run import read_run
 from gpt.train.metrics import is_number, plot_losses, read_metrics
 
@@ -46,11 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             start = next((r[key] for r in evals if key in r), None)
             first = f"{start:.3f}" if is_number(start) else "not recorded"
             print(f"    {key:<24}{last[key]:.3f} (step {evals[0]['step']}: {first})")
+    print_sources(records)
     try:
-        baseline = unigram_loss(run.data_dir)
-        shown = run.data_dir  # relative to here when it is below here, as configs write it
-        if shown.is_relative_to(Path.cwd()):
-            shown = shown.relative_to(Path.cwd())
+        mixture = run.config.data.mixture
+        if mixture:
+            baseline = mixture_unigram_loss(run.data_dirs, exact_weights(mixture))
+            shown = f"the mixture of {', '.join(mixture)}"
+        else:
+            baseline = unigram_loss(run.data_dir)
+            shown = run.data_dir  # relative to here when it is below here, as configs write it
+            if shown.is_relative_to(Path.cwd()):
+                shown = shown.relative_to(Path.cwd())
         print(f"  unigram baseline       {baseline:.3f} (validation tokens of {shown})")
     except ValueError as err:  # the data moved or has no validation split
         baseline = None
@@ -61,6 +69,22 @@ def main(argv: list[str] | None = None) -> int:
     plot_losses(run.metrics, png, baseline=baseline, skip=skip)
     print(f"  loss curves            {png}")
     return 0
+
+
+def print_sources(records: list[dict]) -> None:
+    """A mixture's (or replay's) last recorded tokens and epochs per source
+    (``tokens/<name>``, ``epochs/<name>`` of metrics.jsonl), with each one's part of the
+    tokens."""
+    last = next((r for r in reversed(records) if any(k.startswith("tokens/") for k in r)), None)
+    if last is None:
+        return
+    tokens = {k.removeprefix("tokens/"): v for k, v in last.items() if k.startswith("tokens/")}
+    total = sum(tokens.values()) or 1
+    print(f"  tokens by source       (step {last['step']}; epochs: passes over its training split)")
+    for name, count in tokens.items():
+        epochs = last.get(f"epochs/{name}")
+        seen = f", {epochs:.2f} epochs" if is_number(epochs) else ""
+        print(f"    {name:<20}{count:>14,} ({count / total:.1%}{seen})")
 
 
 if __name__ == "__main__":

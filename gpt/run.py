@@ -51,7 +51,17 @@ class Run:
 
     @property
     def data_dir(self) -> Path:
-        return self.resolve(self.config.data.dir)
+        """data.dir, or with data.mixture its first source (the set tools default to)."""
+        return next(iter(self.data_dirs.values()))
+
+    @property
+    def data_dirs(self) -> dict[str, Path]:
+        """The sets the run trains on by name: data.mixture's sources, or data.dir ("train")
+        alone (a replay set is not counted: it is general text, not the run's own data)."""
+        d = self.config.data
+        if d.mixture:
+            return {name: self.resolve(d.sources.get(name, "")) for name in d.mixture}
+        return {"train": self.resolve(d.dir)}
 
 
 def read_run(run_dir: str | Path) -> Run:

@@ -77,6 +77,8 @@ SPECIAL = {
     "model.rope_scaling": ({"type": "ntk"}, "model.rope_scaling.type = 'ntk' is not valid"),
     "data.dir": ("/no/such/dir", "data.dir: data directory /no/such/dir does not exist"),
     "data.extra_val": ({"x": "/no/such/dir"}, "data.extra_val.x: data directory /no/such/dir"),
+    "data.mixture": ({"web": -1.0}, "data.mixture.web = -1.0: a weight must be a number > 0"),
+    "data.sources": ({"x": "/no/such"}, "data.sources = {'x': '/no/such'} but data.mixture is"),
     "train.out_dir": ("", "train.out_dir must not be empty"),
     "train.init_from": ("/no/such/model", "train.init_from = '/no/such/model': no such file"),
     "train.compile": None,

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 from gpt.config import COMPUTE_KEYS, Config, ConfigError
+from gpt.data.mixture import exact_weights
+from gpt.data.run_data import trains_on
 from gpt.fileio import write_atomic
 from gpt.store import (
     ADAPTERS,
@@ -187,28 +189,32 @@ def prune_checkpoints(out_dir: str | Path, keep: int, good: list[Path]) -> list[
     return deleted
 
 
-TRAINED_ON = ("train", "replay")  # the data sets whose tokens training consumes, by role
-
-
-def data_fingerprint(manifests: dict[str, dict]) -> dict[str, list]:
-    """What identifies the data a run trains on: per role (data.dir's "train", and the
-    replay set's when there is one) its shard files and their CRCs. Validation sets are
-    left out: adding one to a run is allowed."""
-    return {
+def data_fingerprint(
+    manifests: dict[str, dict], mixture: dict[str, float] | None = None
+) -> dict[str, list | dict]:
+    """What identifies the data a run trains on: per role that training reads (data.dir's
+    "train", the replay set's, or each mixture source's "mixture/<name>") its shard files and
+    their CRCs, and with data.mixture its exact shares under "mixture", in order. Validation
+    sets are left out: adding one to a run is allowed."""
+    fingerprint: dict[str, list | dict] = {
         role: sorted(
             [s["file"], s["crc32"]] for split in m["splits"].values() for s in split["shards"]
         )
         for role, m in manifests.items()
-        if role in TRAINED_ON
+        if trains_on(role)
     }
+    if mixture:
+        fingerprint["mixture"] = {name: str(w) for name, w in exact_weights(mixture).items()}
+    return fingerprint
 
 
 def check_resume(
     cfg: Config, saved: dict, manifests: dict[str, dict], world: int, ckpt: Path
 ) -> bool:
     """Refuse (ConfigError), before the first step, to resume what would not continue the
-    same run: another model shape or another data set. Returns whether the checkpoint must be
-    loaded through its universal state (``needs_universal``)."""
+    same run: another model shape, another data set, or another mixture of data sets.
+    Returns whether the checkpoint must be loaded through its universal state
+    (``needs_universal``)."""
     changed = [
         f"model.{k}: {v!r} -> {getattr(cfg.model, k)!r}"
         for k, v in saved["config"]["model"].items()
@@ -218,21 +224,37 @@ def check_resume(
         raise ConfigError(
             f"{ckpt}: cannot resume with a different model shape: {'; '.join(changed)}"
         )
-    then, now = saved["data_fingerprint"], data_fingerprint(manifests)
+    then, now = saved["data_fingerprint"], data_fingerprint(manifests, cfg.data.mixture)
     if isinstance(then, list):  # written before roles: data.dir's shards only
         then = {"train": then, **({"replay": now["replay"]} if "replay" in now else {})}
-    for role in sorted(set(then) | set(now)):
-        if then.get(role) != now.get(role):
-            key, value = (
-                ("data.dir", cfg.data.dir)
-                if role == "train"
-                else ("finetune.replay_dir", cfg.finetune.replay_dir)
-            )
-            raise ConfigError(
-                f"{ckpt}: cannot resume: the data set changed ({key} = {value!r} now holds "
-                "different shards than when the checkpoint was written, or none)"
-            )
+    mix_then, mix_now = then.get("mixture", {}), now.get("mixture", {})
+    if list(mix_then.items()) != list(mix_now.items()):
+        raise ConfigError(
+            f"{ckpt}: cannot resume: it was trained {_mixture_text(mix_then)}, this run "
+            f"{_mixture_text(mix_now)}; put data.mixture back as it was (the same sources, "
+            "order and shares), or start a new run from this checkpoint with "
+            f"--train.init_from={ckpt} to train on another mixture"
+        )
+    now_sets = {role: (key, directory) for role, key, directory in cfg.data_sets()}
+    for role in sorted((set(then) | set(now)) - {"mixture"}):
+        if then.get(role) == now.get(role):
+            continue
+        if role in now_sets:
+            key, directory = now_sets[role]
+            what = f"{key} = {directory!r} now holds different shards than when the checkpoint "
+            what += "was written, or none"
+        else:
+            key = {"train": "data.dir", "replay": "finetune.replay_dir"}.get(role)
+            key = key or f"data.sources.{role.removeprefix('mixture/')}"
+            what = f"{key} is not set now, but the checkpoint trained on it"
+        raise ConfigError(f"{ckpt}: cannot resume: the data set changed ({what})")
     return needs_universal(cfg, saved, world, ckpt)
+
+
+def _mixture_text(shares: dict[str, str]) -> str:
+    if not shares:
+        return "without data.mixture"
+    return "on data.mixture = {" + ", ".join(f"{n} = {w}" for n, w in shares.items()) + "}"
 
 
 def needs_universal(cfg: Config, saved: dict, world: int, ckpt: Path) -> bool:

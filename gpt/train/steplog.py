@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,8 +37,12 @@ class StepLog:
         flops_per_token: float,
         peak_flops: float | None,
         wandb_run=None,
+        data_progress: Callable[[], dict] | None = None,
     ):
+        """``data_progress`` gives what the data loader has read after a step (a mixture's
+        tokens and epochs per source), recorded with the step."""
         self.t, self.main = t, dist.is_main()
+        self.data_progress = data_progress or dict
         self.tokens_per_step, self.flops_per_token, self.peak = (
             tokens_per_step,
             flops_per_token,
@@ -69,6 +74,7 @@ class StepLog:
         self.pending.append(
             dict(step=step, tokens=tokens, lr=lr, loss=loss_sum, skipped=skipped, norm=grad_norm)
         )
+        self.pending[-1]["data"] = self.data_progress()  # host numbers, read now
 
     def flush(self, evaluation: dict | None = None) -> None:
         """Read the pending steps back from the device (one synchronisation), give the
@@ -91,6 +97,7 @@ class StepLog:
             record = {
                 "step": p["step"],
                 "tokens": p["tokens"],
+                **p["data"],
                 "loss": losses[i],
                 "lr": p["lr"],
                 "grad_norm": norms[i],

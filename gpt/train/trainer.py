@@ -24,6 +24,7 @@ import torch
 from gpt import __version__
 from gpt.config import Config
 from gpt.data.loader import TokenLoader
+from gpt.data.mixture import MixtureLoader, exact_weights
 from gpt.data.replay import ReplayLoader
 from gpt.data.tokenizer import get_tokenizer
 from gpt.eval.validation import eager, eval_samples, validation_loss
@@ -76,7 +77,7 @@ class Trainer:
     def __init__(self, cfg: Config, manifests: dict[str, dict], device: torch.device):
         t, m = cfg.train, cfg.model
         self.cfg, self.manifests, self.device = cfg, manifests, device
-        self.manifest = manifests["train"]
+        self.manifest = manifests[cfg.data_sets()[0][0]]  # data.dir's, or the first source's
         self.world = dist.world_size()
         self.out_dir = Path(t.out_dir)
         # the exact weights train.init_from names now: rank 0's, should a base run save a new
@@ -87,14 +88,21 @@ class Trainer:
         self.checkpointer = Checkpointer(
             cfg, self.engine, manifests, base_pin, self.manifest["encoding"]
         )
-        self.loader = self._loader(cfg.data.dir, "train", t.grad_accum, cfg.data.mode)
-        f = cfg.finetune
-        if f.replay_fraction:
-            replay = self._loader(f.replay_dir, "train", t.grad_accum, cfg.data.mode)
-            self.loader = ReplayLoader(self.loader, replay, f.replay_fraction)
-        val_dirs = {"val": cfg.data.dir, **cfg.data.extra_val} if t.eval_interval else {}
+        d, f = cfg.data, cfg.finetune
+        if d.mixture:  # each source's sequences where the mixture's schedule puts them
+            sources = {name: self._loader(d.sources[name], "train", d.mode) for name in d.mixture}
+            self.loader = MixtureLoader(sources, d.mixture)
+        elif f.replay_fraction:  # replay: the two-source mixture of data.dir and replay_dir
+            domain = self._loader(d.dir, "train", d.mode)
+            replay = self._loader(f.replay_dir, "train", d.mode)
+            self.loader = ReplayLoader(domain, replay, f.replay_fraction)
+        else:
+            self.loader = self._loader(d.dir, "train", d.mode)
+        # a mixture is evaluated on each source (val_loss/<name>) and on their weighted mean
+        val_dirs = dict(d.sources) if d.mixture else {"val": d.dir}
+        val_dirs = {**val_dirs, **d.extra_val} if t.eval_interval else {}
         self.val_loaders = {
-            name: self._loader(d, "val", 1, "sequential") for name, d in val_dirs.items()
+            name: self._loader(v, "val", "sequential") for name, v in val_dirs.items()
         }
         self.step = self.tokens = 0  # optimizer steps taken, tokens trained on (all ranks)
         self.tokens_per_step = cfg.global_batch(self.world) * m.block_size
@@ -112,14 +120,14 @@ class Trainer:
                     file=sys.stderr,
                 )
 
-    def _loader(self, data_dir: str, split: str, grad_accum: int, mode: str) -> TokenLoader:
+    def _loader(self, data_dir: str, split: str, mode: str) -> TokenLoader:
         t = self.cfg.train
         return TokenLoader(
             data_dir,
             split,
             block_size=self.cfg.model.block_size,
             micro_batch_size=t.micro_batch_size,
-            grad_accum=grad_accum,
+            grad_accum=t.grad_accum if split == "train" else 1,
             rank=dist.rank(),
             world_size=self.world,
             seed=t.seed,
@@ -173,6 +181,10 @@ class Trainer:
             loss_sum += self.engine.micro_step(x, y).detach().double()
         return loss_sum
 
+    def data_progress(self) -> dict[str, int | float]:
+        """Tokens and epochs per source of a mixture (replay's too), for metrics.jsonl."""
+        return self.loader.progress() if isinstance(self.loader, MixtureLoader) else {}
+
     def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned: the copy overlaps compute, no stream sync
             return batch.pin_memory().to(self.device, non_blocking=True)
@@ -208,10 +220,11 @@ class Trainer:
             )
         self.engine.train()
         means = (dist.all_reduce(means / self.world)).tolist()
-        losses = {
-            ("val_loss" if name == "val" else f"val_loss/{name}"): mean
-            for name, mean in zip(self.val_loaders, means, strict=True)
-        }
+        named = dict(zip(self.val_loaders, means, strict=True))
+        losses = {("val_loss" if n == "val" else f"val_loss/{n}"): v for n, v in named.items()}
+        if self.cfg.data.mixture:  # the mixture's own: its sources' losses at its shares
+            shares = exact_weights(self.cfg.data.mixture).items()
+            losses = {"val_loss": sum(float(w) * named[n] for n, w in shares), **losses}
         if self.cfg.data.name and "val_loss" in losses:
             losses[f"val_loss/{self.cfg.data.name}"] = losses["val_loss"]
         return losses
@@ -244,7 +257,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "world_size": self.world,
             "config": dataclasses.asdict(self.cfg),
-            "data_fingerprint": data_fingerprint(self.manifests),
+            "data_fingerprint": data_fingerprint(self.manifests, self.cfg.data.mixture),
             "versions": {
                 "torch": torch.__version__,
                 "deepspeed": deepspeed.__version__,
@@ -270,6 +283,7 @@ class Trainer:
             self.flops_per_token,
             peak_flops(self.device, t.dtype),
             wandb_run,
+            self.data_progress,
         )
 
     def stop_requested(self) -> int:
