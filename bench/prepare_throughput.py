@@ -11,9 +11,11 @@ fresh process:
    line's own code path. Timed by this script from the process's start to its end (`end to
    end`: what a user waits for, interpreter start-up and imports included) and inside the
    process from after its imports to main's return (`in main`: the tokenizer's load, the input
-   checks, reading, tokenizing, writing, fsync and the swap into place). Peak RSS is the
-   process's own `ru_maxrss` (from `wait4`): prepare's workers are threads of that one
-   process, so it is all that prepare held at once.
+   checks, reading, tokenizing, writing, fsync and the swap into place). With more than one
+   worker, prepare's workers are processes of its own: peak RSS is the main process's own
+   peak plus N times the largest worker's (`ru_maxrss` of RUSAGE_SELF and RUSAGE_CHILDREN,
+   read after main returns), an upper bound on what the processes held at once; CPU time
+   (from `wait4`) counts the workers too.
 2. the ceiling: tiktoken's `encode_ordinary_batch(docs, num_threads=N)` on the same documents
    (read by the same reader, untimed), 16 MB of text per call, only the calls timed: encoding
    alone, with no I/O, no parsing and nothing written. That process also times tiktoken's
@@ -50,14 +52,17 @@ FORMATS = ("txt", "jsonl", "parquet", "zst")
 CEILING_CHUNK = 16 * 10**6  # characters per encode_ordinary_batch call: bounded memory
 
 PREPARE = """
-import json, sys, time
+import json, resource, sys, time
 start = time.perf_counter()
 from gpt.data.prepare import main
 imported, cpu = time.perf_counter(), time.process_time()
 main(sys.argv[2:])
 seconds, cpu = time.perf_counter() - imported, time.process_time() - cpu
+rss = {k: resource.getrusage(getattr(resource, f"RUSAGE_{k.upper()}")).ru_maxrss
+       for k in ("self", "children")}  # KiB on Linux; children: the largest worker
 with open(sys.argv[1], "w") as f:
-    json.dump({"imports_s": imported - start, "main_s": seconds, "main_cpu_s": cpu}, f)
+    json.dump({"imports_s": imported - start, "main_s": seconds, "main_cpu_s": cpu,
+               "rss_kib": rss}, f)
 """
 CEILING = """
 import json, sys, time
@@ -129,16 +134,21 @@ def run_prepare(source: Path, workers: int, encoding: str, work: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     argv = [str(source), "--out", str(out), "--workers", str(workers), "--encoding", encoding]
     cmd = [sys.executable, "-c", PREPARE, str(timing), *argv]
-    wall, cpu, rss = run_child(cmd, work / f"{source.name}-w{workers}.log")
+    wall, cpu, _ = run_child(cmd, work / f"{source.name}-w{workers}.log")
     digests, manifest = shard_digests(out)
     shutil.rmtree(out)
     documents = sum(s["documents"] for s in manifest["splits"].values())
+    timing = json.loads(timing.read_text())
+    rss = timing.pop("rss_kib")
+    worker = rss["children"] if workers > 1 else 0  # one worker: main encodes itself
     return {
         "command": shlex.join(["python", "-m", "gpt.data.prepare", *argv]),
         "wall_s": wall,
         "cpu_s": cpu,
-        **json.loads(timing.read_text()),
-        "peak_rss_mb": rss / 2**20,
+        **timing,
+        "peak_rss_mb": (rss["self"] + workers * worker) / 2**10,
+        "peak_rss_main_mb": rss["self"] / 2**10,
+        "peak_rss_worker_mb": worker / 2**10,
         "documents": documents,
         # less the one end-of-text per document
         "tokens": sum(s["tokens"] for s in manifest["splits"].values()) - documents,
@@ -207,8 +217,8 @@ def differences(prepares: list[tuple[str, int, dict]]) -> list[str]:
 def table(rows: list[dict]) -> str:
     lines = [
         "| format | workers | prepare tokens/s, end to end (in main) | ceiling tokens/s | "
-        "ratio, end to end (in main) | CPU-s per M tokens: prepare in main / ceiling / "
-        "encoder | peak RSS MB | wall s |",
+        "ratio, end to end (in main) | CPU-s per M tokens: prepare (its workers too) / "
+        "ceiling / encoder | peak RSS MB | wall s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -216,7 +226,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['format']} | {r['workers']} | {r['tokens_per_s']:,.0f} "
             f"({r['tokens_per_s_main']:,.0f}) | {r['ceiling_tokens_per_s']:,.0f} | "
-            f"{r['ratio']:.2f} ({r['ratio_main']:.2f}) | {cpu['prepare_main']:.3f} / "
+            f"{r['ratio']:.2f} ({r['ratio_main']:.2f}) | {cpu['prepare']:.3f} / "
             f"{cpu['ceiling']:.3f} / {cpu['encoder']:.3f} | {r['peak_rss_mb_max']:,.0f} | "
             f"{r['wall_s']:.1f} |"
         )

@@ -1,10 +1,13 @@
 """Tokenize corpora into binary shards: `python -m gpt.data.prepare SOURCE... --out DIR`.
 
-Documents stream from the sources in a fixed order and are tokenized in parallel in batches;
-results are consumed in submission order, so the shards are identical byte for byte for any
-number of workers. tiktoken releases the GIL while encoding, so a thread pool uses every core
-without copying text between processes. At most a few batches are in flight at once: memory
-stays bounded whatever the corpus size (only one whole document must fit in RAM).
+Documents stream from the sources in a fixed order and are tokenized in parallel in batches
+by worker processes; results are consumed in submission order, so the shards are identical
+byte for byte for any number of workers. Processes, not threads: tiktoken releases the GIL
+while it encodes, yet two threads encoding at once were slower than one (measured: 4.4 M
+against 4.8 M tokens/s, twice the CPU time per token; bench/results/prepare-cpu-2026-12-07),
+while two processes gave 8.2 M. A batch (about 1 MiB of text) goes to a worker and its
+tokens come back; at most two batches per worker are in flight: memory stays bounded
+whatever the corpus size (only one whole document must fit in RAM).
 
 Each document is followed by the end-of-text token. Whether a document goes to `val` depends
 only on its index, the fraction and the seed: exactly round(f*n) of the first n documents
@@ -29,6 +32,7 @@ corpus), the data set is built beside DIR and swapped in only when complete
 
 import argparse
 import hashlib
+import multiprocessing
 import os
 import shlex
 import sys
@@ -36,7 +40,8 @@ import time
 import unicodedata
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
@@ -62,6 +67,30 @@ PROG = "python -m gpt.data.prepare"
 # Below this many tokens per shard prepare warns: every shard is a file, so a billion-token
 # corpus at --shard-tokens 1000 is a million files (slow to list, copy and checksum).
 SMALL_SHARD_TOKENS = 1_000_000
+
+
+# What a worker process encodes with: the tokenizer and the split rule (`_start_worker`).
+_WORKER: dict = {}
+
+
+def _start_worker(tokenizer, fraction: Fraction, seed: int, dtype: str) -> None:
+    """Set up a worker (or this process, with one worker): ``tokenizer`` is an encoding's
+    name in a worker process (each loads its own) or the tokenizer itself."""
+    if isinstance(tokenizer, str):
+        tokenizer = get_tokenizer(tokenizer)
+    _WORKER.update(tokenizer=tokenizer, fraction=fraction, seed=seed, dtype=np.dtype(dtype))
+
+
+def _encode_batch(first: int, batch: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+    """Documents first, first + 1, ... encoded, each followed by end-of-text, and split: the
+    main process only appends one array per split and batch."""
+    tokenizer, dtype = _WORKER["tokenizer"], _WORKER["dtype"]
+    eot = np.array([tokenizer.eot], dtype=dtype)
+    parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    for index, doc in enumerate(batch, first):
+        split = "val" if is_val(index, _WORKER["fraction"], _WORKER["seed"]) else "train"
+        parts[split] += [tokenizer.encode_array(doc), eot]
+    return {s: (np.concatenate(p or [eot[:0]], dtype=dtype), len(p) // 2) for s, p in parts.items()}
 
 
 def _batches(docs, batch_chars: int):
@@ -206,20 +235,7 @@ def _write_dataset(
     counts = {s: {"documents": 0, "tokens": 0} for s in SPLITS}
     # The fraction as written (0.1 is 1/10, not the nearest double), so counts are exact.
     fraction = Fraction(repr(float(val_fraction)))
-    dtype = token_dtype(tokenizer.n_vocab)
-    eot = np.array([tokenizer.eot], dtype=dtype)
-
-    def encode_batch(first: int, batch: list[str]) -> dict[str, tuple[np.ndarray, int]]:
-        # Runs in a worker thread. Documents first, first + 1, ... are split here, so the main
-        # thread only appends one array per split and batch.
-        parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-        for index, doc in enumerate(batch, first):
-            split = "val" if is_val(index, fraction, seed) else "train"
-            parts[split] += [tokenizer.encode_array(doc), eot]
-        # The shard's dtype is chosen here, off the main thread.
-        return {
-            s: (np.concatenate(p or [eot[:0]], dtype=dtype), len(p) // 2) for s, p in parts.items()
-        }
+    dtype = token_dtype(tokenizer.n_vocab).name
 
     bar = tqdm(desc="prepare", unit=" doc", disable=not progress, smoothing=0.1)
     start = time.perf_counter()
@@ -240,19 +256,30 @@ def _write_dataset(
     batches = _batches(dedup_documents(docs, removed) if dedup else docs, BATCH_CHARS)
     try:
         if workers == 1:
+            _start_worker(tokenizer, fraction, seed, dtype)
             for batch in batches:
-                consume(encode_batch(first, batch))
+                consume(_encode_batch(first, batch))
                 first += len(batch)
         else:
-            with ThreadPoolExecutor(workers) as pool:
-                pending: deque[Future] = deque()
-                for batch in batches:
-                    pending.append(pool.submit(encode_batch, first, batch))
-                    first += len(batch)
-                    if len(pending) >= 2 * workers:  # backpressure: bounded memory
+            # spawned, not forked: a fork copies whatever locks other threads hold
+            context = multiprocessing.get_context("spawn")
+            setup = (encoding, fraction, seed, dtype)
+            try:
+                with ProcessPoolExecutor(workers, context, _start_worker, setup) as pool:
+                    pending: deque[Future] = deque()
+                    for batch in batches:
+                        pending.append(pool.submit(_encode_batch, first, batch))
+                        first += len(batch)
+                        if len(pending) >= 2 * workers:  # backpressure: bounded memory
+                            consume(pending.popleft().result())
+                    while pending:
                         consume(pending.popleft().result())
-                while pending:
-                    consume(pending.popleft().result())
+            except BrokenProcessPool:
+                raise RuntimeError(
+                    f"a prepare worker process died (--workers {workers}); if prepare() is "
+                    "called from a script, call it under `if __name__ == '__main__':` (each "
+                    "worker is spawned and imports the script first), or use workers=1"
+                ) from None
     finally:
         bar.close()
     if first == 0:
@@ -265,7 +292,7 @@ def _write_dataset(
         "encoding": encoding,
         "n_vocab": tokenizer.n_vocab,
         "eot": tokenizer.eot,
-        "dtype": dtype.name,
+        "dtype": dtype,
         "shard_tokens": shard_tokens,
         "val_fraction": val_fraction,
         "seed": seed,
