@@ -8,7 +8,7 @@ LOCK := requirements/lock.txt
 # torch from PyPI is a CUDA build of several GB
 TORCH := 2.13.0
 
-.PHONY: install lock demo test lint format clean finetune
+.PHONY: install lock demo test lint format clean finetune long-context
 
 install: $(STAMP)
 
@@ -64,6 +64,20 @@ clean:
 finetune: install out/data/literature/manifest.json out/data/pydocs/manifest.json
 	$(PY) train.py configs/literature.toml
 	$(PY) recipes/finetune.py --out out/finetune
+
+# The context-extension recipe (about 15 minutes on 2 CPU cores): pretrain a byte-level rotary
+# model at T0 = 128 on Shakespeare and passkey documents, take it to 512 with no scaling,
+# linear, dynamic NTK and YaRN, zero-shot and fine-tuned, and write the loss-by-position and
+# passkey tables and plots into out/long-context/ (docs/long-context.md).
+long-context: install out/data/shakespeare-bytes/manifest.json out/data/passkey-128/manifest.json out/data/passkey-512/manifest.json
+	$(PY) recipes/long_context.py --out out/long-context
+
+out/data/shakespeare-bytes/manifest.json: | assets
+	$(PY) -m gpt.data.prepare shakespeare --encoding bytes --out out/data/shakespeare-bytes
+
+out/data/passkey-%/manifest.json: | assets
+	$(PY) -m gpt.data.passkey --out out/data/passkey-$*-src --docs 20000 --max-length $* --encoding bytes
+	$(PY) -m gpt.data.prepare out/data/passkey-$*-src --encoding bytes --out out/data/passkey-$* --overwrite
 
 out/data/literature/manifest.json: | assets
 	$(PY) -m gpt.data.assets austen kjv

@@ -1,7 +1,8 @@
 """Synthetic passkey retrieval text (Mohtashami & Jaggi 2023, "Landmark Attention"): a
 five-digit key hidden at a chosen depth in repeated neutral filler, then the question.
 
-    The grass is green. The sky is blue. ... The pass key is 48213. Remember it. ...
+    The grass is green. The sky is blue. ... The pass key is 48213. Remember it. 48213 is
+    the pass key. ...
     Here we go. There and back again. What is the pass key? The pass key is
 
 The same prompts serve twice: ``python -m gpt.eval.passkey`` scores a model on them
@@ -39,7 +40,7 @@ FILLER = (
     "Here we go.",
     "There and back again.",
 )
-KEY_SENTENCE = "The pass key is {key}. Remember it."
+KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = "What is the pass key? The pass key is"
 ANSWER = " {key}."
 KEY_DIGITS = 5
@@ -78,9 +79,11 @@ def passkey_text(sentences: int, key_index: int, key: str) -> str:
 
 def shortest_length(tokenizer) -> int:
     """The shortest length that fits a prompt without filler and its answer for every key:
-    the text without the key's digits plus one token per digit, twice (a bound for BPE, where
-    a key may take fewer tokens; exact for bytes)."""
-    return len(tokenizer.encode(passkey_text(0, 0, "") + ANSWER.format(key=""))) + 2 * KEY_DIGITS
+    the text without the key's digits plus one token per digit of each copy of the key (a
+    bound for BPE, where a key may take fewer tokens; exact for bytes)."""
+    copies = (KEY_SENTENCE + ANSWER).count("{key}")
+    text = passkey_text(0, 0, "") + ANSWER.format(key="")
+    return len(tokenizer.encode(text)) + copies * KEY_DIGITS
 
 
 def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> PasskeyPrompt:

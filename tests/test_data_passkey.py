@@ -35,7 +35,7 @@ def sentence_tokens(tokenizer) -> int:
     return max(len(tokenizer.encode(" " + s)) for s in FILLER)
 
 
-@pytest.mark.parametrize("length", [100, 128, 333, 1000])
+@pytest.mark.parametrize("length", [110, 128, 333, 1000])
 @pytest.mark.parametrize("depth", DEPTHS)
 def test_prompt_fills_the_length_and_puts_the_key_at_its_depth(tokenizer, length, depth):
     key = "48213"
@@ -49,7 +49,7 @@ def test_prompt_fills_the_length_and_puts_the_key_at_its_depth(tokenizer, length
     assert (
         p.text.endswith(" " + QUESTION) or p.text == KEY_SENTENCE.format(key=key) + " " + QUESTION
     )
-    assert p.text.count(key) == 1 and p.text.count("pass key is") == 2
+    assert p.text.count(key) == 2 and p.text.count("pass key is") == 2
     # the key sentence starts at token key_token (a BPE token may carry the space before it)
     assert tokenizer.decode(p.ids[p.key_token :]).lstrip().startswith(f"The pass key is {key}.")
     assert not tokenizer.decode(p.ids[p.key_token + 1 :]).lstrip().startswith("The pass key")
@@ -70,8 +70,8 @@ def test_filler_sentences_cycle_in_order():
     text = passkey_text(7, 3, "12345")
     sentences = [s + "." for s in text.split(". ")]
     assert sentences[:3] == list(FILLER[:3])
-    assert sentences[3:5] == ["The pass key is 12345.", "Remember it."]
-    assert sentences[5:8] == [*FILLER[3:], FILLER[0]]
+    assert sentences[3:6] == ["The pass key is 12345.", "Remember it.", "12345 is the pass key."]
+    assert sentences[6:9] == [*FILLER[3:], FILLER[0]]
 
 
 def test_keys_are_distinct_five_digit_numbers_and_seeded():
@@ -106,7 +106,7 @@ def write(tmp_path, *args):
 
 
 def test_documents_are_answered_prompts_that_prepare_mixes(tmp_path, capsys):
-    path = write(tmp_path, "--docs", 40, "--max-length", 150, "--encoding", "bytes")
+    path = write(tmp_path, "--docs", 40, "--max-length", 180, "--encoding", "bytes")
     assert "40 passkey documents" in capsys.readouterr().out
     docs = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     assert len(docs) == 40
@@ -115,12 +115,12 @@ def test_documents_are_answered_prompts_that_prepare_mixes(tmp_path, capsys):
         prompt, answer = doc.rsplit(" ", 1)
         key = answer.removesuffix(".")
         assert prompt.endswith(QUESTION) and KEY_SENTENCE.format(key=key) in prompt
-        assert low - 5 <= len(doc.encode()) <= 150  # one key's digits short of the bound
+        assert low <= len(doc.encode()) <= 180  # exact for bytes
     assert len({len(d) for d in docs}) >= 4  # lengths vary (by whole sentences)
     # the same seed writes the same file; another seed another
-    assert write(tmp_path / "again", "--docs", 40, "--max-length", 150, "--encoding",
+    assert write(tmp_path / "again", "--docs", 40, "--max-length", 180, "--encoding",
                  "bytes").read_bytes() == path.read_bytes()  # fmt: skip
-    other = write(tmp_path / "other", "--docs", 40, "--max-length", 150, "--encoding", "bytes",
+    other = write(tmp_path / "other", "--docs", 40, "--max-length", 180, "--encoding", "bytes",
                   "--seed", 1)  # fmt: skip
     assert other.read_bytes() != path.read_bytes()
     # prepare takes the folder beside another source: every document, end-of-text after each

@@ -15,7 +15,7 @@ from gpt.eval import passkey
 from gpt.eval.passkey import grade, plot_heat_map, run_grid
 
 PROG = "python -m gpt.eval.passkey"
-BYTES_SHORTEST = shortest_length(get_tokenizer("bytes"))  # 80
+BYTES_SHORTEST = shortest_length(get_tokenizer("bytes"))  # 103
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +82,10 @@ def test_a_model_that_reads_the_key_scores_every_cell(monkeypatch, long_model_di
     tokenizer = get_tokenizer("bytes")
     monkeypatch.setattr(passkey, "generate", answer_from_prompt(tokenizer))
     model = store.load_model(long_model_dir)
-    cells = run_grid(model, tokenizer, [100, 120], [0.0, 0.5, 1.0], 12, seed=3, batch_size=5,
+    cells = run_grid(model, tokenizer, [120, 140], [0.0, 0.5, 1.0], 12, seed=3, batch_size=5,
                      progress=False)  # fmt: skip
     assert [(c["length"], c["depth"]) for c in cells] == [
-        (n, d) for n in (100, 120) for d in (0.0, 0.5, 1.0)
+        (n, d) for n in (120, 140) for d in (0.0, 0.5, 1.0)
     ]
     for c in cells:
         assert c["trials"] == 12 == len(c["records"]) and c["accuracy"] == 1.0
@@ -97,15 +97,15 @@ def test_cli_on_a_random_model_writes_the_grid_and_draws_the_heat_map(
     capsys, long_model_dir, tmp_path, saved_figures
 ):
     out = tmp_path / "res" / "passkey.json"
-    code, stdout, err = run(capsys, "--ckpt", long_model_dir, "--lengths", 90, 120, "--depths",
+    code, stdout, err = run(capsys, "--ckpt", long_model_dir, "--lengths", 110, 150, "--depths",
                             0, 0.5, 1, "--trials", 10, "--out", out)  # fmt: skip
     assert code == 0, err
     report = json.loads(out.read_text())
-    assert report["config"]["lengths"] == [90, 120]
+    assert report["config"]["lengths"] == [110, 150]
     assert report["config"]["depths"] == [0.0, 0.5, 1.0]
     assert report["config"]["trials"] == 10 and report["config"]["tokenizer"] == "bytes"
     assert [(c["length"], c["depth"]) for c in report["cells"]] == [
-        (n, d) for n in (90, 120) for d in (0.0, 0.5, 1.0)
+        (n, d) for n in (110, 150) for d in (0.0, 0.5, 1.0)
     ]
     for cell in report["cells"]:
         records = cell["records"]
@@ -121,7 +121,7 @@ def test_cli_on_a_random_model_writes_the_grid_and_draws_the_heat_map(
     ax = fig.axes[0]
     assert ax.get_images()[0].get_array().tolist() == grid
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.5", "1"]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["90", "120"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["110", "150"]
     assert "depth" in ax.get_xlabel() and "length" in ax.get_ylabel()
     assert "10 trials per cell" in ax.get_title()
 
@@ -132,7 +132,7 @@ def test_heat_map_rows_are_lengths_and_columns_depths(monkeypatch, long_model_di
     tokenizer = get_tokenizer("bytes")
     monkeypatch.setattr(passkey, "generate", answer_from_prompt(tokenizer, only_first=True))
     model = store.load_model(long_model_dir)
-    lengths, depths = [120, 160], [0.0, 0.5, 1.0]  # 2 and 4 filler sentences
+    lengths, depths = [150, 160], [0.0, 0.5, 1.0]  # 2 filler sentences each
     cells = run_grid(model, tokenizer, lengths, depths, 10, seed=0, progress=False)
     plot_heat_map(cells, lengths, depths, tmp_path / "h.png")
     image = saved_figures[0].axes[0].get_images()[0].get_array().tolist()
@@ -146,7 +146,7 @@ def test_default_lengths_are_what_the_model_runs(capsys, long_model_dir, tmp_pat
     code, _, err = run(capsys, "--ckpt", long_model_dir, "--trials", 1, "--depths", 0.5,
                        "--out", out)  # fmt: skip
     assert code == 0, err
-    assert json.loads(out.read_text())["config"]["lengths"] == [80, 160]  # 40 < 80
+    assert json.loads(out.read_text())["config"]["lengths"] == [160]  # 80 < 103, the shortest
 
 
 @pytest.mark.parametrize(
@@ -154,9 +154,9 @@ def test_default_lengths_are_what_the_model_runs(capsys, long_model_dir, tmp_pat
     [
         (["--lengths", 161], "--lengths 161: longer than the model runs (block_size 160); "
                              f"valid: {BYTES_SHORTEST} to 160"),
-        (["--lengths", 79], f"--lengths 79: shorter than the shortest passkey prompt and "
+        (["--lengths", 102], f"--lengths 102: shorter than the shortest passkey prompt and "
                             f"answer ({BYTES_SHORTEST} tokens of 'bytes')"),
-        (["--lengths", 100, 100], "--lengths lists a length twice"),
+        (["--lengths", 120, 120], "--lengths lists a length twice"),
         (["--depths", 1.5], "--depths must be in [0, 1], got 1.5"),
         (["--depths", 0.5, 0.5], "--depths lists a depth twice"),
         (["--trials", 0], "--trials must be >= 1, got 0"),

@@ -2,6 +2,7 @@
 a float64 reference computed one prefix at a time, hand-worked buckets, the CLI's table,
 JSON and plot, and its refusals naming the flag."""
 
+import dataclasses
 import json
 from itertools import pairwise
 
@@ -170,6 +171,64 @@ def test_past_block_size_when_rope_scaling_runs_it(capsys, data_dir, tmp_path):
     code, _, err = run(capsys, "--ckpt", tmp_path / "yarn", "--data", data_dir, "--length", 33)
     assert code == 2 and "--length 33: the model cannot run it" in err
     assert "the 32 positions of model.rope_scaling" in err
+
+
+def test_context_flags_run_a_rotary_model_zero_shot_as_if_trained_so(capsys, data_dir, tmp_path):
+    """--rope-scaling and --block-size give what a model saved with those keys gives: the
+    same weights, the context of the flags, the keys recorded in --out."""
+    torch.manual_seed(0)
+    base = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                       position_encoding="rope")  # fmt: skip
+    model = GPT(base)
+    model.save_pretrained(tmp_path / "base", tokenizer="bytes")
+    scaling = {"type": "yarn", "factor": 2, "original_max_position_embeddings": 16}
+    for name, keys in [("yarn", {"rope_scaling": scaling}), ("long", {"block_size": 32})]:
+        trained = GPT(dataclasses.replace(base, **keys))
+        trained.load_state_dict(model.state_dict())
+        trained.save_pretrained(tmp_path / name, tokenizer="bytes")
+    common = ("--data", data_dir, "--length", 32, "--windows", 2)
+    flags = {"yarn": ["--rope-scaling", '{type = "yarn", factor = 2, '
+                      "original_max_position_embeddings = 16}"],
+             "long": ["--block-size", 32]}  # fmt: skip
+    for name, extra in flags.items():
+        results = []
+        for ckpt, more in ((tmp_path / name, []), (tmp_path / "base", extra)):
+            out = tmp_path / f"{name}-{len(more)}.json"
+            code, _, err = run(capsys, "--ckpt", ckpt, *common, *more, "--out", out)
+            assert code == 0, err
+            results.append(json.loads(out.read_text()))
+        assert results[0]["per_position"] == results[1]["per_position"]
+        configs = [{k: v for k, v in r["config"].items() if k != "ckpt"} for r in results]
+        assert configs[0] == configs[1]
+    assert results[1]["config"]["block_size"] == 32
+    # without the flags the base runs 16 positions only
+    code, _, err = run(capsys, "--ckpt", tmp_path / "base", *common)
+    assert code == 2 and "--length 32: the model cannot run it" in err
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--rope-scaling", "{type = 'yarn'"], "--rope-scaling \"{type = 'yarn'\" is not TOML"),
+        (["--rope-scaling", "4"], "--rope-scaling '4': a TOML inline table"),
+        (["--rope-scaling", "{type = 'ntk', factor = 2, original_max_position_embeddings = 16}"],
+         "--rope-scaling: model.rope_scaling.type = 'ntk' is not valid"),
+        (["--block-size", 0], "--block-size: model.block_size"),
+    ],
+)  # fmt: skip
+def test_context_flag_refusals_name_the_flag(capsys, data_dir, tmp_path, flags, said):
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      position_encoding="rope")  # fmt: skip
+    GPT(cfg).save_pretrained(tmp_path / "m", tokenizer="bytes")
+    code, out, err = run(capsys, "--ckpt", tmp_path / "m", "--data", data_dir, *flags)
+    assert code == 2 and said in err, err
+
+
+def test_context_flags_refuse_learned_positions(capsys, model_dir, data_dir):
+    code, _, err = run(capsys, "--ckpt", model_dir, "--data", data_dir, "--block-size", 64)
+    assert code == 2
+    assert "--block-size: the model in" in err and "position_encoding 'learned'" in err
 
 
 def test_compare_refuses_a_file_of_another_kind(capsys, model_dir, data_dir, tmp_path):

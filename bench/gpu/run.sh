@@ -8,6 +8,7 @@
 #   OUT=/tmp/gpu bash bench/gpu/run.sh                # on the GPU machine, carrying .whl
 #   OUT=/tmp/gpu bash bench/gpu/run.sh causal full    # only these stages
 #   OUT=/tmp/gpu bash bench/gpu/run.sh data levers    # issue 26's levers (below)
+#   OUT=/tmp/gpu bash bench/gpu/run.sh long           # issue 24's rows at T = 16k and 32k
 #   CONFIG=configs/tiny.toml STEPS=1 WARMUP=1 COMPILE=false CAUSAL=1x2x64x16 FULL=1x2x64x16 \
 #     PYTHON=.venv/bin/python OUT=/tmp/gpu bash bench/gpu/run.sh   # a dry run on a CPU
 #
@@ -35,6 +36,9 @@
 #     bench-loss-chunk  the chunked LM-head loss, model.loss_chunk = $LOSS_CHUNK (gpt/loss.py)
 #     bench-combined    all three: cuDNN first, micro-batch 32, chunked loss (about 16 GiB)
 #                  every bench JSON records the SDPA kernel that ran ("sdpa": gpt/sdpa.py)
+#   long           issue 24: bench/attention.py, causal, every backend usable there (naive
+#                  included: a row it cannot fit says so) at T = 16,384 and 32,768 ($LONG;
+#                  not in the default list)
 # Results: $OUT/log.txt, $OUT/results.tar.gz (every stage's files), $OUT/summary-*.md.
 # Python: $PYTHON or python3.
 set -u
@@ -47,6 +51,7 @@ COMPILE=${COMPILE:-true}
 LOSS_CHUNK=${LOSS_CHUNK:-4096}
 read -r -a CAUSAL <<< "${CAUSAL:-4x16x4096x128 16x16x1024x128 1x16x16384x128 4x32/8x4096x128 2x12x1000x128 16x12x1024x64 4x16x4096x64}"
 read -r -a FULL <<< "${FULL:-4x16x4096x128 4x16x4096x64}"
+read -r -a LONG <<< "${LONG:-1x16x16384x128 1x16x32768x128 1x12x16384x64 1x12x32768x64}"
 ALL=(data bench-sdpa eval-eager warmup causal bench-triton full bench-hopper tests
   eval-through bench-ds-bf16 bench-eager)
 LEVERS=(bench-flash bench-cudnn bench-micro32 bench-loss-chunk bench-combined)
@@ -144,10 +149,12 @@ PYTHON
     causal) stage causal 150 "${KERNELS[@]}" --masks causal --shapes "${CAUSAL[@]}" \
       --out "$WORK/res/causal" ;;
     full) stage full 60 "${KERNELS[@]}" --masks full --shapes "${FULL[@]}" --out "$WORK/res/full" ;;
+    long) stage long 240 "$PY" bench/attention.py --dtypes bf16 --no-progress --masks causal \
+      --shapes "${LONG[@]}" --out "$WORK/res/long" ;;
     tests) stage tests 150 env GPT_FLASH_TUNE=quick "$PY" -m pytest -q -m gpu -p no:cacheprovider \
       tests/test_flash_attention.py tests/test_flash_attention_packed_gqa.py tests/test_warmup.py \
       --junitxml "$WORK/res/tests.xml" ;;
-    *) echo "unknown stage $1; stages: ${ALL[*]} levers ${LEVERS[*]}" && exit 2 ;;
+    *) echo "unknown stage $1; stages: ${ALL[*]} levers ${LEVERS[*]} long" && exit 2 ;;
   esac
 }
 

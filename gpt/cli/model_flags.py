@@ -8,8 +8,10 @@ defaults, ``\\n`` escapes, how ``--show-prompt`` frames a prompt).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tomllib
 
 import torch
 
@@ -64,6 +66,56 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_context_flags(p: argparse.ArgumentParser) -> None:
+    """--rope-scaling and --block-size: run a rotary model at another context than it was
+    trained with, without training (zero-shot context extension, docs/long-context.md)."""
+    p.add_argument(
+        "--rope-scaling",
+        metavar="TABLE",
+        help="replace the model's model.rope_scaling, a TOML inline table such as "
+        "'{type = \"yarn\", factor = 4, original_max_position_embeddings = 128}' ({} for none)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        metavar="N",
+        help="replace the model's block_size (rotary models: positions are not weights)",
+    )
+
+
+def context_overrides(args: argparse.Namespace) -> dict:
+    """The ModelConfig fields --rope-scaling and --block-size replace (none when the parser
+    has no such flags); ValueError naming the flag for a value that is not valid."""
+    overrides = {}
+    if getattr(args, "rope_scaling", None) is not None:
+        try:
+            table = tomllib.loads(f"v = {args.rope_scaling}")["v"]
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"--rope-scaling {args.rope_scaling!r} is not TOML ({err})") from None
+        if not isinstance(table, dict):
+            raise ValueError(f"--rope-scaling {args.rope_scaling!r}: a TOML inline table, {{...}}")
+        overrides["rope_scaling"] = table
+    if getattr(args, "block_size", None) is not None:
+        overrides["block_size"] = args.block_size
+    if not overrides:
+        return overrides
+    from gpt.config import ConfigError
+
+    cfg = store.model_config_of(args.ckpt)
+    flags = " ".join(f"--{k.replace('_', '-')}" for k in overrides)
+    if cfg.position_encoding != "rope":
+        raise ValueError(
+            f"{flags}: the model in {store.model_dir_of(args.ckpt)} has "
+            f"position_encoding {cfg.position_encoding!r}; only a rotary model ('rope') runs "
+            "at another context without training"
+        )
+    try:
+        dataclasses.replace(cfg, **overrides).validate()
+    except ConfigError as err:
+        raise ValueError(f"{flags}: {err}") from None
+    return overrides
+
+
 def check_model_flags(args: argparse.Namespace) -> None:
     """ValueError naming the flag for an unusable --attention or --device (before any load)."""
     if args.attention is not None:
@@ -99,7 +151,7 @@ def check_device(name: str) -> None:
 def load_model(args: argparse.Namespace, prog: str):
     """(model on --device in eval mode, tokenizer) for --ckpt; warnings start with ``prog``."""
     # "naive" always builds; a LoRA run's adapters are merged into its base
-    model = store.load_model(args.ckpt, attention="naive")
+    model = store.load_model(args.ckpt, attention="naive", **context_overrides(args))
     model_dir = store.model_dir_of(args.ckpt)
     recorded = json.loads((model_dir / "config.json").read_text()).get("gpt_config", {})
     try:

@@ -29,7 +29,13 @@ import torch
 from tqdm import tqdm
 
 from gpt.cli.evaluate import check_output
-from gpt.cli.model_flags import HelpWithDefaults, add_model_flags, check_model_flags, load_model
+from gpt.cli.model_flags import (
+    HelpWithDefaults,
+    add_context_flags,
+    add_model_flags,
+    check_model_flags,
+    load_model,
+)
 from gpt.data.passkey import draw_keys, passkey_prompt, shortest_length
 from gpt.fileio import plot_beside, write_figure, write_output
 from gpt.generate import generate
@@ -152,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults
     )
     add_model_flags(p)
+    add_context_flags(p)
     p.add_argument(
         "--lengths",
         type=int,
@@ -226,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         keys = ("ckpt", "lengths", "depths", "trials", "seed")
         config = {k: getattr(args, k) for k in keys} | {"tokenizer": tokenizer.name}
-        config["max_positions"] = cfg.max_positions
+        config |= {"block_size": cfg.block_size, "max_positions": cfg.max_positions,
+                   "rope_scaling": cfg.rope_scaling}  # fmt: skip
         report = {"config": config, "accuracy": accuracy_grid(cells, args.lengths, args.depths),
                   "cells": cells}  # fmt: skip
         write_output(args.out, json.dumps(report, indent=1) + "\n")

@@ -30,7 +30,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from gpt.cli.evaluate import check_output
-from gpt.cli.model_flags import HelpWithDefaults, add_model_flags, check_model_flags, load_model
+from gpt.cli.model_flags import (
+    HelpWithDefaults,
+    add_context_flags,
+    add_model_flags,
+    check_model_flags,
+    load_model,
+)
 from gpt.data.loader import TokenLoader, split_xy
 from gpt.data.shards import read_manifest
 from gpt.fileio import plot_beside, write_figure, write_output
@@ -146,7 +152,8 @@ def measure(model, tokenizer, data_dir: Path, length: int, windows: int | None,
                for (a, b), m in zip(pairwise(edges), means, strict=True)]  # fmt: skip
     return {
         "config": {"data": str(data_dir), "length": length, "windows": n, "bucket_width": width,
-                   "block_size": cfg.block_size, "max_positions": cfg.max_positions},
+                   "block_size": cfg.block_size, "max_positions": cfg.max_positions,
+                   "rope_scaling": cfg.rope_scaling},
         "per_position": per_position.tolist(),
         "buckets": buckets,
         "mean": float(per_position.mean()),
@@ -158,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description=__doc__.splitlines()[0], formatter_class=HelpWithDefaults
     )
     add_model_flags(p)
+    add_context_flags(p)
     p.add_argument("--data", type=Path, help="a prepared data set [default: the run's]")
     p.add_argument("--length", type=int, help="T, tokens per window [default: block_size]")
     p.add_argument("--windows", type=int, default=64, help="windows (at most the split's)")
