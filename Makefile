@@ -65,7 +65,7 @@ finetune: install out/data/literature/manifest.json out/data/pydocs/manifest.jso
 	$(PY) train.py configs/literature.toml
 	$(PY) recipes/finetune.py --out out/finetune
 
-# The context-extension recipe (about 15 minutes on 2 CPU cores): pretrain a byte-level rotary
+# The context-extension recipe (about 12 minutes on 2 CPU cores): pretrain a byte-level rotary
 # model at T0 = 128 on Shakespeare and passkey documents, take it to 512 with no scaling,
 # linear, dynamic NTK and YaRN, zero-shot and fine-tuned, and write the loss-by-position and
 # passkey tables and plots into out/long-context/ (docs/long-context.md).

@@ -27,15 +27,19 @@ A failed or killed run never touches DIR: every input is checked first (missing 
 or non-UTF-8 files, damaged compressed or Parquet files, a missing Parquet column, an empty
 corpus), the data set is built beside DIR and swapped in only when complete
 (`gpt.data.staging`), and a DIR holding files prepare did not write is refused unless
-`--overwrite`.
+`--overwrite`. The worker processes end with the run: they leave Ctrl-C to the main process
+(one line, status 130, no traceback from each) and exit when it is killed.
 """
 
 import argparse
+import contextlib
 import hashlib
 import multiprocessing
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 import unicodedata
 from collections import deque
@@ -77,8 +81,44 @@ def _start_worker(tokenizer, fraction: Fraction, seed: int, dtype: str) -> None:
     """Set up a worker (or this process, with one worker): ``tokenizer`` is an encoding's
     name in a worker process (each loads its own) or the tokenizer itself."""
     if isinstance(tokenizer, str):
+        _leave_interrupts_to_main()
         tokenizer = get_tokenizer(tokenizer)
     _WORKER.update(tokenizer=tokenizer, fraction=fraction, seed=seed, dtype=np.dtype(dtype))
+
+
+def _leave_interrupts_to_main() -> None:
+    """In a worker process: Ctrl-C, which the terminal sends to the whole process group, is
+    the main process's to handle (it stops the pool and exits with 130); a worker that raised
+    KeyboardInterrupt too would print a traceback. The worker starts with SIGINT blocked
+    (`_sigint_blocked`, so not even one arriving while it imports counts); ignored now, the
+    unblocking drops a pending one. And a main process killed outright (SIGKILL, SIGTERM)
+    cannot stop the pool: its workers would wait for work, or to hand back a result, forever;
+    each exits when the main process's end of its pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
+
+
+def _exit_with(parent) -> None:
+    parent.join()  # returns when the parent process has ended
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    """SIGINT held back in this thread: a worker process started meanwhile inherits the mask
+    (see `_leave_interrupts_to_main`); one that arrives meanwhile is raised on leaving."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no process groups to signal
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _encode_batch(first: int, batch: list[str]) -> dict[str, tuple[np.ndarray, int]]:
@@ -265,20 +305,25 @@ def _write_dataset(
             context = multiprocessing.get_context("spawn")
             setup = (encoding, fraction, seed, dtype)
             try:
-                with ProcessPoolExecutor(workers, context, _start_worker, setup) as pool:
+                pool = ProcessPoolExecutor(workers, context, _start_worker, setup)
+                try:
                     pending: deque[Future] = deque()
                     for batch in batches:
-                        pending.append(pool.submit(_encode_batch, first, batch))
+                        with _sigint_blocked():  # a submit may start a worker process
+                            pending.append(pool.submit(_encode_batch, first, batch))
                         first += len(batch)
                         if len(pending) >= 2 * workers:  # backpressure: bounded memory
                             consume(pending.popleft().result())
                     while pending:
                         consume(pending.popleft().result())
+                finally:  # after an error or Ctrl-C, the batches not yet started are dropped
+                    pool.shutdown(cancel_futures=True)
             except BrokenProcessPool:
                 raise RuntimeError(
-                    f"a prepare worker process died (--workers {workers}); if prepare() is "
-                    "called from a script, call it under `if __name__ == '__main__':` (each "
-                    "worker is spawned and imports the script first), or use workers=1"
+                    f"a prepare worker process died (--workers {workers}): it was killed (out "
+                    "of memory?), or prepare() was called from a script without `if __name__ "
+                    "== '__main__':` (each worker is spawned and imports the script first); "
+                    "guard the call, or use workers=1"
                 ) from None
     finally:
         bar.close()
@@ -339,7 +384,11 @@ def main(argv: list[str] | None = None) -> None:
         "--shard-tokens", type=int, default=100_000_000, metavar="N", help="tokens per shard"
     )
     parser.add_argument(
-        "--workers", type=int, default=None, metavar="N", help="threads (default: all cores)"
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizer processes (default: all cores)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, metavar="S", help="shifts which documents are val by S"

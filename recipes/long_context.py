@@ -2,7 +2,7 @@
 
     python recipes/long_context.py [--config configs/long-context.toml] [--out DIR] [-- OVERRIDES]
 
-``make long-context`` prepares the data and runs this (about 15 minutes on 2 CPU cores). It
+``make long-context`` prepares the data and runs this (about 12 minutes on 2 CPU cores). It
 pretrains ``--config`` (a byte-level rotary model, block_size T0 = 128, Shakespeare mixed
 with answered passkey documents), then for each method (none, linear, dynamic, yarn at
 factor 4) measures the base zero-shot at 4 x T0 (``--rope-scaling`` / ``--block-size`` on the

@@ -1,7 +1,7 @@
 """The context-extension recipe's own logic (recipes/long_context.py): the scaling each
 method names, the flags that run the base zero-shot, and the checks it writes, decided on
 made-up results whose verdicts are known. The recipe's runs themselves are `make
-long-context` (about 15 minutes), whose committed results docs/long-context.md shows."""
+long-context` (about 12 minutes), whose committed results docs/long-context.md shows."""
 
 import argparse
 import dataclasses
