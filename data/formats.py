@@ -145,7 +145,11 @@ def _parquet_text_column(path: Path, text_field: str):
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
+        # Page CRCs, where the writer stored them, are checked: a flipped bit in an
+        # uncompressed page would otherwise be read as text.
+        parquet = pq.ParquetFile(
+            path, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False, page_checksum_verification=True
+        )
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path} is not a readable Parquet file ({_one_line(e)})") from e
     schema = parquet.schema_arrow
@@ -278,16 +282,39 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str | None]:
                 raise
             yield from texts
             row += len(texts)
-    except pa.ArrowException as e:
+    except (pa.ArrowException, OSError) as e:
+        # Damaged data (a corrupt compressed page, a bad page header) is a plain OSError
+        # without an errno from Arrow; one with an errno is the disk's, not the file's, fault.
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"{path}: {e.strerror}") from e
         raise ValueError(f"{path}: unreadable Parquet data after row {row} ({_one_line(e)})") from e
 
 
+def _identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def file_documents(path: Path, text_field: str = "text") -> Iterator[str | None]:
-    """The documents of one corpus file, in order; None for a null text."""
+    """The documents of one corpus file, in order; None for a null text.
+
+    A file that changed while it was read (a download still running, a file replaced) is a
+    ValueError once read: what was read may be cut short. So is a .zst file whose last frame
+    is cut short when it has been read, as `check_file` refuses one before any work (the
+    file may have been replaced since): zstandard's reader ends quietly at such a frame.
+    """
     kind, compression = file_format(path)
+    before = _identity(path)
     if kind == "parquet":
         yield from _parquet_texts(path, text_field)
     elif kind == "jsonl":
         yield from _jsonl_texts(path, compression, text_field)
     else:
         yield read_text(path)
+    if (after := _identity(path)) != before:
+        raise ValueError(
+            f"{path} changed while it was read ({before[2]:,} bytes then, {after[2]:,} now): "
+            "wait until whatever writes it has finished, then run prepare again"
+        )
+    if compression == ".zst":
+        _check_zstd_frames(path)

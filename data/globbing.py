@@ -130,7 +130,11 @@ def _walk(root: str, matcher: _Pattern | _Everything) -> Iterator[str]:
             except OSError:
                 is_dir = False
             if not is_dir:
-                if matcher.accepts(child_state) and entry.is_file():
+                try:
+                    is_file = entry.is_file()  # False for a dangling symlink
+                except OSError:  # a link that loops (ELOOP): listed, so its reader names it
+                    is_file = True
+                if matcher.accepts(child_state) and is_file:
                     yield child
             elif matcher.descends(child_state):
                 if entry.is_symlink():

@@ -49,12 +49,16 @@ from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
+from gpt.interrupt import exit_on_interrupt, interrupt_as_usual
 
-from gpt.data.formats import check_file
-from gpt.data.recipes import RECIPES, fetch_recipe, iter_documents, resolve_source
-from gpt.data.shards import (
+if __name__ == "__main__":  # Ctrl-C while the imports load: status 130, not a traceback
+    exit_on_interrupt()
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from gpt.data.formats import check_file  # noqa: E402
+from gpt.data.recipes import RECIPES, fetch_recipe, iter_documents, resolve_source  # noqa: E402
+from gpt.data.shards import (  # noqa: E402
     MANIFEST,
     MANIFEST_FORMAT,
     MANIFEST_VERSION,
@@ -62,8 +66,11 @@ from gpt.data.shards import (
     token_dtype,
     write_manifest,
 )
-from gpt.data.staging import Staging
-from gpt.data.tokenizer import FETCHABLE, NAMES, fetch_ranks, get_tokenizer
+from gpt.data.staging import Staging  # noqa: E402
+from gpt.data.tokenizer import FETCHABLE, NAMES, fetch_ranks, get_tokenizer  # noqa: E402
+
+if __name__ == "__main__":
+    interrupt_as_usual()
 
 BATCH_CHARS = 1 << 20  # text per task: large enough to amortise scheduling, small for memory
 SPLITS = ("train", "val")
@@ -228,9 +235,10 @@ def prepare(
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     if shard_tokens < 1:
         raise ValueError(f"--shard-tokens must be >= 1, got {shard_tokens}")
-    workers = workers or os.cpu_count() or 1
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {workers}")
+    if workers is None:
+        workers = os.cpu_count() or 1
+    if workers < 1:  # 0 too: it is not "all cores" (leave --workers out for that)
+        raise ValueError(f"--workers must be >= 1 (or left out: all cores), got {workers}")
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
     files = check_sources(sources, text_field)

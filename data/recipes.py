@@ -270,6 +270,11 @@ def resolve_source(source: str) -> list[Path] | str:
         files = [p for p in walk_files(path) if is_corpus_file(p)]
     elif glob.has_magic(source):
         files = glob_files(source)
+    elif path.is_symlink():
+        raise ValueError(
+            f"source {source!r} is a symbolic link to {str(path.readlink())!r}, which does not "
+            "exist or loops back; point it at a file or folder, or name its target"
+        )
     else:
         raise ValueError(
             f"source {source!r} is neither a recipe ({', '.join(sorted(RECIPES))}) "

@@ -276,6 +276,11 @@ def read_manifest(data_dir: Path) -> dict:
     list `shards` of {"file", "tokens", "crc32"}.
     """
     data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():  # a corpus file, named where its data set goes
+        raise ValueError(
+            f"data directory {data_dir} is a file, not a folder written by prepare; prepare "
+            f"it with `python -m gpt.data.prepare {data_dir} --out DIR` and name DIR here"
+        )
     if not data_dir.is_dir():
         raise ValueError(
             f"data directory {data_dir} does not exist; create it with "

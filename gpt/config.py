@@ -62,13 +62,17 @@ CHOICES = {
 }
 # the projections of a block that may carry LoRA adapters, by their names in the block
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# The most positions a model may run (block_size, or with model.rope_scaling its scaled
+# length): 2^24, past every context trained today. Position tables are built for all of them
+# when the model is, so a mistyped block_size or factor is refused here, not by an allocator.
+MAX_POSITIONS = 1 << 24
 
 
 @dataclass
 class ModelConfig:
     vocab_size: int = option(50257, "Vocabulary size (50257 for the GPT-2 tokenizer).", min=1)
     block_size: int = option(
-        1024, "Context length in tokens (also the number of positions).", min=1
+        1024, "Context length in tokens (also the number of positions).", min=1, max=MAX_POSITIONS
     )
     n_layer: int = option(12, "Number of Transformer blocks.", min=1)
     n_head: int = option(12, "Number of query heads per attention layer.", min=1)
@@ -173,6 +177,12 @@ class ModelConfig:
             raise ConfigError(
                 f"model.rope_scaling scales rotary positions, but model.position_encoding = "
                 f"{self.position_encoding!r}; set it to 'rope' or leave model.rope_scaling empty"
+            )
+        if (n := self.max_positions) > MAX_POSITIONS:
+            raise ConfigError(
+                f"model.rope_scaling runs factor x original_max_position_embeddings = "
+                f"{f'{n:,}' if n < 10**15 else f'{n:.3g}'} positions, more than the "
+                f"{MAX_POSITIONS:,} a model may run; use a smaller factor"
             )
 
 

@@ -90,9 +90,15 @@ def _set(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
         )
     tp = fields[key][0]
     if not _matches(value, tp):
+        why = ""
+        if isinstance(value, str) and typing.get_origin(tp) in (dict, list):
+            try:  # a table or array that is not valid TOML was taken as a string: say why
+                tomllib.loads(f"v = {value}")
+            except tomllib.TOMLDecodeError as err:
+                why = f", which is not a TOML value: {str(err).split(' (at line')[0]}"
         raise ConfigError(
             f"{origin}: {section}.{key} must be {_type_name(tp)}, got {value!r} "
-            f"({type(value).__name__})"
+            f"({type(value).__name__}){why}"
         )
     if tp is float or (isinstance(tp, types.UnionType) and float in typing.get_args(tp)):
         value = float(value) if isinstance(value, int) else value

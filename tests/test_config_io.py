@@ -129,8 +129,12 @@ def test_bad_file_names_the_key_and_what_is_valid(tmp_path, text, match):
         ("--max_steps=3", r"expected --section.key=value"),
         ("train.max_steps=3", r"expected --section.key=value"),
         ("--model.n_kv_head=two", r"model.n_kv_head must be int or none, got 'two'"),
+        # a table that is not TOML says why (a source listed twice, a missing comma)
+        ("--data.mixture={a = 1, a = 2}", r"data.mixture must be dict\[str, float\], got '\{a = "
+         r"1, a = 2\}' \(str\), which is not a TOML value: Duplicate inline table key 'a'$"),
+        ("--data.sources={web = \"w\" code = \"c\"}", r"not a TOML value: Unclosed inline table$"),
     ],
-)
+)  # fmt: skip
 def test_bad_override_names_the_key_and_what_is_valid(arg, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [arg])

@@ -189,6 +189,10 @@ def test_empty_input_and_bad_sources(tmp_path):
         )
     with pytest.raises(ValueError, match="--shard-tokens must be >= 1, got 0"):
         prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", 0.1, 0, progress=False)
+    for workers in (0, -2):  # 0 was taken as "all cores"
+        with pytest.raises(ValueError, match=rf"--workers must be >= 1 \(or left out: all cores\), "
+                           rf"got {workers}"):  # fmt: skip
+            prepare([str(tmp_path / "empty.txt")], tmp_path / "o", "bytes", workers=workers)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"other": 1}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: no string field 'text'"):
         prepare([str(tmp_path / "bad.jsonl")], tmp_path / "o", "bytes", progress=False, fetch=False)

@@ -5,6 +5,7 @@ the swap, its recovery and its lock: test_data_staging.py.)"""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,6 +241,130 @@ def test_two_rename_fallback_swaps_and_restores_on_failure(dataset, monkeypatch)
     assert siblings(out) == []
 
 
+# --- worker processes: a killed or interrupted prepare leaves none behind, prints no traceback
+
+# Stops after submitting four one-document batches, so the two worker processes are being
+# spawned (importing, loading the tokenizer) when the test signals it.
+STARTING = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
+from gpt.data import prepare as p
+real = p.iter_documents
+def slow(*a, **k):
+    for i, doc in enumerate(real(*a, **k)):
+        if i == 5:
+            open(sys.argv[3], "w").close()
+            time.sleep(60)
+        yield doc
+p.iter_documents = slow
+p.BATCH_CHARS = 1
+p.main([sys.argv[1], "--out", sys.argv[2], "--encoding", "bytes", "--workers", "2"])
+"""
+
+
+def live_children(pid: int) -> list[int]:
+    """Processes whose parent is `pid`, zombies (exited, not yet reaped) left out."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def start_mid_spawn(dataset, tmp_path, **popen) -> tuple[subprocess.Popen, list[int]]:
+    src, out = dataset
+    ready = tmp_path / "ready"
+    cmd = [sys.executable, "-c", STARTING, str(src), str(out), str(ready)]
+    proc = subprocess.Popen(cmd, start_new_session=True, **popen)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "child never got going"
+        time.sleep(0.02)
+    return proc, live_children(proc.pid)
+
+
+def assert_all_end(pids: list[int], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [p for p in pids if alive(p)]
+    for pid in left:  # ours: do not leave them running after a failure
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes {left} outlived the prepare that started them"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_prepare_leaves_no_worker_processes_behind(dataset, tmp_path, sig):
+    """Before: the workers waited for work from the dead process forever."""
+    proc, children = start_mid_spawn(dataset, tmp_path)
+    assert len(children) >= 2, children  # the workers (and multiprocessing's tracker)
+    proc.send_signal(sig)
+    proc.wait()
+    assert_all_end(children)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_ctrl_c_while_workers_start_exits_130_without_a_traceback(dataset, tmp_path):
+    """Ctrl-C signals the whole process group: the workers ignore it, the main process
+    stops them and exits 130 with one line (before: each starting worker's traceback)."""
+    src, out = dataset
+    before = snapshot(out)
+    proc, children = start_mid_spawn(dataset, tmp_path, stderr=subprocess.PIPE, text=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.rstrip().endswith(f"interrupted ({out} is unchanged)"), err
+    assert snapshot(out) == before
+    assert_all_end(children)
+
+
+def test_ctrl_c_while_prepare_imports_is_an_exit_status_not_a_traceback():
+    """As train.py's (test_reliability.py): SIGINT while numpy loads (seen in -X importtime's
+    report) exits 130 without a traceback."""
+    proc = subprocess.Popen([*PREPARE[:1], "-X", "importtime", *PREPARE[1:], "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    seen = []
+    for line in proc.stderr:  # one line as each module finishes importing
+        seen.append(line)
+        if re.search(r"\|\s+numpy\.", line):  # a first part of numpy: numpy is loading
+            break
+    assert proc.poll() is None, "the imports finished before numpy's: " + "".join(seen[-5:])
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out[-500:], err[-2000:])
+    assert "Traceback" not in err
+
+
+def test_prepare_from_a_script_without_a_main_guard_is_a_clear_error(dataset, tmp_path):
+    src, _ = dataset
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from gpt.data.prepare import prepare\n"
+        f"prepare([{str(src)!r}], {str(tmp_path / 'new')!r}, encoding='bytes', workers=2, "
+        "progress=False)\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("RuntimeError: a prepare worker process died (--workers 2)"), last
+    assert "without `if __name__ == '__main__':`" in last and "workers=1" in last
+    assert not (tmp_path / "new").exists() and siblings(tmp_path / "new") == []
+
+
 # --- issue 16: exact validation counts, empty validation split, usage -----------------------
 
 
@@ -378,6 +503,12 @@ def test_missing_manifest_and_dir_say_how_to_create_them(tmp_path):
         read_manifest(tmp_path / "nope")
     with pytest.raises(ValueError, match=r"manifest.json not found: .*python -m gpt.data.prepare"):
         read_manifest(tmp_path)
+    # a corpus file given where its data set belongs (data.sources.web = "web.jsonl"): not
+    # "does not exist; create it with prepare ... --out web.jsonl"
+    (tmp_path / "web.jsonl").write_text('{"text": "hi"}\n')
+    said = r"web.jsonl is a file, not a folder written by prepare; prepare it with `python -m "
+    with pytest.raises(ValueError, match=said + r"gpt.data.prepare .*web.jsonl --out DIR`"):
+        read_manifest(tmp_path / "web.jsonl")
 
 
 def test_block_size_larger_than_the_data(dataset):

@@ -168,3 +168,21 @@ def test_refusals_name_the_flag(capsys, long_model_dir, args, said):
     code, out, err = run(capsys, "--ckpt", long_model_dir, *args)
     assert code == 2
     assert said in err and out == ""
+
+
+@pytest.mark.parametrize("flags", [[], ["--block-size", 1]])
+def test_a_model_shorter_than_any_prompt_says_so(capsys, tmp_path, flags):
+    """No length is valid: said as such, not as "--lengths 16: ... valid: 103 to 16" (a
+    range that is empty, about a flag not given)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      position_encoding="rope")  # fmt: skip
+    GPT(cfg).save_pretrained(tmp_path / "short", tokenizer="bytes")
+    code, out, err = run(capsys, "--ckpt", tmp_path / "short", *flags)
+    runs = flags[-1] if flags else 16
+    assert code == 2 and out == ""
+    assert (
+        f"error: the model runs at most {runs} positions (block_size {runs}), fewer than the "
+        f"shortest passkey prompt and answer ({BYTES_SHORTEST} tokens of 'bytes')"
+    ) in err
+    assert "--lengths" not in err and "valid:" not in err

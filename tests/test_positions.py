@@ -244,3 +244,29 @@ def test_data_defaults_to_the_runs_own(capsys, twenty, data_dir, which):
     code, out, err = run(capsys, "--ckpt", ckpt, "--windows", 2)
     assert code == 0, err
     assert out.splitlines()[-1].endswith(f"windows of {data_dir}")
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--block-size", 10**12], "--block-size: model.block_size must be in [1, 16777216], "
+                                   "got 1000000000000"),
+        (["--rope-scaling", "{type = 'dynamic', factor = 1e300, "
+                            "original_max_position_embeddings = 16}"],
+         "--rope-scaling: model.rope_scaling runs factor x original_max_position_embeddings = "
+         "1.6e+301 positions, more than the 16,777,216 a model may run"),
+        (["--rope-scaling", "{type = 'linear', factor = 1048577, "
+                            "original_max_position_embeddings = 16}"], "= 16,777,232 positions"),
+    ],
+)  # fmt: skip
+def test_a_context_past_the_limit_is_refused_before_any_table_is_built(
+    capsys, data_dir, tmp_path, flags, said
+):
+    """Before: an allocator's "can't allocate 8000000000000 bytes" (naming no flag) or an
+    OverflowError traceback from building the rotary tables."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, block_size=16, n_layer=1, n_head=2, n_embd=16,
+                      position_encoding="rope")  # fmt: skip
+    GPT(cfg).save_pretrained(tmp_path / "m", tokenizer="bytes")
+    code, _, err = run(capsys, "--ckpt", tmp_path / "m", "--data", data_dir, *flags)
+    assert code == 2 and said in err, err

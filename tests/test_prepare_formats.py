@@ -197,6 +197,61 @@ def test_every_complete_zstd_file_passes_and_every_cut_one_is_refused(tmp_path):
                 check_file(path)
 
 
+def test_a_zst_file_cut_short_after_its_check_is_refused_once_read(tmp_path):
+    """zstandard's reader ends quietly at a cut frame; a file replaced by a cut one after
+    check_file passed (or cut while read) must not lose its tail without a word."""
+    data = jsonl_bytes(corpus(300))
+    blob = zstd_frames(data)
+    path = tmp_path / "a.txt.zst"
+    path.write_bytes(blob[: len(blob) - 30])  # inside the last frame
+    read = []
+    with pytest.raises(ValueError, match=r"a.txt.zst: the Zstandard frame at byte \d+ is cut"):
+        read.extend(file_documents(path))
+    assert len(read) == 1 and data.decode().startswith(read[0]) and len(read[0]) < len(data)
+    path.write_bytes(blob)
+    assert [*file_documents(path)] == [data.decode()]
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.parquet"])
+def test_a_file_that_changes_while_read_is_refused(tmp_path, name):
+    """A file still being written (a download) read at one size and left at another."""
+    path = tmp_path / name
+    docs = corpus(300)
+    if name.endswith(".parquet"):
+        write_parquet(path, docs, field="text")
+    else:
+        raw = jsonl_bytes(docs)
+        path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    documents = file_documents(path)
+    assert next(documents) == docs[0]
+    late = jsonl_bytes(["a line written after prepare began"])  # valid where it lands
+    with open(path, "ab") as f:
+        f.write(gzip.compress(late) if name.endswith(".gz") else late)
+    with pytest.raises(ValueError, match=rf"{name} changed while it was read \(\d[\d,]* bytes "
+                       r"then, [\d,]+ now\): wait until"):  # fmt: skip
+        list(documents)
+
+
+def test_symlinks_that_loop_or_dangle_are_named(tmp_path, capsys):
+    """A link in a folder that points at itself is named by the file check (it crashed the
+    folder walk with an OSError, status 1); a SOURCE that is such a link says so."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text")
+    (folder / "loop.txt").symlink_to("loop.txt")
+    (tmp_path / "gone.txt").symlink_to("nowhere.txt")
+    for source, said in [
+        (folder, rf"{folder / 'loop.txt'} cannot be read: Too many levels of symbolic links"),
+        (tmp_path / "gone.txt", r"gone.txt' is a symbolic link to 'nowhere.txt', which does "
+         r"not exist or loops back"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main([str(source), "--out", str(tmp_path / "out"), "--encoding", "bytes"])
+        assert info.value.code == 2
+        assert re.search(said, capsys.readouterr().err.splitlines()[-1])
+    assert not (tmp_path / "out").exists()
+
+
 def test_parquet_is_read_in_batches_not_a_row_group_at_once(tmp_path):
     """Arrow pre-buffers a row group's whole column chunk by default (a 1 GB row group: 1 GB);
     prepare reads page by page: the peak allocation stays far below the chunk."""
@@ -242,6 +297,19 @@ def damaged_inputs(tmp_path: Path) -> list[tuple[str, str]]:
     whole = (tmp_path / "good.parquet").read_bytes()
     case("footer.parquet", whole[:-9] + b"\0" * 5 + whole[-4:], r"footer.parquet is not a readable")
     case("cut.parquet", whole[: len(whole) // 2], r"cut.parquet is not a readable Parquet file")
+    # A damaged page behind an intact footer: found while reading (Arrow raises a bare OSError,
+    # which was reported without the file's name, as a failing environment, status 1).
+    pages = bytearray(whole)
+    pages[len(whole) // 3 : len(whole) // 3 + 2000] = bytes(b ^ 0x5A for b in pages[
+        len(whole) // 3 : len(whole) // 3 + 2000])  # fmt: skip
+    case("pages.parquet", bytes(pages), r"pages.parquet: unreadable Parquet data after row \d+ \(")
+    # One flipped bit in an uncompressed page, caught by the page's CRC (read as text before).
+    pq.write_table(pa.table({"text": docs}), tmp_path / "crc.parquet", compression="none",
+                   write_page_checksum=True)  # fmt: skip
+    flipped = bytearray((tmp_path / "crc.parquet").read_bytes())
+    flipped[len(flipped) // 3] ^= 1
+    case("crc.parquet", bytes(flipped), r"crc.parquet: unreadable Parquet data after row 0 \(could "
+         r"not verify page integrity, CRC checksum verification failed")  # fmt: skip
     write_parquet(tmp_path / "column.parquet", docs, field="body")
     cases.append(("column.parquet", r"column.parquet: no column 'text'; its columns: id, body"))
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")

@@ -55,11 +55,17 @@ def grade(output: str, key: str) -> bool:
 def check_lengths(lengths: Sequence[int], tokenizer, max_positions: int, block_size: int) -> None:
     """ValueError naming --lengths for a length the model cannot run or no prompt fits."""
     low = shortest_length(tokenizer)
+    runs = f"block_size {block_size}"
+    if max_positions > block_size:
+        runs = f"the {max_positions} positions of its model.rope_scaling"
+    if max_positions < low:  # no length is valid: say so, not "valid: 103 to 16"
+        raise ValueError(
+            f"the model runs at most {max_positions} positions ({runs}), fewer than the "
+            f"shortest passkey prompt and answer ({low} tokens of {tokenizer.name!r}); it needs "
+            f"{low} or more (a rotary model runs more with --block-size or --rope-scaling)"
+        )
     for length in lengths:
         if length > max_positions:
-            runs = f"block_size {block_size}"
-            if max_positions > block_size:
-                runs = f"the {max_positions} positions of its model.rope_scaling"
             raise ValueError(
                 f"--lengths {length}: longer than the model runs ({runs}); "
                 f"valid: {low} to {max_positions}"
