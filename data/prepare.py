@@ -4,7 +4,7 @@ Documents stream from the sources in a fixed order and are tokenized in parallel
 by worker processes; results are consumed in submission order, so the shards are identical
 byte for byte for any number of workers. Processes, not threads: tiktoken releases the GIL
 while it encodes, yet two threads encoding at once were slower than one (measured: 4.4 M
-against 4.8 M tokens/s, twice the CPU time per token; bench/results/prepare-cpu-2026-12-07),
+against 4.8 M tokens/s, twice the CPU time per token: docs/data.md, Throughput),
 while two processes gave 8.2 M. A batch (about 1 MiB of text) goes to a worker and its
 tokens come back; at most two batches per worker are in flight: memory stays bounded
 whatever the corpus size (only one whole document must fit in RAM).
