@@ -37,6 +37,8 @@ for path in configs:
             "--train.micro_batch_size=2", "--train.eval_interval=0", "--train.ckpt_interval=1",
             "--train.wandb=false", "--train.compile=false", "--train.sample_tokens=0",
             "--data.extra_val={}", f"--deepspeed.zero_optimization.stage={stage}"]
+    if mixture := cfg.get("data", {}).get("mixture"):  # every source read from the test's set
+        args.append("--data.sources={" + ", ".join(f'{k} = "{data}"' for k in mixture) + "}")
     batch = "global_batch_size" if "global_batch_size" in cfg["train"] else "grad_accum"
     args.append(f"--train.{batch}={2 if batch == 'global_batch_size' else 1}")
     if "init_from" in cfg["train"]:  # fine-tuning: from the shrunk tiny run, its shape
