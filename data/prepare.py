@@ -3,11 +3,12 @@
 Documents stream from the sources in a fixed order and are tokenized in parallel in batches
 by worker processes; results are consumed in submission order, so the shards are identical
 byte for byte for any number of workers. Processes, not threads: tiktoken releases the GIL
-while it encodes, yet two threads encoding at once were slower than one (measured: 4.4 M
-against 4.8 M tokens/s, twice the CPU time per token: docs/data.md, Throughput),
-while two processes gave 8.2 M. A batch (about 1 MiB of text) goes to a worker and its
-tokens come back; at most two batches per worker are in flight: memory stays bounded
-whatever the corpus size (only one whole document must fit in RAM).
+while it encodes, yet two threads encoding at once were slower than one (JSONL, 200 MB:
+4.4 M against 5.0 M tokens/s, twice the CPU time per token), while two processes give
+8.1 M against one's 4.7 M (docs/data.md, Throughput, has the commands). A batch (about
+1 MiB of text) goes to a worker and its tokens come back; at most two batches per worker
+are in flight: memory stays bounded whatever the corpus size (only one whole document must
+fit in RAM).
 
 Each document is followed by the end-of-text token. Whether a document goes to `val` depends
 only on its index, the fraction and the seed: exactly round(f*n) of the first n documents
